@@ -1,0 +1,337 @@
+//! Exposed routes: path normalization, matching (path + method) and the
+//! backend path a match is rewritten to.
+//!
+//! Invariant: the backend only ever receives a path built from a configured
+//! `backend_path` template, with each `{param}` replaced by one percent-encoded
+//! segment of the normalized device path. `..`, `%2e%2e`, doubled slashes and
+//! encoded slashes cannot change which template is used.
+
+use crate::config::RouteConfig;
+use http::Method;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use std::sync::Arc;
+
+/// Why a device path was refused before matching.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PathError {
+    /// Invalid percent-encoding, invalid UTF-8, NUL, or an encoded `/` or `\`.
+    Malformed,
+    /// `..` climbing above the root.
+    Escapes,
+}
+
+/// Normalizes a request path: decodes percent-escapes, drops empty and `.`
+/// segments, resolves `..`, keeps a trailing slash. Encoded slashes and
+/// backslashes, NUL and control characters are refused outright.
+pub fn normalize(raw: &str) -> Result<String, PathError> {
+    if !raw.starts_with('/') {
+        return Err(PathError::Malformed);
+    }
+    // Refuse escapes that would change the segment structure once decoded.
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or(PathError::Malformed)?;
+            let hi = (hex[0] as char).to_digit(16).ok_or(PathError::Malformed)?;
+            let lo = (hex[1] as char).to_digit(16).ok_or(PathError::Malformed)?;
+            let c = (hi * 16 + lo) as u8;
+            if c == b'/' || c == b'\\' || c < 0x20 || c == 0x7f {
+                return Err(PathError::Malformed);
+            }
+            i += 3;
+        } else {
+            if bytes[i] == b'\\' {
+                return Err(PathError::Malformed);
+            }
+            i += 1;
+        }
+    }
+    let decoded = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| PathError::Malformed)?;
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(PathError::Escapes);
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let trailing = decoded.ends_with('/') && !out.is_empty();
+    let mut path = String::with_capacity(decoded.len());
+    for seg in &out {
+        path.push('/');
+        path.push_str(seg);
+    }
+    if trailing || path.is_empty() {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+/// Characters escaped when a parameter value is put back into a backend path.
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+#[derive(Debug)]
+enum Piece {
+    Literal(String),
+    Param(String),
+}
+
+/// An exposed route, ready to serve.
+#[derive(Debug)]
+pub struct Route {
+    pub config: RouteConfig,
+    /// `Allow` header value.
+    pub allow: Vec<Method>,
+    template: Vec<Piece>,
+}
+
+impl Route {
+    /// Builds the backend path (without query) for matched parameters.
+    pub fn backend_path(&self, params: &matchit::Params<'_, '_>) -> String {
+        let mut out = String::with_capacity(self.config.backend_path.len() + 16);
+        for piece in &self.template {
+            match piece {
+                Piece::Literal(s) => out.push_str(s),
+                Piece::Param(name) => {
+                    let value = params.get(name).unwrap_or_default();
+                    // A catch-all value may span segments; encode each one.
+                    for (i, seg) in value.split('/').enumerate() {
+                        if i > 0 {
+                            out.push('/');
+                        }
+                        out.extend(utf8_percent_encode(seg, SEGMENT));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn parse_template(t: &str) -> Result<Vec<Piece>, String> {
+    let mut pieces = Vec::new();
+    let mut rest = t;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..]
+            .find('}')
+            .map(|c| c + open)
+            .ok_or_else(|| format!("unclosed {{ in {t:?}"))?;
+        if open > 0 {
+            pieces.push(Piece::Literal(rest[..open].to_owned()));
+        }
+        let name = rest[open + 1..close].trim_start_matches('*');
+        pieces.push(Piece::Param(name.to_owned()));
+        rest = &rest[close + 1..];
+    }
+    if !rest.is_empty() {
+        pieces.push(Piece::Literal(rest.to_owned()));
+    }
+    Ok(pieces)
+}
+
+fn param_names(t: &str) -> Vec<String> {
+    parse_template(t)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Param(n) => Some(n),
+            Piece::Literal(_) => None,
+        })
+        .collect()
+}
+
+/// The outcome of looking a request up.
+pub enum Match<'r, 'p> {
+    /// A route and its parameters.
+    Found(&'r Arc<Route>, matchit::Params<'r, 'p>),
+    /// The path exists but not with this method.
+    MethodNotAllowed(&'r Arc<Route>),
+    /// No exposed route has this path.
+    NotFound,
+}
+
+/// All exposed routes. Lookup is a radix-tree walk (matchit): its cost
+/// depends on the path's length, not on how many routes there are.
+#[derive(Debug)]
+pub struct Router {
+    tree: matchit::Router<Arc<Route>>,
+    routes: Vec<Arc<Route>>,
+}
+
+impl Router {
+    /// Builds the router; every conflict or bad template is reported.
+    pub fn new(configs: &[RouteConfig]) -> Result<Router, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut tree = matchit::Router::new();
+        let mut routes = Vec::new();
+        for (i, cfg) in configs.iter().enumerate() {
+            let template = match parse_template(&cfg.backend_path) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(format!("routes[{i}].backend_path: {e}"));
+                    continue;
+                }
+            };
+            let path_params = param_names(&cfg.path);
+            for name in param_names(&cfg.backend_path) {
+                if !path_params.contains(&name) {
+                    problems.push(format!(
+                        "routes[{i}].backend_path: {{{name}}} is not a parameter of {:?}",
+                        cfg.path
+                    ));
+                }
+            }
+            let route = Arc::new(Route {
+                allow: cfg.methods.clone(),
+                config: cfg.clone(),
+                template,
+            });
+            if let Err(e) = tree.insert(cfg.path.clone(), Arc::clone(&route)) {
+                problems.push(format!("routes[{i}].path: {:?}: {e}", cfg.path));
+                continue;
+            }
+            routes.push(route);
+        }
+        if problems.is_empty() {
+            Ok(Router { tree, routes })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Looks up a normalized path and a method.
+    pub fn lookup<'r, 'p>(&'r self, path: &'p str, method: &Method) -> Match<'r, 'p> {
+        match self.tree.at(path) {
+            Ok(m) => {
+                if m.value.allow.contains(method) {
+                    Match::Found(m.value, m.params)
+                } else {
+                    Match::MethodNotAllowed(m.value)
+                }
+            }
+            Err(_) => Match::NotFound,
+        }
+    }
+
+    /// Every route, in configuration order.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EncryptQuery;
+
+    fn route(path: &str, backend: &str) -> RouteConfig {
+        RouteConfig {
+            path: path.into(),
+            methods: vec![Method::GET],
+            backend_path: backend.into(),
+            public: false,
+            encrypt_query: EncryptQuery::None,
+            timeout: None,
+            max_body: None,
+            stream_request_body: false,
+            json_body: false,
+            rate_limit: None,
+        }
+    }
+
+    #[test]
+    fn normalization() {
+        assert_eq!(normalize("/a//b/./c/").unwrap(), "/a/b/c/");
+        assert_eq!(normalize("/a/b/../c").unwrap(), "/a/c");
+        assert_eq!(normalize("/a/%2e%2e/c").unwrap(), "/c");
+        assert_eq!(normalize("/a/%2E%2E/%2e%2e/c"), Err(PathError::Escapes));
+        assert_eq!(normalize("/../etc"), Err(PathError::Escapes));
+        assert_eq!(normalize("/a%2fb"), Err(PathError::Malformed));
+        assert_eq!(normalize("/a%5Cb"), Err(PathError::Malformed));
+        assert_eq!(normalize("/a\\b"), Err(PathError::Malformed));
+        assert_eq!(normalize("/a%00"), Err(PathError::Malformed));
+        assert_eq!(normalize("/a%zz"), Err(PathError::Malformed));
+        assert_eq!(normalize("/a%"), Err(PathError::Malformed));
+        assert_eq!(normalize("/%ff"), Err(PathError::Malformed));
+        assert_eq!(normalize("/caf%C3%A9").unwrap(), "/café");
+        assert_eq!(normalize("/").unwrap(), "/");
+        assert_eq!(normalize("//").unwrap(), "/");
+    }
+
+    #[test]
+    fn backend_path_substitution_encodes_params() {
+        let r = Router::new(&[route("/api/orders/{id}", "/orders/{id}/detail")]).unwrap();
+        let path = normalize("/api/orders/a%20b%3Fx").unwrap();
+        match r.lookup(&path, &Method::GET) {
+            Match::Found(route, params) => {
+                assert_eq!(route.backend_path(&params), "/orders/a%20b%3Fx/detail")
+            }
+            _ => panic!("no match"),
+        }
+        assert!(matches!(
+            r.lookup("/api/orders/1", &Method::DELETE),
+            Match::MethodNotAllowed(_)
+        ));
+        assert!(matches!(r.lookup("/api/orders", &Method::GET), Match::NotFound));
+    }
+
+    #[test]
+    fn traversal_cannot_leave_the_template() {
+        let r = Router::new(&[route("/api/public/{file}", "/public/{file}")]).unwrap();
+        for attempt in [
+            "/api/public/..%2fadmin",
+            "/api/public/%2e%2e/%2e%2e/admin",
+            "/api/public/../../admin",
+            "/api/public/%2e%2e%5cadmin",
+        ] {
+            match normalize(attempt) {
+                Err(_) => {}
+                Ok(p) => assert!(
+                    !matches!(r.lookup(&p, &Method::GET), Match::Found(..)),
+                    "{attempt} matched as {p}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn conflicts_and_unknown_params_are_reported() {
+        let e = Router::new(&[route("/a/{x}", "/b/{y}")]).unwrap_err();
+        assert!(e[0].contains("{y}"));
+        let e = Router::new(&[route("/a/{x}", "/a"), route("/a/{y}", "/a")]).unwrap_err();
+        assert!(e[0].contains("routes[1]"));
+    }
+
+    #[test]
+    fn many_routes() {
+        let configs: Vec<_> = (0..5000)
+            .map(|i| route(&format!("/svc{i}/items/{{id}}"), &format!("/s{i}/{{id}}")))
+            .collect();
+        let r = Router::new(&configs).unwrap();
+        match r.lookup("/svc4999/items/7", &Method::GET) {
+            Match::Found(route, params) => assert_eq!(route.backend_path(&params), "/s4999/7"),
+            _ => panic!("no match"),
+        }
+    }
+}
