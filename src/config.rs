@@ -435,7 +435,10 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
     let backend = match &raw.backend {
         Some(b) => validate_backend(b, p),
         None => {
-            p.push("backend", "missing [backend] section (backend.url is required)");
+            p.push(
+                "backend",
+                "missing [backend] section (backend.url is required)",
+            );
             None
         }
     };
@@ -451,7 +454,10 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
             }
         };
         if api_keys.iter().any(|a: &ApiKey| a.name == k.name) {
-            p.push(format!("{at}.name"), format!("duplicate key name {:?}", k.name));
+            p.push(
+                format!("{at}.name"),
+                format!("duplicate key name {:?}", k.name),
+            );
         }
         let matcher = secret::resolve(&k.key).and_then(|s| Matcher::from_secret(&s));
         match (header_value, matcher) {
@@ -465,7 +471,10 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
         }
     }
     if raw.api_keys.is_empty() {
-        p.push("api_keys", "no [[api_keys]] configured: no device could call the gateway");
+        p.push(
+            "api_keys",
+            "no [[api_keys]] configured: no device could call the gateway",
+        );
     }
 
     let sessions = validate_sessions(&raw.sessions, p);
@@ -490,7 +499,11 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
     let limits = RawLimits::validate(&raw.limits, p);
     let rate_limits = RateLimits {
         per_api_key: rate(&raw.rate_limits.per_api_key, "rate_limits.per_api_key", p),
-        per_client_ip: rate(&raw.rate_limits.per_client_ip, "rate_limits.per_client_ip", p),
+        per_client_ip: rate(
+            &raw.rate_limits.per_client_ip,
+            "rate_limits.per_client_ip",
+            p,
+        ),
         login: rate(&raw.rate_limits.login, "rate_limits.login", p),
     };
     if rate_limits.per_api_key.is_some()
@@ -504,7 +517,10 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
     for (i, o) in raw.operators.iter().enumerate() {
         let at = format!("operators[{i}]");
         if o.name.is_empty() || o.name == "scheduler" {
-            p.push(format!("{at}.name"), "must be non-empty and not \"scheduler\"");
+            p.push(
+                format!("{at}.name"),
+                "must be non-empty and not \"scheduler\"",
+            );
         }
         match secret::resolve(&o.token).and_then(|s| Matcher::from_secret(&s)) {
             Ok(token) => operators.push(Operator {
@@ -584,7 +600,10 @@ fn validate_server(
         }
     }
     let max_body = size(&s.max_body, 1 << 20, "server.max_body", p);
-    let error_type = s.error_type.clone().unwrap_or_else(|| "ProxyServerError".into());
+    let error_type = s
+        .error_type
+        .clone()
+        .unwrap_or_else(|| "ProxyServerError".into());
     let server_header = s.server_header.as_deref().unwrap_or("portcullis");
     let server_header = match HeaderValue::from_str(server_header) {
         Ok(v) => Some(v),
@@ -674,18 +693,28 @@ fn validate_sessions(s: &RawSessions, p: &mut Problems) -> Option<SessionsConfig
     let validate_method = match Method::from_bytes(method.as_bytes()) {
         Ok(m) => Some(m),
         Err(_) => {
-            p.push("sessions.validate_method", format!("invalid method {method:?}"));
+            p.push(
+                "sessions.validate_method",
+                format!("invalid method {method:?}"),
+            );
             None
         }
     };
     let mut path = |key: &str, v: Option<&str>, default: &str| -> String {
         let v = v.unwrap_or(default);
         if !backend_path_ok(v) {
-            p.push(format!("sessions.{key}"), format!("invalid backend path {v:?}"));
+            p.push(
+                format!("sessions.{key}"),
+                format!("invalid backend path {v:?}"),
+            );
         }
         v.to_owned()
     };
-    let validate_path = path("validate_path", s.validate_path.as_deref(), "/renew_session");
+    let validate_path = path(
+        "validate_path",
+        s.validate_path.as_deref(),
+        "/renew_session",
+    );
     let login_path = path("login_path", s.login_path.as_deref(), "/login");
     let logout_path = s
         .logout_path
@@ -713,10 +742,14 @@ fn validate_sessions(s: &RawSessions, p: &mut Problems) -> Option<SessionsConfig
             "sessions.negative_ttl",
             p,
         ),
-        stale_if_error: s
-            .stale_if_error
-            .as_ref()
-            .map(|v| duration(&Some(v.clone()), Duration::ZERO, "sessions.stale_if_error", p)),
+        stale_if_error: s.stale_if_error.as_ref().map(|v| {
+            duration(
+                &Some(v.clone()),
+                Duration::ZERO,
+                "sessions.stale_if_error",
+                p,
+            )
+        }),
     })
 }
 
@@ -744,7 +777,12 @@ fn validate_crypto(c: &RawCrypto, p: &mut Problems) -> Option<CryptoConfig> {
     })
 }
 
-fn validate_route(r: &RawRoute, at: &str, have_crypto: bool, p: &mut Problems) -> Option<RouteConfig> {
+fn validate_route(
+    r: &RawRoute,
+    at: &str,
+    have_crypto: bool,
+    p: &mut Problems,
+) -> Option<RouteConfig> {
     let before = p.0.len();
     if !r.path.starts_with('/') || r.path.contains(['?', '#']) {
         p.push(format!("{at}.path"), format!("invalid path {:?}", r.path));
@@ -762,7 +800,10 @@ fn validate_route(r: &RawRoute, at: &str, have_crypto: bool, p: &mut Problems) -
     for m in &r.methods {
         let upper = m.to_ascii_uppercase();
         if FORBIDDEN_METHODS.contains(&upper.as_str()) {
-            p.push(format!("{at}.methods"), format!("{upper} may never be exposed"));
+            p.push(
+                format!("{at}.methods"),
+                format!("{upper} may never be exposed"),
+            );
             continue;
         }
         match Method::from_bytes(upper.as_bytes()) {

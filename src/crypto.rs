@@ -55,6 +55,12 @@ pub fn generate_key() -> String {
     STANDARD.encode(Aes256Gcm::generate_key(OsRng))
 }
 
+/// The key id carried inside an encrypted value, if it is well-formed.
+pub fn key_id_of(value: &str) -> Option<u8> {
+    let blob = URL_SAFE_NO_PAD.decode(value.trim_end_matches('=')).ok()?;
+    (blob.len() >= MIN_BLOB && blob[0] == VERSION).then(|| blob[1])
+}
+
 /// The configured keys: one active for encryption, all usable for decryption.
 pub struct Keyring {
     active: u8,
@@ -124,7 +130,9 @@ impl Keyring {
             return Err(DecryptError::Format);
         }
         let key_id = blob[1];
-        let cipher = self.cipher(key_id).ok_or(DecryptError::UnknownKey(key_id))?;
+        let cipher = self
+            .cipher(key_id)
+            .ok_or(DecryptError::UnknownKey(key_id))?;
         let (nonce, ct) = blob[2..].split_at(NONCE_LEN);
         cipher
             .decrypt(

@@ -193,7 +193,12 @@ mod tests {
 
     #[test]
     fn other_bodies_are_generic() {
-        for body in [&b""[..], b"{\"detail\": 1}", b"<html>Traceback</html>", b"\xff\xfe"] {
+        for body in [
+            &b""[..],
+            b"{\"detail\": 1}",
+            b"<html>Traceback</html>",
+            b"\xff\xfe",
+        ] {
             let e = from_backend(StatusCode::INTERNAL_SERVER_ERROR, body);
             assert_eq!(e.kind, "BackendError");
             assert_eq!(e.message, "Internal Server Error");
@@ -202,7 +207,11 @@ mod tests {
 
     #[test]
     fn envelope_shape() {
-        let r = gateway_error(&GatewayError::MethodNotAllowed(vec![Method::GET]), "ProxyServerError", "r1");
+        let r = gateway_error(
+            &GatewayError::MethodNotAllowed(vec![Method::GET]),
+            "ProxyServerError",
+            "r1",
+        );
         assert_eq!(r.status(), 405);
         assert_eq!(r.headers()[ALLOW], "GET");
     }

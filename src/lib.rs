@@ -1,16 +1,28 @@
 //! portcullis: an API gateway for DMZs.
 //!
 //! Module map (the request path reads top to bottom in [`gateway`]):
+//! - [`server`]: listeners, connection cap, HTTP/1.1 + HTTP/2, graceful drain.
+//! - [`gateway`]: the request path: request id → path → API key → route →
+//!   session → body rules → upstream → response or envelope.
 //! - [`config`]: raw TOML → validated [`config::Config`], every problem reported.
 //! - [`secret`]: secrets that never print; constant-time key matching.
-//! - [`routes`]: path normalization and exposed-route lookup.
+//! - [`routes`]: path normalization and exposed-route lookup (radix tree).
+//! - [`sessions`]: the token cache (moka): single-flight validation, negative
+//!   entries, expiry, rotation, eviction.
+//! - [`upstream`]: bounded keep-alive connection pool to the backend; hop-by-hop rules.
 //! - [`envelope`]: the one place errors become `{"error": {...}}` responses.
 //! - [`crypto`]: AES-256-GCM encrypted query parameters.
 //! - [`body`]: the body type flowing both ways.
+//! - [`demo`]: `portcullis demo`, a gateway plus a demo backend on loopback.
 
 pub mod body;
 pub mod config;
 pub mod crypto;
+pub mod demo;
 pub mod envelope;
+pub mod gateway;
 pub mod routes;
 pub mod secret;
+pub mod server;
+pub mod sessions;
+pub mod upstream;

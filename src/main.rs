@@ -1,1 +1,219 @@
-fn main() {}
+//! The `portcullis` command line (SPEC §7). All logic lives in the library.
+
+use clap::{Parser, Subcommand};
+use portcullis::config::Config;
+use portcullis::crypto::{self, Keyring};
+use portcullis::gateway::State;
+use portcullis::secret::{self, Secret};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status for an invalid configuration or usage (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "An API gateway for DMZs")]
+struct Cli {
+    /// Configuration file (for `run` and `check`).
+    #[arg(long, short, global = true, default_value = "config/portcullis.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with the configuration file (the default command).
+    Run,
+    /// Start the gateway and a demo backend on loopback and print a curl session.
+    Demo,
+    /// Validate the configuration, print its routes and every problem.
+    Check,
+    /// Read a secret on stdin and print its `sha256:` form.
+    HashSecret,
+    /// Print a new base64 AES-256 key.
+    Keygen,
+    /// Decrypt an encrypted query parameter value (backend-side debugging).
+    Decrypt {
+        /// The key: base64, `env:VAR` or `file:/path`.
+        #[arg(long)]
+        key: String,
+        /// The key's id (default: the id inside the value).
+        #[arg(long)]
+        key_id: Option<u8>,
+        /// The parameter name (bound as AAD).
+        #[arg(long)]
+        param: String,
+        /// The encrypted value.
+        value: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(&cli.config),
+        Command::Demo => demo(),
+        Command::Check => check(&cli.config),
+        Command::HashSecret => hash_secret(),
+        Command::Keygen => {
+            println!("{}", crypto::generate_key());
+            ExitCode::SUCCESS
+        }
+        Command::Decrypt {
+            key,
+            key_id,
+            param,
+            value,
+        } => decrypt(&key, key_id, &param, &value),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn load(path: &std::path::Path) -> Result<std::sync::Arc<State>, ExitCode> {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!("{}: invalid configuration:\n{problems}", path.display());
+            return Err(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    State::new(config).map_err(|problems| {
+        eprintln!("{}: invalid configuration:", path.display());
+        for p in problems {
+            eprintln!("  - {p}");
+        }
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    init_logging();
+    let state = match load(path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    for w in &state.config.warnings {
+        tracing::warn!("{w}");
+    }
+    let addr = state.config.server.listen;
+    let result = runtime().and_then(|rt| rt.block_on(portcullis::server::run(state, addr)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("cannot serve on {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo() -> ExitCode {
+    init_logging();
+    match runtime().and_then(|rt| rt.block_on(portcullis::demo::run())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let state = match load(path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let c = &state.config;
+    println!("{}: OK", path.display());
+    println!("listen {}  backend {}", c.server.listen, c.backend.address);
+    println!(
+        "api keys: {}",
+        c.api_keys
+            .iter()
+            .map(|k| k.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("routes:");
+    for r in state.router().routes() {
+        let r = &r.config;
+        let methods: Vec<&str> = r.methods.iter().map(|m| m.as_str()).collect();
+        println!(
+            "  {:<8} {:<40} -> {:<40} {}{}",
+            methods.join(","),
+            r.path,
+            r.backend_path,
+            if r.public { "public" } else { "private" },
+            match &r.encrypt_query {
+                portcullis::config::EncryptQuery::None => String::new(),
+                portcullis::config::EncryptQuery::All => "  encrypt: *".into(),
+                portcullis::config::EncryptQuery::Names(n) => format!("  encrypt: {}", n.join(",")),
+            }
+        );
+    }
+    for w in &c.warnings {
+        println!("warning: {w}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn hash_secret() -> ExitCode {
+    let mut input = Vec::new();
+    if std::io::stdin().read_to_end(&mut input).is_err() {
+        eprintln!("cannot read stdin");
+        return ExitCode::FAILURE;
+    }
+    while matches!(input.last(), Some(b'\n' | b'\r')) {
+        input.pop();
+    }
+    if input.is_empty() {
+        eprintln!("empty secret on stdin");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    println!("{}", secret::hash_form(&input));
+    ExitCode::SUCCESS
+}
+
+fn decrypt(key: &str, key_id: Option<u8>, param: &str, value: &str) -> ExitCode {
+    let key = match secret::resolve(key).and_then(|k| crypto::decode_key(&k)) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("--key: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let id = key_id.or_else(|| crypto::key_id_of(value)).unwrap_or(0);
+    let Some(ring) = Keyring::new(id, &[(id, key)]) else {
+        eprintln!("--key: unusable key");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    match ring.decrypt(param, value) {
+        Ok(plain) => {
+            let secret = Secret::new(plain);
+            match secret.expose_str() {
+                Some(s) => println!("{s}"),
+                None => println!("{}", secret::hex(secret.expose())),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cannot decrypt: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -293,7 +293,10 @@ mod tests {
             r.lookup("/api/orders/1", &Method::DELETE),
             Match::MethodNotAllowed(_)
         ));
-        assert!(matches!(r.lookup("/api/orders", &Method::GET), Match::NotFound));
+        assert!(matches!(
+            r.lookup("/api/orders", &Method::GET),
+            Match::NotFound
+        ));
     }
 
     #[test]

@@ -179,10 +179,16 @@ mod tests {
         ))
         .unwrap();
         let keys = [(&plain, 1), (&hashed, 2)];
-        assert_eq!(find_match(keys.iter().map(|(m, v)| (*m, *v)), b"test"), Some(1));
+        assert_eq!(
+            find_match(keys.iter().map(|(m, v)| (*m, *v)), b"test"),
+            Some(1)
+        );
         assert_eq!(find_match([(&hashed, 2)], b"test"), Some(2));
         assert_eq!(find_match([(&hashed, 2)], b"tesT"), None);
-        assert_eq!(hash_form(b"test"), format!("sha256:{}", hex(&hashed.digest)));
+        assert_eq!(
+            hash_form(b"test"),
+            format!("sha256:{}", hex(&hashed.digest))
+        );
     }
 
     #[test]

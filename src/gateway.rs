@@ -1,0 +1,767 @@
+//! The request path, top to bottom:
+//!
+//! 1. request id (device's if sane, else generated) and client address
+//!    (`X-Forwarded-For` only from trusted proxies);
+//! 2. path normalization (400 on malformed or escaping paths);
+//! 3. `/__manage__` → remote operations (operator tokens, never device keys);
+//! 4. API key (403) — before routing, so keyless scanners learn nothing;
+//! 5. `/login`, `/logout`;
+//! 6. route lookup (404, 405 with `Allow`);
+//! 7. user token rules (400) and session check (403, 502/504 when the
+//!    validation service fails);
+//! 8. request body rules (413, 400 for non-JSON on JSON routes, chunked
+//!    bodies buffered and sent with a `Content-Length`);
+//! 9. backend request: rewritten path, encrypted query values, headers
+//!    rewritten (hop-by-hop stripped, spoofable headers overwritten);
+//! 10. backend answer: 2xx streamed back, anything else normalized into the
+//!     envelope; 401/403 on a private route evicts the token.
+//!
+//! Every failure is a [`GatewayError`] turned into the envelope in one place.
+
+use crate::body::{Body, BoxError};
+use crate::config::{ApiKey, Config, EncryptQuery};
+use crate::crypto::Keyring;
+use crate::envelope::{self, GatewayError};
+use crate::routes::{self, Match, Router};
+use crate::secret;
+use crate::sessions::{self, CheckError, Session, Sessions, Validation};
+use crate::upstream::{strip_hop_by_hop, Upstream, UpstreamError};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use percent_encoding::percent_decode;
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+static API_KEY: HeaderName = HeaderName::from_static("api-key");
+static API_CLIENT: HeaderName = HeaderName::from_static("api-client");
+static USER_TOKEN: HeaderName = HeaderName::from_static("user-token");
+static CLIENT_IP: HeaderName = HeaderName::from_static("client-ip");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Largest backend error body read for normalization; the rest is dropped.
+const MAX_ERROR_BODY: usize = 64 << 10;
+/// Largest `/login` answer accepted from the backend.
+const MAX_LOGIN_ANSWER: usize = 1 << 20;
+
+/// Everything the request path needs, built once from a validated config.
+pub struct State {
+    router: Router,
+    api_keys: Vec<ApiKey>,
+    sessions: Sessions,
+    upstream: Arc<Upstream>,
+    keyring: Option<Keyring>,
+    error_type: String,
+    server_header: HeaderValue,
+    host_header: HeaderValue,
+    backend_api_key: Option<HeaderValue>,
+    trusted_proxies: Vec<IpNet>,
+    max_body: u64,
+    backend_timeout: Duration,
+    /// The configuration this state was built from.
+    pub config: Config,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("routes", &self.router.routes().len())
+            .field("api_keys", &self.api_keys.len())
+            .field("sessions", &self.sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl State {
+    /// Builds the serving state; fails with every route problem found.
+    pub fn new(config: Config) -> Result<Arc<State>, Vec<String>> {
+        let router = Router::new(&config.routes)?;
+        let keyring = match &config.crypto {
+            Some(c) => Some(
+                Keyring::new(c.active_key, &c.keys)
+                    .ok_or_else(|| vec!["crypto: active key missing".to_owned()])?,
+            ),
+            None => None,
+        };
+        let backend_api_key = config.backend.api_key.as_ref().and_then(|k| {
+            let mut v = HeaderValue::from_bytes(k.expose()).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        let b = &config.backend;
+        let upstream = Upstream::new(
+            b.address.clone(),
+            b.connect_timeout,
+            b.max_connections,
+            b.max_idle,
+        );
+        let api_keys = config
+            .api_keys
+            .iter()
+            .map(|k| ApiKey {
+                name: k.name.clone(),
+                header_value: k.header_value.clone(),
+                matcher: k.matcher.clone(),
+            })
+            .collect();
+        Ok(Arc::new(State {
+            router,
+            api_keys,
+            sessions: Sessions::new(config.sessions.clone()),
+            upstream,
+            keyring,
+            error_type: config.server.error_type.clone(),
+            server_header: config.server.server_header.clone(),
+            host_header: b.host_header.clone(),
+            backend_api_key,
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            max_body: config.server.max_body,
+            backend_timeout: b.timeout,
+            config,
+        }))
+    }
+
+    /// The session store (for metrics and tests).
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// The router (for `portcullis check`).
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+}
+
+/// Per-request facts gathered before routing.
+struct Ctx {
+    request_id: HeaderValue,
+    client_ip: IpAddr,
+    /// `X-Forwarded-For` to send upstream.
+    forwarded_for: HeaderValue,
+    proto: HeaderValue,
+}
+
+impl Ctx {
+    fn id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
+}
+
+/// Handles one device request. Never fails: every error is an envelope.
+pub async fn handle(
+    state: &State,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    tls: bool,
+) -> Response<Body> {
+    let ctx = context(state, req.headers(), peer, tls);
+    let mut resp = match dispatch(state, req, &ctx).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            if err.status().is_server_error() {
+                tracing::warn!(request_id = ctx.id(), error = %err, "request failed");
+            }
+            envelope::gateway_error(&err, &state.error_type, ctx.id())
+        }
+    };
+    let headers = resp.headers_mut();
+    headers.insert(header::SERVER, state.server_header.clone());
+    headers.insert(X_REQUEST_ID.clone(), ctx.request_id);
+    resp
+}
+
+fn context(state: &State, headers: &HeaderMap, peer: SocketAddr, tls: bool) -> Ctx {
+    let request_id = headers
+        .get(&X_REQUEST_ID)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty()
+                && b.len() <= 128
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+        })
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    let peer_ip = peer.ip().to_canonical();
+    let trusted = |ip: &IpAddr| state.trusted_proxies.iter().any(|n| n.contains(ip));
+    let device_xff = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let (client_ip, forwarded_for) = if trusted(&peer_ip) && !device_xff.is_empty() {
+        // Walk the chain from the right: the first hop we don't trust is the client.
+        let hops: Vec<IpAddr> = device_xff
+            .split(',')
+            .filter_map(|h| h.trim().parse::<IpAddr>().ok())
+            .collect();
+        let client = hops
+            .iter()
+            .rev()
+            .find(|ip| !trusted(ip))
+            .or(hops.first())
+            .copied()
+            .unwrap_or(peer_ip);
+        let chain = format!("{device_xff}, {peer_ip}");
+        (client, HeaderValue::from_str(&chain).ok())
+    } else {
+        (peer_ip, None)
+    };
+    let forwarded_for = forwarded_for.unwrap_or_else(|| ip_header(peer_ip));
+    Ctx {
+        request_id,
+        client_ip,
+        forwarded_for,
+        proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+    }
+}
+
+fn ip_header(ip: IpAddr) -> HeaderValue {
+    // An IP address's text form is always a valid header value.
+    HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// A 26-character, time-ordered request id (ULID layout: 48-bit milliseconds,
+/// 80 random bits, Crockford base32).
+pub fn new_request_id() -> HeaderValue {
+    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let value = (ms << 80) | (fastrand::u128(..) >> 48);
+    let mut out = [0u8; 26];
+    for (i, c) in out.iter_mut().enumerate() {
+        let shift = 125 - 5 * i as u32;
+        *c = ALPHABET[((value >> shift) & 31) as usize];
+    }
+    // Base32 characters are always a valid header value.
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+}
+
+async fn dispatch(
+    state: &State,
+    req: Request<Incoming>,
+    ctx: &Ctx,
+) -> Result<Response<Body>, GatewayError> {
+    if req.method() == Method::CONNECT {
+        return Err(GatewayError::MethodNotAllowed(Vec::new()));
+    }
+    let path = routes::normalize(req.uri().path())
+        .map_err(|_| GatewayError::BadRequest("Invalid request path"))?;
+
+    if path == "/__manage__" || path.starts_with("/__manage__/") {
+        // commands: dispatch here (remote operations are not served by this build yet).
+        return Err(GatewayError::NotFound);
+    }
+
+    let api_key = req
+        .headers()
+        .get(&API_KEY)
+        .and_then(|presented| {
+            secret::find_match(
+                state.api_keys.iter().map(|k| (&k.matcher, k)),
+                presented.as_bytes(),
+            )
+        })
+        .ok_or(GatewayError::ApiKey)?;
+
+    match path.as_str() {
+        "/login" => return login(state, req, ctx, api_key).await,
+        "/logout" => return logout(state, req, ctx, api_key).await,
+        _ => {}
+    }
+
+    let (route, params) = match state.router.lookup(&path, req.method()) {
+        Match::Found(route, params) => (route, params),
+        Match::MethodNotAllowed(route) => {
+            return Err(GatewayError::MethodNotAllowed(route.allow.clone()))
+        }
+        Match::NotFound => return Err(GatewayError::NotFound),
+    };
+    let cfg = &route.config;
+    let deadline = Instant::now() + cfg.timeout.unwrap_or(state.backend_timeout);
+
+    let device_token = header_str(req.headers(), &USER_TOKEN).map(str::to_owned);
+    let session = match (cfg.public, &device_token) {
+        (true, Some(_)) => return Err(GatewayError::TokenOnPublic),
+        (false, None) => return Err(GatewayError::TokenRequired),
+        (true, None) => None,
+        (false, Some(token)) => Some(check_token(state, token, ctx, api_key).await?),
+    };
+    let forwarded_token: Option<&str> = match (&session, &device_token) {
+        (
+            Some(Session {
+                rotated: Some(new), ..
+            }),
+            _,
+        ) => Some(new),
+        (_, t) => t.as_deref(),
+    };
+
+    let mut path_and_query = route.backend_path(&params);
+    if let Some(query) = req.uri().query() {
+        let query = rewrite_query(state.keyring.as_ref(), &cfg.encrypt_query, query)?;
+        if !query.is_empty() {
+            path_and_query.push('?');
+            path_and_query.push_str(&query);
+        }
+    }
+
+    let (mut parts, incoming) = req.into_parts();
+    let limit = cfg.max_body.unwrap_or(state.max_body);
+    let body = request_body(
+        &mut parts.headers,
+        incoming,
+        limit,
+        cfg.stream_request_body,
+        cfg.json_body,
+        deadline,
+    )
+    .await?;
+    parts.uri = Uri::try_from(path_and_query)
+        .map_err(|_| GatewayError::BadRequest("Invalid request path"))?;
+    parts.version = http::Version::HTTP_11;
+    backend_headers(state, &mut parts.headers, ctx, api_key, forwarded_token);
+
+    let resp = send(state, Request::from_parts(parts, body), deadline).await?;
+    let status = resp.status();
+    if let (Some(device), false) = (&device_token, cfg.public) {
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            state.sessions.evict(device).await;
+        } else if let Some(new) = header_str(resp.headers(), &USER_TOKEN) {
+            if Some(new) != forwarded_token {
+                let new = new.to_owned();
+                state.sessions.rotate(device, &new).await;
+            }
+        }
+    }
+    let mut resp = backend_answer(resp, ctx, deadline).await?;
+    if let (Some(new), Some(device)) = (forwarded_token, &device_token) {
+        if new != device && !resp.headers().contains_key(&USER_TOKEN) {
+            if let Ok(v) = HeaderValue::from_str(new) {
+                resp.headers_mut().insert(USER_TOKEN.clone(), v);
+            }
+        }
+    }
+    Ok(resp)
+}
+
+async fn check_token(
+    state: &State,
+    token: &str,
+    ctx: &Ctx,
+    api_key: &ApiKey,
+) -> Result<Session, GatewayError> {
+    let validate = || validate_remote(state, token, ctx, api_key);
+    state
+        .sessions
+        .check(token, validate)
+        .await
+        .map_err(|e| match e {
+            CheckError::Invalid => GatewayError::TokenInvalid,
+            CheckError::Unreachable => GatewayError::BackendUnreachable,
+            CheckError::Timeout => GatewayError::BackendTimeout,
+            CheckError::BadResponse => GatewayError::BadBackendResponse,
+        })
+}
+
+/// One call to the validation service (`sessions.validate_method/path`).
+async fn validate_remote(
+    state: &State,
+    token: &str,
+    ctx: &Ctx,
+    api_key: &ApiKey,
+) -> Result<Validation, CheckError> {
+    let cfg = state.sessions.config();
+    let mut req = Request::new(Body::Empty);
+    *req.method_mut() = cfg.validate_method.clone();
+    *req.uri_mut() =
+        Uri::try_from(cfg.validate_path.as_str()).map_err(|_| CheckError::BadResponse)?;
+    backend_headers(state, req.headers_mut(), ctx, api_key, Some(token));
+    if cfg.validate_method != Method::GET && cfg.validate_method != Method::HEAD {
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
+    let deadline = Instant::now() + state.backend_timeout;
+    let resp = match send(state, req, deadline).await {
+        Ok(r) => r,
+        Err(GatewayError::BackendTimeout) => return Err(CheckError::Timeout),
+        Err(_) => return Err(CheckError::Unreachable),
+    };
+    let status = resp.status();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Ok(Validation::Refused);
+    }
+    if !status.is_success() {
+        tracing::warn!(request_id = ctx.id(), %status, "validation service answered an error");
+        return Err(CheckError::BadResponse);
+    }
+    let header_token = header_str(resp.headers(), &USER_TOKEN).map(str::to_owned);
+    let body = read_limited(resp.into_body(), MAX_LOGIN_ANSWER, deadline)
+        .await
+        .map_err(|_| CheckError::BadResponse)?;
+    let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let field = |name: &str| {
+        json.as_ref()
+            .and_then(|j| j.get(name))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let expires = field("expiration-date").and_then(|d| sessions::parse_expiration(&d));
+    let rotated = field("user-token").or(header_token);
+    Ok(Validation::Valid { expires, rotated })
+}
+
+/// Sends a request upstream within `deadline` and maps failures.
+async fn send(
+    state: &State,
+    req: Request<Body>,
+    deadline: Instant,
+) -> Result<Response<Body>, GatewayError> {
+    let deadline = tokio::time::Instant::from_std(deadline);
+    match tokio::time::timeout_at(deadline, state.upstream.send(req)).await {
+        Err(_) => Err(GatewayError::BackendTimeout),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "backend request failed");
+            Err(match e {
+                UpstreamError::Request(e) if e.is_parse() || e.is_parse_status() => {
+                    GatewayError::BadBackendResponse
+                }
+                _ => GatewayError::BackendUnreachable,
+            })
+        }
+    }
+}
+
+/// Reads at most `limit` bytes of a body before `deadline`.
+async fn read_limited(body: Body, limit: usize, deadline: Instant) -> Result<Bytes, BoxError> {
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let collected = tokio::time::timeout_at(deadline, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| "timed out reading body")??;
+    Ok(collected.to_bytes())
+}
+
+/// Turns a backend response into the device's: 2xx (and 304) streamed as is
+/// minus hop-by-hop headers; anything else becomes an envelope.
+async fn backend_answer(
+    resp: Response<Body>,
+    ctx: &Ctx,
+    deadline: Instant,
+) -> Result<Response<Body>, GatewayError> {
+    let status = resp.status();
+    if status.is_success() || status == StatusCode::NOT_MODIFIED {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        return Ok(Response::from_parts(parts, body));
+    }
+    if status.is_informational() {
+        return Err(GatewayError::BadBackendResponse);
+    }
+    let (parts, body) = resp.into_parts();
+    // Read what the error says, within the remaining time and a size cap; an
+    // unreadable or huge body still yields an envelope with the status kept.
+    let bytes = read_limited(body, MAX_ERROR_BODY, deadline)
+        .await
+        .unwrap_or_default();
+    let err = envelope::from_backend(status, &bytes);
+    if err.kind == "BackendError" && !bytes.is_empty() {
+        tracing::debug!(request_id = ctx.id(), %status, body = %envelope::log_excerpt(&bytes), "backend error body dropped");
+    }
+    let mut out = envelope::response(status, &err.kind, &err.message, ctx.id());
+    if let Some(v) = parts.headers.get(header::RETRY_AFTER) {
+        out.headers_mut().insert(header::RETRY_AFTER, v.clone());
+    }
+    Ok(out)
+}
+
+/// Applies the body rules of SPEC §2 "Request bodies".
+async fn request_body(
+    headers: &mut HeaderMap,
+    incoming: Incoming,
+    limit: u64,
+    stream_chunked: bool,
+    json: bool,
+    deadline: Instant,
+) -> Result<Body, GatewayError> {
+    let declared = match headers.get(header::CONTENT_LENGTH) {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(GatewayError::BadRequest("Invalid Content-Length"))?,
+        ),
+        None => None,
+    };
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::PayloadTooLarge);
+    }
+    if incoming.is_end_stream() && declared.unwrap_or(0) == 0 {
+        return Ok(Body::Empty);
+    }
+    let must_buffer = json || (declared.is_none() && !stream_chunked);
+    if !must_buffer {
+        return Ok(if declared.is_some() {
+            Body::Incoming(incoming)
+        } else {
+            Body::boxed(Limited::new(
+                incoming,
+                usize::try_from(limit).unwrap_or(usize::MAX),
+            ))
+        });
+    }
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let bytes = match read_limited(Body::Incoming(incoming), limit, deadline).await {
+        Ok(b) => b,
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(GatewayError::PayloadTooLarge)
+        }
+        Err(e) if e.to_string().contains("timed out") => return Err(GatewayError::RequestTimeout),
+        Err(_) => return Err(GatewayError::BadRequest("Could not read request body")),
+    };
+    if json && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
+        return Err(GatewayError::BadRequest("Request body is not valid JSON"));
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    Ok(Body::full(bytes))
+}
+
+/// Rewrites the device's headers for the backend (SPEC §4).
+fn backend_headers(
+    state: &State,
+    headers: &mut HeaderMap,
+    ctx: &Ctx,
+    api_key: &ApiKey,
+    token: Option<&str>,
+) {
+    strip_hop_by_hop(headers);
+    for name in [&API_CLIENT, &USER_TOKEN, &CLIENT_IP, &FORWARDED, &X_REAL_IP] {
+        headers.remove(name);
+    }
+    headers.remove(header::EXPECT);
+    headers.insert(header::HOST, state.host_header.clone());
+    match &state.backend_api_key {
+        Some(k) => headers.insert(API_KEY.clone(), k.clone()),
+        None => headers.remove(&API_KEY),
+    };
+    headers.insert(API_CLIENT.clone(), api_key.header_value.clone());
+    if let Some(t) = token.and_then(|t| HeaderValue::from_str(t).ok()) {
+        let mut t = t;
+        t.set_sensitive(true);
+        headers.insert(USER_TOKEN.clone(), t);
+    }
+    headers.insert(CLIENT_IP.clone(), ip_header(ctx.client_ip));
+    headers.insert(X_FORWARDED_FOR.clone(), ctx.forwarded_for.clone());
+    headers.insert(X_FORWARDED_PROTO.clone(), ctx.proto.clone());
+    headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+}
+
+fn decode_component(raw: &str) -> Result<Cow<'_, [u8]>, GatewayError> {
+    let bytes = raw.as_bytes();
+    // Validate escapes: percent_decode passes malformed ones through silently.
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let ok = bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+            if !ok {
+                return Err(GatewayError::BadRequest("Invalid query string"));
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    if raw.contains('+') {
+        let spaced = raw.replace('+', " ");
+        return Ok(Cow::Owned(percent_decode(spaced.as_bytes()).collect()));
+    }
+    Ok(percent_decode(bytes).into())
+}
+
+/// Encrypts the values of the route's listed query parameters (SPEC §4).
+/// Other parameters pass through byte for byte.
+pub fn rewrite_query<'q>(
+    keyring: Option<&Keyring>,
+    spec: &EncryptQuery,
+    query: &'q str,
+) -> Result<Cow<'q, str>, GatewayError> {
+    let Some(keyring) = keyring.filter(|_| *spec != EncryptQuery::None) else {
+        return Ok(Cow::Borrowed(query));
+    };
+    let mut out = String::with_capacity(query.len() * 2);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = decode_component(raw_name)?;
+        let name = std::str::from_utf8(&name)
+            .map_err(|_| GatewayError::BadRequest("Invalid query string"))?;
+        if spec.covers(name) {
+            let value = decode_component(raw_value)?;
+            out.push_str(raw_name);
+            out.push('=');
+            out.push_str(&keyring.encrypt(name, &value));
+        } else {
+            out.push_str(pair);
+        }
+    }
+    Ok(Cow::Owned(out))
+}
+
+async fn login(
+    state: &State,
+    req: Request<Incoming>,
+    ctx: &Ctx,
+    api_key: &ApiKey,
+) -> Result<Response<Body>, GatewayError> {
+    if req.method() != Method::POST {
+        return Err(GatewayError::MethodNotAllowed(vec![Method::POST]));
+    }
+    if header_str(req.headers(), &USER_TOKEN).is_some() {
+        return Err(GatewayError::TokenOnPublic);
+    }
+    let deadline = Instant::now() + state.backend_timeout;
+    let (mut parts, incoming) = req.into_parts();
+    let body = request_body(
+        &mut parts.headers,
+        incoming,
+        state.max_body,
+        false,
+        true,
+        deadline,
+    )
+    .await?;
+    // Credentials must be remembered for nothing but this one forward.
+    parts.uri = Uri::try_from(state.sessions.config().login_path.as_str())
+        .map_err(|_| GatewayError::BadBackendResponse)?;
+    parts.version = http::Version::HTTP_11;
+    backend_headers(state, &mut parts.headers, ctx, api_key, None);
+    let resp = send(state, Request::from_parts(parts, body), deadline).await?;
+    if !resp.status().is_success() {
+        return backend_answer(resp, ctx, deadline).await;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let bytes = read_limited(body, MAX_LOGIN_ANSWER, deadline)
+        .await
+        .map_err(|_| GatewayError::BadBackendResponse)?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| GatewayError::BadBackendResponse)?;
+    let token = json
+        .get("user-token")
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty() && HeaderValue::from_str(t).is_ok())
+        .ok_or(GatewayError::BadBackendResponse)?;
+    let user = json.get("response");
+    let flag = |name: &str| user.and_then(|u| u.get(name)).and_then(|v| v.as_bool());
+    if flag("is_active") == Some(false) {
+        return Err(GatewayError::Forbidden("User account is not active"));
+    }
+    if flag("is_staff") == Some(true) || flag("is_superuser") == Some(true) {
+        return Err(GatewayError::Forbidden(
+            "Staff and superuser accounts cannot log in through the gateway",
+        ));
+    }
+    let expires = json
+        .get("expiration-date")
+        .and_then(|d| d.as_str())
+        .and_then(sessions::parse_expiration);
+    if !state.sessions.insert_login(token, expires).await {
+        return Err(GatewayError::BadBackendResponse);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Ok(Response::from_parts(parts, Body::full(bytes)))
+}
+
+async fn logout(
+    state: &State,
+    req: Request<Incoming>,
+    ctx: &Ctx,
+    api_key: &ApiKey,
+) -> Result<Response<Body>, GatewayError> {
+    if req.method() != Method::POST {
+        return Err(GatewayError::MethodNotAllowed(vec![Method::POST]));
+    }
+    let token = header_str(req.headers(), &USER_TOKEN)
+        .ok_or(GatewayError::TokenRequired)?
+        .to_owned();
+    state.sessions.evict(&token).await;
+    if let Some(path) = &state.sessions.config().logout_path {
+        let mut fwd = Request::new(Body::Empty);
+        *fwd.method_mut() = Method::POST;
+        *fwd.uri_mut() =
+            Uri::try_from(path.as_str()).map_err(|_| GatewayError::BadBackendResponse)?;
+        backend_headers(state, fwd.headers_mut(), ctx, api_key, Some(&token));
+        fwd.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let deadline = Instant::now() + state.backend_timeout;
+        match send(state, fwd, deadline).await {
+            Ok(resp) => {
+                // Drain so the connection can be reused.
+                let _ = read_limited(resp.into_body(), MAX_ERROR_BODY, deadline).await;
+            }
+            Err(e) => {
+                tracing::warn!(request_id = ctx.id(), error = %e, "backend logout failed; session evicted anyway")
+            }
+        }
+    }
+    let mut resp = Response::new(Body::Empty);
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    #[test]
+    fn request_ids_are_ulid_shaped() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_eq!(a.len(), 26);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn query_rewrite_encrypts_only_listed_names() {
+        let key = Secret::new([3u8; 32]);
+        let ring = Keyring::new(1, &[(1, key)]).unwrap();
+        let spec = EncryptQuery::Names(vec!["username".into()]);
+        let out = rewrite_query(Some(&ring), &spec, "page=2&username=al%20ice&x").unwrap();
+        let parts: Vec<&str> = out.split('&').collect();
+        assert_eq!(parts[0], "page=2");
+        assert_eq!(parts[2], "x");
+        let enc = parts[1].strip_prefix("username=").unwrap();
+        assert_eq!(ring.decrypt("username", enc).unwrap(), b"al ice");
+        assert!(rewrite_query(Some(&ring), &spec, "username=%zz").is_err());
+        assert_eq!(
+            rewrite_query(Some(&ring), &EncryptQuery::None, "a=%zz").unwrap(),
+            "a=%zz"
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! Listeners and connection lifecycle: accept, connection cap, HTTP/1.1 and
+//! HTTP/2 (prior knowledge) on one port, graceful drain with a deadline.
+
+use crate::body::Body;
+use crate::envelope::{self, GatewayError};
+use crate::gateway::{self, State};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+/// Serves the gateway on `listener` until `shutdown` completes, then stops
+/// accepting and lets in-flight requests finish for up to
+/// `server.drain_timeout` before returning.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let limits = state.config.limits.clone();
+    let drain_timeout = state.config.server.drain_timeout;
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(128)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            tokio::spawn(refuse_overloaded(stream, Arc::clone(&state)));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        let service = tower::service_fn(move |req: Request<Incoming>| {
+            let state = Arc::clone(&state);
+            async move {
+                Ok::<Response<Body>, Infallible>(gateway::handle(&state, req, peer, false).await)
+            }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("draining connections (deadline {drain_timeout:?})");
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline reached; closing remaining connections");
+    }
+    Ok(())
+}
+
+/// Over the connection cap: a short 503 envelope and close, never a pile-up.
+async fn refuse_overloaded(mut stream: TcpStream, state: Arc<State>) {
+    let id = gateway::new_request_id();
+    let resp = envelope::gateway_error(
+        &GatewayError::Unavailable,
+        &state.config.server.error_type,
+        id.to_str().unwrap_or("-"),
+    );
+    let body = match resp.into_body() {
+        Body::Full(Some(b)) => b,
+        _ => bytes::Bytes::new(),
+    };
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nx-request-id: {}\r\n\r\n",
+        body.len(),
+        id.to_str().unwrap_or("-")
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
+}
+
+/// Binds `addr` and serves until SIGINT/SIGTERM.
+pub async fn run(state: Arc<State>, addr: SocketAddr) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(listen = %listener.local_addr()?, "portcullis serving");
+    serve(listener, state, shutdown_signal()).await
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = async {
+            match signal(SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            () = term => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+}

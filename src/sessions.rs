@@ -1,0 +1,384 @@
+//! User sessions (SPEC §3): the token cache, validation of unknown tokens with
+//! single flight and negative caching, expiry, rotation and eviction.
+//!
+//! Invariants:
+//! - The cache is keyed by a keyed hash of the token (a random per-process
+//!   salt), never by the token itself; no token is ever logged.
+//! - Concurrent requests for the same uncached token make exactly one
+//!   validation call (moka's `try_get_with` coalesces them); they all share
+//!   its outcome, a failure included.
+//! - A refused token is remembered for `negative_ttl` and never served from
+//!   `stale_if_error`.
+
+use crate::config::SessionsConfig;
+use moka::future::Cache;
+use moka::Expiry;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// A cached answer about one token.
+#[derive(Clone, Debug)]
+pub enum Entry {
+    /// A valid session.
+    Valid(Session),
+    /// Refused by the validation service (negative entry).
+    Invalid,
+}
+
+/// A valid session.
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// Served without a backend call until then.
+    pub fresh_until: Instant,
+    /// The token to forward when the backend rotated it.
+    pub rotated: Option<Arc<str>>,
+}
+
+/// What the validation service said, as the caller classifies it.
+#[derive(Debug)]
+pub enum Validation {
+    /// 200, with the expiry it gave (if any) and a rotated token (if any).
+    Valid {
+        expires: Option<SystemTime>,
+        rotated: Option<String>,
+    },
+    /// 401/403.
+    Refused,
+}
+
+/// Why a token could not be checked (nothing is cached for these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    #[error("token invalid")]
+    Invalid,
+    #[error("validation service unreachable")]
+    Unreachable,
+    #[error("validation service timed out")]
+    Timeout,
+    #[error("validation service answered something unusable")]
+    BadResponse,
+}
+
+struct SessionExpiry {
+    negative_ttl: Duration,
+    stale_window: Duration,
+}
+
+impl SessionExpiry {
+    fn ttl(&self, value: &Entry, now: Instant) -> Option<Duration> {
+        Some(match value {
+            Entry::Valid(s) => s.fresh_until.saturating_duration_since(now) + self.stale_window,
+            Entry::Invalid => self.negative_ttl,
+        })
+    }
+}
+
+impl Expiry<u128, Entry> for SessionExpiry {
+    fn expire_after_create(&self, _: &u128, value: &Entry, now: Instant) -> Option<Duration> {
+        self.ttl(value, now)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &u128,
+        value: &Entry,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        self.ttl(value, now)
+    }
+}
+
+/// The session store.
+pub struct Sessions {
+    cache: Cache<u128, Entry>,
+    salt: [u8; 32],
+    cfg: SessionsConfig,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("entries", &self.cache.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sessions {
+    /// An empty store bounded by `cfg.max_entries`.
+    pub fn new(cfg: SessionsConfig) -> Sessions {
+        let mut salt = [0u8; 32];
+        {
+            use aes_gcm::aead::rand_core::RngCore;
+            aes_gcm::aead::OsRng.fill_bytes(&mut salt);
+        }
+        let cache = Cache::builder()
+            .max_capacity(cfg.max_entries)
+            .expire_after(SessionExpiry {
+                negative_ttl: cfg.negative_ttl,
+                stale_window: cfg.stale_if_error.unwrap_or(Duration::ZERO),
+            })
+            .build();
+        Sessions { cache, salt, cfg }
+    }
+
+    /// The configuration the store runs with.
+    pub fn config(&self) -> &SessionsConfig {
+        &self.cfg
+    }
+
+    /// The cache key of a token: a keyed hash, so the token itself is never stored.
+    pub fn key(&self, token: &[u8]) -> u128 {
+        let digest = Sha256::new()
+            .chain_update(self.salt)
+            .chain_update(token)
+            .finalize();
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&digest[..16]);
+        u128::from_le_bytes(k)
+    }
+
+    /// A short, non-reversible tag for a token, safe for logs.
+    pub fn log_tag(&self, token: &[u8]) -> String {
+        format!("{:08x}", (self.key(token) >> 96) as u32)
+    }
+
+    fn session_from(&self, expires: Option<SystemTime>, rotated: Option<String>) -> Entry {
+        let now = Instant::now();
+        let ttl = match expires {
+            None => self.cfg.max_ttl,
+            Some(at) => match at.duration_since(SystemTime::now()) {
+                Ok(left) => left.min(self.cfg.max_ttl),
+                Err(_) => return Entry::Invalid,
+            },
+        };
+        Entry::Valid(Session {
+            fresh_until: now + ttl,
+            rotated: rotated.map(Arc::from),
+        })
+    }
+
+    /// Checks a token: from the cache when fresh, otherwise through `validate`
+    /// (called at most once however many requests wait on the same token).
+    pub async fn check<F, Fut>(&self, token: &str, validate: F) -> Result<Session, CheckError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Validation, CheckError>>,
+    {
+        let key = self.key(token.as_bytes());
+        let stale = match self.cache.get(&key).await {
+            Some(Entry::Valid(s)) if s.fresh_until > Instant::now() => return Ok(s),
+            Some(Entry::Invalid) => return Err(CheckError::Invalid),
+            Some(Entry::Valid(s)) => {
+                // Past its freshness but kept for stale_if_error: revalidate.
+                self.cache.invalidate(&key).await;
+                Some(s)
+            }
+            None => None,
+        };
+        let init = async {
+            match validate().await? {
+                Validation::Valid { expires, rotated } => {
+                    let rotated = rotated.filter(|r| r != token);
+                    let entry = self.session_from(expires, rotated.clone());
+                    if let (Entry::Valid(s), Some(new)) = (&entry, &rotated) {
+                        let plain = Session {
+                            fresh_until: s.fresh_until,
+                            rotated: None,
+                        };
+                        self.cache
+                            .insert(self.key(new.as_bytes()), Entry::Valid(plain))
+                            .await;
+                    }
+                    Ok(entry)
+                }
+                Validation::Refused => Ok(Entry::Invalid),
+            }
+        };
+        match self.cache.try_get_with(key, init).await {
+            Ok(Entry::Valid(s)) => Ok(s),
+            Ok(Entry::Invalid) => Err(CheckError::Invalid),
+            Err(e) => match (stale, self.cfg.stale_if_error) {
+                (Some(s), Some(window)) if s.fresh_until + window > Instant::now() => {
+                    tracing::warn!(
+                        "validation service failing ({e}); serving a recently valid session"
+                    );
+                    self.cache.insert(key, Entry::Valid(s.clone())).await;
+                    Ok(s)
+                }
+                _ => Err(*e),
+            },
+        }
+    }
+
+    /// Caches a session established by `/login`. Returns false (and caches
+    /// nothing) when the expiry is already past.
+    pub async fn insert_login(&self, token: &str, expires: Option<SystemTime>) -> bool {
+        let entry = self.session_from(expires, None);
+        let valid = matches!(entry, Entry::Valid(_));
+        if valid {
+            self.cache.insert(self.key(token.as_bytes()), entry).await;
+        }
+        valid
+    }
+
+    /// Follows a rotation announced by a backend answer: the new token gets
+    /// the old one's session, and the old one forwards the new token.
+    pub async fn rotate(&self, old: &str, new: &str) {
+        if old == new {
+            return;
+        }
+        let old_key = self.key(old.as_bytes());
+        if let Some(Entry::Valid(s)) = self.cache.get(&old_key).await {
+            let fresh_until = s.fresh_until;
+            self.cache
+                .insert(
+                    self.key(new.as_bytes()),
+                    Entry::Valid(Session {
+                        fresh_until,
+                        rotated: None,
+                    }),
+                )
+                .await;
+            self.cache
+                .insert(
+                    old_key,
+                    Entry::Valid(Session {
+                        fresh_until,
+                        rotated: Some(Arc::from(new)),
+                    }),
+                )
+                .await;
+        }
+    }
+
+    /// Forgets a token (logout, or the backend answered 401/403 for it),
+    /// together with the token it was rotated to.
+    pub async fn evict(&self, token: &str) {
+        if let Some(Entry::Valid(s)) = self.cache.remove(&self.key(token.as_bytes())).await {
+            if let Some(new) = s.rotated {
+                self.cache.invalidate(&self.key(new.as_bytes())).await;
+            }
+        }
+    }
+
+    /// Entries currently cached (approximate, as moka counts).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+}
+
+/// Parses `expiration-date`: `YYYY-MM-DD HH:MM:SS` (UTC) or RFC 3339.
+pub fn parse_expiration(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .or_else(|| parse_rfc3339_offset(s))
+}
+
+/// RFC 3339 with a numeric offset (`+02:00`), which humantime does not take.
+fn parse_rfc3339_offset(s: &str) -> Option<SystemTime> {
+    let (base, sign, off) = match s.get(19..) {
+        Some(rest) => {
+            let idx = rest.rfind(['+', '-'])? + 19;
+            (&s[..idx], &s[idx..idx + 1], &s[idx + 1..])
+        }
+        None => return None,
+    };
+    let (h, m) = off.split_once(':')?;
+    let secs = h.parse::<u64>().ok()? * 3600 + m.parse::<u64>().ok()? * 60;
+    let t = humantime::parse_rfc3339_weak(base).ok()?;
+    let d = Duration::from_secs(secs);
+    if sign == "+" {
+        t.checked_sub(d)
+    } else {
+        t.checked_add(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn cfg() -> SessionsConfig {
+        SessionsConfig {
+            validate_method: http::Method::POST,
+            validate_path: "/renew_session".into(),
+            login_path: "/login".into(),
+            logout_path: None,
+            max_entries: 1000,
+            max_ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(30),
+            stale_if_error: None,
+        }
+    }
+
+    #[test]
+    fn expiration_formats() {
+        let a = parse_expiration("2030-01-02 03:04:05").unwrap();
+        let b = parse_expiration("2030-01-02T03:04:05Z").unwrap();
+        let c = parse_expiration("2030-01-02T05:04:05+02:00").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        assert!(parse_expiration("tomorrow").is_none());
+    }
+
+    #[tokio::test]
+    async fn negative_entries_are_remembered() {
+        let s = Sessions::new(cfg());
+        let calls = AtomicUsize::new(0);
+        for _ in 0..3 {
+            let r = s
+                .check("bad", || async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Ok(Validation::Refused)
+                })
+                .await;
+            assert_eq!(r.unwrap_err(), CheckError::Invalid);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn errors_are_not_cached_and_expired_logins_refused() {
+        let s = Sessions::new(cfg());
+        let r = s
+            .check("t", || async { Err(CheckError::Unreachable) })
+            .await;
+        assert_eq!(r.unwrap_err(), CheckError::Unreachable);
+        let r = s
+            .check("t", || async {
+                Ok(Validation::Valid {
+                    expires: None,
+                    rotated: None,
+                })
+            })
+            .await;
+        assert!(r.is_ok());
+        let past = SystemTime::now() - Duration::from_secs(10);
+        assert!(!s.insert_login("old", Some(past)).await);
+    }
+
+    #[tokio::test]
+    async fn rotation_and_eviction() {
+        let s = Sessions::new(cfg());
+        assert!(s.insert_login("a", None).await);
+        s.rotate("a", "b").await;
+        let fail = || async { Err(CheckError::Unreachable) };
+        let a = s.check("a", fail).await.unwrap();
+        assert_eq!(a.rotated.as_deref(), Some("b"));
+        assert!(s.check("b", fail).await.is_ok());
+        s.evict("a").await;
+        assert!(s.check("a", fail).await.is_err());
+        assert!(s.check("b", fail).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn keys_do_not_reveal_tokens() {
+        let s = Sessions::new(cfg());
+        assert_ne!(s.key(b"x"), Sessions::new(cfg()).key(b"x"));
+        assert!(!s.log_tag(b"secret-token").contains("secret"));
+    }
+}

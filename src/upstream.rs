@@ -1,0 +1,270 @@
+//! The backend client: a bounded pool of HTTP/1.1 keep-alive connections.
+//!
+//! Connection-level hyper clients (`hyper::client::conn::http1`) in a small
+//! pool: a checkout is one uncontended mutex pop, a connection returns to the
+//! pool when its response body has been read to the end, and a semaphore caps
+//! the total so thousands of device connections never become thousands of
+//! backend connections. Also here: the hop-by-hop header rules both ways.
+
+use crate::body::Body;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Why a request could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect to backend failed: {0}")]
+    Connect(std::io::Error),
+    #[error("connect to backend timed out")]
+    ConnectTimeout,
+    #[error("backend handshake failed: {0}")]
+    Handshake(hyper::Error),
+    #[error("backend request failed: {0}")]
+    Request(hyper::Error),
+}
+
+/// A pooled connection; holding it holds one of the pool's connection permits.
+struct Conn {
+    sender: SendRequest<Body>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The pool of connections to one backend.
+pub struct Upstream {
+    address: String,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<Conn>>,
+    max_idle: usize,
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// A pool for `address` (`host:port`) with at most `max_connections`
+    /// connections open, `max_idle` of them kept idle.
+    pub fn new(
+        address: String,
+        connect_timeout: Duration,
+        max_connections: usize,
+        max_idle: usize,
+    ) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            address,
+            connect_timeout,
+            idle: Mutex::new(Vec::with_capacity(max_idle.min(1024))),
+            max_idle,
+            permits: Arc::new(Semaphore::new(max_connections)),
+        })
+    }
+
+    fn pop_idle(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(conn) = idle.pop() {
+            if !conn.sender.is_closed() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn release(&self, conn: Conn) {
+        if conn.sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(conn);
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
+        // Waiting for a permit counts against the caller's route timeout.
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout)?;
+        // A connection may have come back while we waited.
+        if let Some(conn) = self.pop_idle() {
+            return Ok(conn);
+        }
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.address))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout)?
+            .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "backend connection ended");
+            }
+        });
+        Ok(Conn {
+            sender,
+            _permit: permit,
+        })
+    }
+
+    /// Sends a request (origin-form URI, headers already rewritten) and
+    /// returns the backend's response head with a streaming body. A pooled
+    /// connection the backend closed in the meantime is retried once on a
+    /// fresh one, as long as the request was not written.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let mut conn = match self.pop_idle() {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        for attempt in 0..2 {
+            if conn.sender.ready().await.is_err() {
+                conn = self.connect().await?;
+            }
+            match conn.sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.wrap(resp, conn)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if attempt == 0 => {
+                        req = back;
+                        conn = self.connect().await?;
+                    }
+                    _ => return Err(UpstreamError::Request(e.into_error())),
+                },
+            }
+        }
+        // Unreachable in practice: the loop returns on every path of its last turn.
+        Err(UpstreamError::ConnectTimeout)
+    }
+
+    fn wrap(self: &Arc<Self>, resp: Response<Incoming>, conn: Conn) -> Response<Body> {
+        let (parts, incoming) = resp.into_parts();
+        if incoming.is_end_stream() {
+            self.release(conn);
+            return Response::from_parts(parts, Body::Incoming(incoming));
+        }
+        let body = PooledBody {
+            inner: incoming,
+            conn: Some((conn, Arc::clone(self))),
+        };
+        Response::from_parts(parts, Body::boxed(body))
+    }
+
+    /// Idle connections currently pooled.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+}
+
+/// A backend response body that hands its connection back to the pool once
+/// read to the end. Dropped early, the connection is closed instead.
+struct PooledBody {
+    inner: Incoming,
+    conn: Option<(Conn, Arc<Upstream>)>,
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some((conn, pool)) = this.conn.take() {
+                    pool.release(conn);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.conn = None;
+            }
+            _ => {
+                if this.inner.is_end_stream() {
+                    if let Some((conn, pool)) = this.conn.take() {
+                        pool.release(conn);
+                    }
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
+pub const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "close, x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}
