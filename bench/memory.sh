@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Memory benchmark of portcullis, on loopback:
+#  (a) RSS with 1,000,000 cached sessions (target <= 400 MiB), filled through the real
+#      path: wrk sends one request per distinct User-Token to the private route, the
+#      backend's /renew_session accepts every token, portcullis validates and caches each.
+#  (b) RSS with 10,000 idle keep-alive connections (target <= 150 MiB): a Python asyncio
+#      client (bench/idle_conns.py) opens them, makes one request on each, then idles.
+#      nginx (the same gateway config as bench/run.sh) is measured the same way for comparison.
+#
+#   bench/memory.sh
+#   PORTCULLIS_BIN=/path/to/portcullis bench/memory.sh
+#
+# Environment (all optional):
+#   MEM_SESSIONS=1000000       sessions to cache in (a)
+#   MEM_MAX_ENTRIES=1100000    sessions.max_entries (>= MEM_SESSIONS so nothing is evicted)
+#   MEM_CONNS=10000            idle connections in (b)
+#   MEM_PARTS="sessions conns nginx-conns"   which parts to run (nginx-conns: nginx's RSS
+#                              with the same idle connections, for comparison)
+#   MEM_FILL_TIMEOUT=900       seconds (a)'s fill may take at most
+#   BENCH_KEEP=1  BENCH_STRICT=1 (exit 3 when a target is missed)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+SESSIONS="${MEM_SESSIONS:-1000000}"
+MAX_ENTRIES="${MEM_MAX_ENTRIES:-1100000}"
+CONNS="${MEM_CONNS:-10000}"
+PARTS="${MEM_PARTS:-sessions conns nginx-conns}"
+FILL_TIMEOUT="${MEM_FILL_TIMEOUT:-900}"
+PROXY_CPU="${PROXY_CPU:-1}"
+BACKEND_CPU="${BACKEND_CPU:-0}"
+
+ensure_tools nginx:nginx wrk:wrk curl:curl taskset:util-linux python3:python3 ss:iproute2 pgrep:procps
+[ "$(nproc --all)" -ge 2 ] || die "needs 2 cores"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+[ "$(ulimit -n)" -ge $((CONNS + 512)) ] || die "open-file limit $(ulimit -n) is too low for $CONNS connections (raise ulimit -n)"
+
+bench_init
+[[ " $PARTS " == *" sessions "* || " $PARTS " == *" conns "* ]] && build_portcullis
+alloc_port BACKEND_PORT
+alloc_port PORTCULLIS_PORT
+alloc_port NGINX_PORT
+start_backend "$BACKEND_PORT" 1
+log "backend nginx pid $BACKEND_PID on 127.0.0.1:$BACKEND_PORT"
+
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+verdict() { awk -v v="$1" -v t="$2" 'BEGIN { print (v <= t ? "PASS" : "FAIL") }'; }
+ROWS=()
+FAILED=0
+
+stop_pid() { # PID: stop one process this script started and wait for it
+    kill -TERM "$1" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# ------------------------------------------------------------------ (a) 1M cached sessions
+if [[ " $PARTS " == *" sessions "* ]]; then
+    start_portcullis "$PORTCULLIS_PORT" "$BACKEND_PORT" "$MAX_ENTRIES"
+    log "portcullis pid $PORTCULLIS_PID (sessions.max_entries = $MAX_ENTRIES)"
+    check_200 portcullis "http://127.0.0.1:$PORTCULLIS_PORT/api/data"
+    sleep 1
+    rss0=$(rss_kib "$PORTCULLIS_PID")
+    v0=$(validation_calls)
+
+    cat >"$WORK/fill.lua" <<'EOF'
+-- one request per distinct 40-character token; stops after `target` responses
+local target, sent, got = 1000000, 0, 0
+function init(args) target = tonumber(args[1]) end
+function request()
+   sent = sent + 1
+   wrk.headers["User-Token"] = string.format("fill%036d", sent)
+   return wrk.format()
+end
+function response(status, headers, body)
+   got = got + 1
+   if got >= target then wrk.thread:stop() end
+end
+done = function(summary, latency, requests)
+   local e = summary.errors
+   io.write(string.format("FILLRESULT %d %d %d %d %d %d %d\n", summary.requests,
+      summary.duration, e.status, e.connect, e.read, e.write, e.timeout))
+end
+EOF
+    log "filling $SESSIONS sessions through GET /api/data (one distinct token each) ..."
+    t0=$(date +%s)
+    taskset -c "$BACKEND_CPU" wrk -t1 -c64 -d"${FILL_TIMEOUT}s" --timeout 10s \
+        -H "Api-Key: $API_KEY" -s "$WORK/fill.lua" \
+        "http://127.0.0.1:$PORTCULLIS_PORT/api/data" -- "$SESSIONS" >"$WORK/fill.out" 2>&1 \
+        || die "wrk fill failed: $(tail -5 "$WORK/fill.out")"
+    t1=$(date +%s)
+    read -r _ req dur st ce re we to < <(grep '^FILLRESULT ' "$WORK/fill.out") \
+        || die "wrk fill printed no result: $(tail -5 "$WORK/fill.out")"
+    [ "$st" -eq 0 ] || die "portcullis answered $st non-2xx responses while filling (of $req): see $WORK/fill.out"
+    [ "$req" -ge "$SESSIONS" ] || die "fill stopped after $req responses (< $SESSIONS) within ${FILL_TIMEOUT}s"
+    sleep 2   # let the backend flush its validation log and moka settle
+    v1=$(validation_calls)
+    vcalls=$((v1 - v0))
+    log "fill: $req responses in $((t1 - t0)) s, $vcalls validation calls reached the backend"
+    [ "$vcalls" -ge "$SESSIONS" ] || die "only $vcalls validation calls for $SESSIONS distinct tokens: the fill did not go through the validation path"
+    rss1=$(rss_kib "$PORTCULLIS_PID")
+    hwm1=$(awk '/^VmHWM:/ {print $2}' "/proc/$PORTCULLIS_PID/status")
+
+    # are the sessions still cached? re-use the first, middle and last tokens: no new validation call
+    v2=$(validation_calls)
+    for n in 1 $((SESSIONS / 2)) "$SESSIONS"; do
+        tok=$(printf 'fill%036d' "$n")
+        code=$(curl -s -o /dev/null -w '%{http_code}' -H "Api-Key: $API_KEY" -H "User-Token: $tok" \
+            "http://127.0.0.1:$PORTCULLIS_PORT/api/data")
+        [ "$code" = 200 ] || die "token #$n answered $code after the fill"
+    done
+    sleep 1.5
+    recheck=$(( $(validation_calls) - v2 ))
+    cached_note="3 of 3 sampled tokens still cached"
+    [ "$recheck" -eq 0 ] || cached_note="$recheck of 3 sampled tokens had been evicted and were re-validated"
+    per=$(awk -v a="$rss0" -v b="$rss1" -v n="$SESSIONS" 'BEGIN { printf "%.0f", (b - a) * 1024 / n }')
+    v=$(verdict "$(mib "$rss1")" 400)
+    [ "$v" = PASS ] || FAILED=1
+    ROWS+=("| portcullis, $SESSIONS cached sessions | $(mib "$rss0") | $(mib "$rss1") (peak $(mib "$hwm1")) | $per B/session | ≤ 400 MiB | **$v** |")
+    SESSION_NOTE="fill: $req requests in $((t1 - t0)) s ($vcalls validation calls); $cached_note"
+    stop_pid "$PORTCULLIS_PID"
+fi
+
+# ------------------------------------------------------------------ (b) idle connections
+# idle_rss NAME PORT PIDS... : opens $CONNS connections, each makes one request and idles;
+# sets IDLE_BASE and IDLE_LOADED (summed VmRSS of PIDS, KiB) and IDLE_EST (connections open)
+idle_rss() {
+    local name=$1 port=$2
+    shift 2
+    local pids="$*" p base loaded out="$WORK/idle-$name.out" cpid established ready=""
+    base=0
+    for p in $pids; do base=$((base + $(rss_kib "$p"))); done
+    taskset -c "$BACKEND_CPU" python3 "$BENCH_DIR/idle_conns.py" --port "$port" --count "$CONNS" \
+        --hold 300 --header "Api-Key: $API_KEY" --header "User-Token: $TOKEN" >"$out" 2>&1 &
+    cpid=$!
+    STARTED_PIDS+=("$cpid")
+    for _ in $(seq 1 1200); do
+        grep -q '^READY ' "$out" 2>/dev/null && { ready=1; break; }
+        kill -0 "$cpid" 2>/dev/null || break
+        sleep 0.1
+    done
+    [ -n "$ready" ] || die "idle-connection client for $name did not get ready: $(tail -5 "$out")"
+    grep -q "^READY ok=$CONNS failed=0 " "$out" || die "$name: not every idle connection got a 200: $(grep '^READY' "$out")"
+    sleep 3   # idle for a moment, so the measure is of idle connections
+    established=$(ss -Htn state established "( sport = :$port )" | wc -l)
+    loaded=0
+    for p in $pids; do loaded=$((loaded + $(rss_kib "$p"))); done
+    stop_pid "$cpid"
+    [ "$established" -ge "$CONNS" ] || die "$name: only $established of $CONNS connections were still open when measured"
+    IDLE_BASE=$base IDLE_LOADED=$loaded IDLE_EST=$established
+}
+
+if [[ " $PARTS " == *" conns "* ]]; then
+    start_portcullis "$PORTCULLIS_PORT" "$BACKEND_PORT"
+    log "portcullis pid $PORTCULLIS_PID (fresh) for $CONNS idle connections"
+    check_200 portcullis "http://127.0.0.1:$PORTCULLIS_PORT/api/data"
+    sleep 1
+    idle_rss portcullis "$PORTCULLIS_PORT" "$PORTCULLIS_PID"
+    base=$IDLE_BASE loaded=$IDLE_LOADED est=$IDLE_EST
+    per=$(awk -v a="$base" -v b="$loaded" -v n="$CONNS" 'BEGIN { printf "%.1f", (b - a) / n }')
+    v=$(verdict "$(mib "$loaded")" 150)
+    [ "$v" = PASS ] || FAILED=1
+    ROWS+=("| portcullis, $CONNS idle keep-alive connections ($est open when measured) | $(mib "$base") | $(mib "$loaded") | $per KiB/conn | ≤ 150 MiB | **$v** |")
+    stop_pid "$PORTCULLIS_PID"
+fi
+if [[ " $PARTS " == *" nginx-conns "* ]]; then
+    start_nginx_gw "$NGINX_PORT" "$BACKEND_PORT"
+    check_200 "nginx gateway" "http://127.0.0.1:$NGINX_PORT/api/data"
+    sleep 1
+    idle_rss nginx "$NGINX_PORT" $(nginx_pids "$NGINX_GW_PID")
+    base=$IDLE_BASE loaded=$IDLE_LOADED est=$IDLE_EST
+    per=$(awk -v a="$base" -v b="$loaded" -v n="$CONNS" 'BEGIN { printf "%.1f", (b - a) / n }')
+    ROWS+=("| nginx gateway (master + worker), $CONNS idle keep-alive connections ($est open) | $(mib "$base") | $(mib "$loaded") | $per KiB/conn | (comparison) | |")
+    stop_pid "$NGINX_GW_PID"
+fi
+
+echo
+echo "## portcullis memory — $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo
+echo "portcullis: ${PORTCULLIS_BIN:-not run} ($(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')); VmRSS from /proc/PID/status"
+echo
+echo "| measure | RSS before (MiB) | RSS loaded (MiB) | per item | target | verdict |"
+echo "| --- | ---: | ---: | ---: | --- | --- |"
+for r in "${ROWS[@]}"; do echo "$r"; done
+echo
+[ -n "${SESSION_NOTE:-}" ] && echo "$SESSION_NOTE"
+echo "load: $(uptime | sed 's/.*load average: //') (2 cores)"
+if [ "$FAILED" = 1 ] && [ "${BENCH_STRICT:-0}" = 1 ]; then exit 3; fi
+exit 0
