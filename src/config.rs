@@ -497,6 +497,16 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
     }
 
     let limits = RawLimits::validate(&raw.limits, p);
+    for (key, set) in [
+        ("body_read_timeout", raw.limits.body_read_timeout.is_some()),
+        ("idle_timeout", raw.limits.idle_timeout.is_some()),
+    ] {
+        if set {
+            warnings.push(format!(
+                "limits.{key} is accepted but not enforced by this version"
+            ));
+        }
+    }
     let rate_limits = RateLimits {
         per_api_key: rate(&raw.rate_limits.per_api_key, "rate_limits.per_api_key", p),
         per_client_ip: rate(
