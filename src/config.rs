@@ -282,7 +282,7 @@ pub struct RouteConfig {
 }
 
 /// `[limits]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_header_bytes: usize,
     pub max_headers: usize,

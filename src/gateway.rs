@@ -58,7 +58,7 @@ const MAX_LOGIN_ANSWER: usize = 1 << 20;
 pub struct State {
     router: Router,
     api_keys: Vec<ApiKey>,
-    sessions: Sessions,
+    sessions: Arc<Sessions>,
     upstream: Arc<Upstream>,
     keyring: Option<Keyring>,
     error_type: String,
@@ -85,6 +85,20 @@ impl std::fmt::Debug for State {
 impl State {
     /// Builds the serving state; fails with every route problem found.
     pub fn new(config: Config) -> Result<Arc<State>, Vec<String>> {
+        State::build(config, None).map(|(state, _)| state)
+    }
+
+    /// Builds the state for a new configuration, keeping what must survive a
+    /// reload: the session cache, and the backend pool while the backend is
+    /// unchanged. Returns the settings that only take effect after a restart.
+    pub fn reload(&self, config: Config) -> Result<(Arc<State>, Vec<String>), Vec<String>> {
+        State::build(config, Some(self))
+    }
+
+    fn build(
+        config: Config,
+        previous: Option<&State>,
+    ) -> Result<(Arc<State>, Vec<String>), Vec<String>> {
         let router = Router::new(&config.routes)?;
         let keyring = match &config.crypto {
             Some(c) => Some(
@@ -99,12 +113,47 @@ impl State {
             Some(v)
         });
         let b = &config.backend;
-        let upstream = Upstream::new(
-            b.address.clone(),
-            b.connect_timeout,
-            b.max_connections,
-            b.max_idle,
-        );
+        let mut restart_needed = Vec::new();
+        let same_backend = previous.is_some_and(|p| {
+            let o = &p.config.backend;
+            o.address == b.address
+                && o.connect_timeout == b.connect_timeout
+                && o.max_connections == b.max_connections
+                && o.max_idle == b.max_idle
+        });
+        let upstream = match previous {
+            Some(p) if same_backend => Arc::clone(&p.upstream),
+            _ => Upstream::new(
+                b.address.clone(),
+                b.connect_timeout,
+                b.max_connections,
+                b.max_idle,
+            ),
+        };
+        let sessions = match previous {
+            Some(p) => {
+                let (o, n) = (&p.config.sessions, &config.sessions);
+                if (o.max_entries, o.max_ttl, o.negative_ttl, o.stale_if_error)
+                    != (n.max_entries, n.max_ttl, n.negative_ttl, n.stale_if_error)
+                {
+                    restart_needed.push("sessions cache settings (max_entries, max_ttl, negative_ttl, stale_if_error)".to_owned());
+                }
+                Arc::clone(&p.sessions)
+            }
+            None => Arc::new(Sessions::new(config.sessions.clone())),
+        };
+        if let Some(p) = previous {
+            let (o, n) = (&p.config, &config);
+            if o.server.listen != n.server.listen {
+                restart_needed.push("server.listen".to_owned());
+            }
+            if o.server.admin_listen != n.server.admin_listen {
+                restart_needed.push("server.admin_listen".to_owned());
+            }
+            if o.limits != n.limits {
+                restart_needed.push("[limits]".to_owned());
+            }
+        }
         let api_keys = config
             .api_keys
             .iter()
@@ -114,10 +163,10 @@ impl State {
                 matcher: k.matcher.clone(),
             })
             .collect();
-        Ok(Arc::new(State {
+        let state = Arc::new(State {
             router,
             api_keys,
-            sessions: Sessions::new(config.sessions.clone()),
+            sessions,
             upstream,
             keyring,
             error_type: config.server.error_type.clone(),
@@ -128,7 +177,8 @@ impl State {
             max_body: config.server.max_body,
             backend_timeout: b.timeout,
             config,
-        }))
+        });
+        Ok((state, restart_needed))
     }
 
     /// The session store (for metrics and tests).
@@ -391,7 +441,7 @@ async fn validate_remote(
     ctx: &Ctx,
     api_key: &ApiKey,
 ) -> Result<Validation, CheckError> {
-    let cfg = state.sessions.config();
+    let cfg = &state.config.sessions;
     let mut req = Request::new(Body::Empty);
     *req.method_mut() = cfg.validate_method.clone();
     *req.uri_mut() =
@@ -656,7 +706,7 @@ async fn login(
     )
     .await?;
     // Credentials must be remembered for nothing but this one forward.
-    parts.uri = Uri::try_from(state.sessions.config().login_path.as_str())
+    parts.uri = Uri::try_from(state.config.sessions.login_path.as_str())
         .map_err(|_| GatewayError::BadBackendResponse)?;
     parts.version = http::Version::HTTP_11;
     backend_headers(state, &mut parts.headers, ctx, api_key, None);
@@ -710,7 +760,7 @@ async fn logout(
         .ok_or(GatewayError::TokenRequired)?
         .to_owned();
     state.sessions.evict(&token).await;
-    if let Some(path) = &state.sessions.config().logout_path {
+    if let Some(path) = &state.config.sessions.logout_path {
         let mut fwd = Request::new(Body::Empty);
         *fwd.method_mut() = Method::POST;
         *fwd.uri_mut() =

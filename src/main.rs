@@ -112,7 +112,13 @@ fn run(path: &std::path::Path) -> ExitCode {
         tracing::warn!("{w}");
     }
     let addr = state.config.server.listen;
-    let result = runtime().and_then(|rt| rt.block_on(portcullis::server::run(state, addr)));
+    let result = runtime().and_then(|rt| {
+        rt.block_on(portcullis::server::run(
+            state,
+            addr,
+            Some(path.to_path_buf()),
+        ))
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

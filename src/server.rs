@@ -2,8 +2,10 @@
 //! HTTP/2 (prior knowledge) on one port, graceful drain with a deadline.
 
 use crate::body::Body;
+use crate::config::Config;
 use crate::envelope::{self, GatewayError};
 use crate::gateway::{self, State};
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -13,11 +15,42 @@ use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+
+/// The state being served, swapped atomically when the configuration is
+/// reloaded. Requests in flight keep the state they started with.
+pub struct Live {
+    current: ArcSwap<State>,
+}
+
+impl Live {
+    /// Starts serving `state`.
+    pub fn new(state: Arc<State>) -> Arc<Live> {
+        Arc::new(Live {
+            current: ArcSwap::new(state),
+        })
+    }
+
+    /// The state new requests use.
+    pub fn state(&self) -> Arc<State> {
+        self.current.load_full()
+    }
+
+    /// Reads, validates and swaps in the configuration at `path`. On any
+    /// problem the running configuration stays and the problems are returned.
+    /// On success, returns the changed settings that need a restart.
+    pub fn reload(&self, path: &Path) -> Result<Vec<String>, Vec<String>> {
+        let config = Config::load(path).map_err(|p| p.0)?;
+        let (state, restart_needed) = self.state().reload(config)?;
+        self.current.store(state);
+        Ok(restart_needed)
+    }
+}
 
 /// Serves the gateway on `listener` until `shutdown` completes, then stops
 /// accepting and lets in-flight requests finish for up to
@@ -27,6 +60,16 @@ pub async fn serve(
     state: Arc<State>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_live(listener, Live::new(state), shutdown).await
+}
+
+/// [`serve`] with a reloadable state.
+pub async fn serve_live(
+    listener: TcpListener,
+    live: Arc<Live>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let state = live.state();
     let limits = state.config.limits.clone();
     let drain_timeout = state.config.server.drain_timeout;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
@@ -118,11 +161,56 @@ async fn refuse_overloaded(mut stream: TcpStream, state: Arc<State>) {
     let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
 }
 
-/// Binds `addr` and serves until SIGINT/SIGTERM.
-pub async fn run(state: Arc<State>, addr: SocketAddr) -> std::io::Result<()> {
+/// Binds `addr` and serves until SIGINT/SIGTERM. With a configuration path,
+/// SIGHUP reloads it: a valid new configuration is swapped in atomically
+/// (sessions and in-flight requests survive), an invalid one is refused with
+/// its problems logged and the running one keeps serving.
+pub async fn run(
+    state: Arc<State>,
+    addr: SocketAddr,
+    config_path: Option<PathBuf>,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(listen = %listener.local_addr()?, "portcullis serving");
-    serve(listener, state, shutdown_signal()).await
+    let live = Live::new(state);
+    if let Some(path) = config_path {
+        tokio::spawn(reload_on_sighup(Arc::clone(&live), path));
+    }
+    serve_live(listener, live, shutdown_signal()).await
+}
+
+async fn reload_on_sighup(live: Arc<Live>, path: PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; configuration reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match live.reload(&path) {
+                Ok(restart_needed) => {
+                    tracing::info!(config = %path.display(), "configuration reloaded");
+                    for w in &live.state().config.warnings {
+                        tracing::warn!("{w}");
+                    }
+                    for key in restart_needed {
+                        tracing::warn!("changed setting {key} takes effect only after a restart");
+                    }
+                }
+                Err(problems) => {
+                    tracing::error!(config = %path.display(), "configuration reload refused; still serving the previous one");
+                    for p in problems {
+                        tracing::error!("  {p}");
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (live, path);
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
