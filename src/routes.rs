@@ -75,12 +75,14 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
 }
 
 /// Characters escaped when a parameter value is put back into a backend path.
+/// `;` too: servlet containers read `..;` as `..` (path parameters).
 const SEGMENT: &AsciiSet = &CONTROLS
     .add(b' ')
     .add(b'"')
     .add(b'#')
     .add(b'%')
     .add(b'/')
+    .add(b';')
     .add(b'<')
     .add(b'>')
     .add(b'?')

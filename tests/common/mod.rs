@@ -577,7 +577,10 @@ impl GatewayConfig {
     /// The TOML text, listening on `listen`.
     pub fn toml(&self, listen: SocketAddr) -> String {
         let android_digest = sha256_hex(ANDROID_KEY.as_bytes());
-        let mut t = format!("[server]\nlisten = \"{listen}\"\ndrain_timeout = \"2s\"\n");
+        let mut t = format!("[server]\nlisten = \"{listen}\"\n");
+        if !self.server.iter().any(|l| l.starts_with("drain_timeout")) {
+            t.push_str("drain_timeout = \"2s\"\n");
+        }
         for l in &self.server {
             t.push_str(l);
             t.push('\n');
