@@ -66,6 +66,7 @@ struct RawServer {
     error_type: Option<String>,
     server_header: Option<String>,
     drain_timeout: Option<String>,
+    access_log: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +203,7 @@ pub struct ServerConfig {
     pub error_type: String,
     pub server_header: HeaderValue,
     pub drain_timeout: Duration,
+    pub access_log: crate::access_log::Target,
 }
 
 /// `[backend]`: where exposed routes are forwarded.
@@ -431,7 +433,7 @@ impl Config {
 }
 
 fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Option<Config> {
-    let server = validate_server(&raw.server, p, warnings);
+    let server = validate_server(&raw.server, p);
     let backend = match &raw.backend {
         Some(b) => validate_backend(b, p),
         None => {
@@ -562,11 +564,7 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
     })
 }
 
-fn validate_server(
-    s: &RawServer,
-    p: &mut Problems,
-    warnings: &mut Vec<String>,
-) -> Option<ServerConfig> {
+fn validate_server(s: &RawServer, p: &mut Problems) -> Option<ServerConfig> {
     let listen = s.listen.as_deref().unwrap_or("0.0.0.0:8080");
     let listen = match listen.parse::<SocketAddr>() {
         Ok(a) => Some(a),
@@ -576,12 +574,7 @@ fn validate_server(
         }
     };
     let admin_listen = s.admin_listen.as_ref().and_then(|a| match a.parse() {
-        Ok(a) => {
-            warnings.push(format!(
-                "server.admin_listen ({a}) is accepted but this version serves no admin endpoints"
-            ));
-            Some(a)
-        }
+        Ok(a) => Some(a),
         Err(_) => {
             p.push("server.admin_listen", format!("invalid address {a:?}"));
             None
@@ -628,7 +621,20 @@ fn validate_server(
         "server.drain_timeout",
         p,
     );
+    let access_log = match s.access_log.as_deref() {
+        None | Some("stdout") => crate::access_log::Target::Stdout,
+        Some("off") => crate::access_log::Target::Off,
+        Some(path) if !path.is_empty() => crate::access_log::Target::File(path.into()),
+        Some(_) => {
+            p.push(
+                "server.access_log",
+                "must be \"stdout\", \"off\" or a file path",
+            );
+            crate::access_log::Target::Off
+        }
+    };
     Some(ServerConfig {
+        access_log,
         listen: listen?,
         admin_listen,
         trusted_proxies,

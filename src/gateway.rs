@@ -18,10 +18,12 @@
 //!
 //! Every failure is a [`GatewayError`] turned into the envelope in one place.
 
+use crate::access_log::{AccessLog, LoggedBody, Pending};
 use crate::body::{Body, BoxError};
 use crate::config::{ApiKey, Config, EncryptQuery};
 use crate::crypto::Keyring;
 use crate::envelope::{self, GatewayError};
+use crate::metrics::{Metrics, RouteName};
 use crate::routes::{self, Match, Router};
 use crate::secret;
 use crate::sessions::{self, CheckError, Session, Sessions, Validation};
@@ -68,8 +70,19 @@ pub struct State {
     trusted_proxies: Vec<IpNet>,
     max_body: u64,
     backend_timeout: Duration,
+    metrics: Arc<Metrics>,
+    access_log: AccessLog,
+    labels: Labels,
     /// The configuration this state was built from.
     pub config: Config,
+}
+
+/// Route labels for requests that match no configured route.
+struct Labels {
+    unmatched: RouteName,
+    login: RouteName,
+    logout: RouteName,
+    manage: RouteName,
 }
 
 impl std::fmt::Debug for State {
@@ -130,6 +143,20 @@ impl State {
                 b.max_idle,
             ),
         };
+        let metrics = match previous {
+            Some(p) => Arc::clone(&p.metrics),
+            None => Metrics::new(),
+        };
+        let access_log = match previous {
+            Some(p) => {
+                if p.config.server.access_log != config.server.access_log {
+                    restart_needed.push("server.access_log".to_owned());
+                }
+                p.access_log.clone()
+            }
+            None => AccessLog::start(&config.server.access_log, Arc::clone(&metrics))
+                .map_err(|e| vec![format!("server.access_log: {e}")])?,
+        };
         let sessions = match previous {
             Some(p) => {
                 let (o, n) = (&p.config.sessions, &config.sessions);
@@ -140,7 +167,11 @@ impl State {
                 }
                 Arc::clone(&p.sessions)
             }
-            None => Arc::new(Sessions::new(config.sessions.clone())),
+            None => Arc::new(Sessions::with_counters(
+                config.sessions.clone(),
+                metrics.session_hits.clone(),
+                metrics.session_misses.clone(),
+            )),
         };
         if let Some(p) = previous {
             let (o, n) = (&p.config, &config);
@@ -176,6 +207,14 @@ impl State {
             trusted_proxies: config.server.trusted_proxies.clone(),
             max_body: config.server.max_body,
             backend_timeout: b.timeout,
+            metrics,
+            access_log,
+            labels: Labels {
+                unmatched: RouteName::fixed("unmatched"),
+                login: RouteName::fixed("/login"),
+                logout: RouteName::fixed("/logout"),
+                manage: RouteName::fixed("/__manage__"),
+            },
             config,
         });
         Ok((state, restart_needed))
@@ -184,6 +223,11 @@ impl State {
     /// The session store (for metrics and tests).
     pub fn sessions(&self) -> &Sessions {
         &self.sessions
+    }
+
+    /// The metrics (for the admin listener).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The router (for `portcullis check`).
@@ -214,8 +258,15 @@ pub async fn handle(
     peer: SocketAddr,
     tls: bool,
 ) -> Response<Body> {
+    let start = Instant::now();
     let ctx = context(state, req.headers(), peer, tls);
-    let mut resp = match dispatch(state, req, &ctx).await {
+    let method = req.method().clone();
+    let log_path = state
+        .access_log
+        .enabled()
+        .then(|| req.uri().path().to_owned());
+    let mut info = Info::default();
+    let mut resp = match dispatch(state, req, &ctx, &mut info).await {
         Ok(resp) => resp,
         Err(err) => {
             if err.status().is_server_error() {
@@ -226,8 +277,38 @@ pub async fn handle(
     };
     let headers = resp.headers_mut();
     headers.insert(header::SERVER, state.server_header.clone());
-    headers.insert(X_REQUEST_ID.clone(), ctx.request_id);
-    resp
+    headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+    let route = info.route.unwrap_or_else(|| state.labels.unmatched.clone());
+    let status = resp.status().as_u16();
+    state
+        .metrics
+        .request(&route, &method, status, start.elapsed().as_secs_f64());
+    match log_path {
+        None => resp,
+        Some(path) => {
+            let pending = Pending {
+                log: state.access_log.clone(),
+                request_id: ctx.request_id,
+                client: ctx.client_ip,
+                api_client: info.api_client,
+                route,
+                method,
+                path,
+                status,
+                start,
+                upstream: info.upstream,
+            };
+            resp.map(|body| Body::boxed(LoggedBody::new(body, pending)))
+        }
+    }
+}
+
+/// What the request path learned, for metrics and the access log.
+#[derive(Default)]
+struct Info {
+    route: Option<RouteName>,
+    api_client: Option<HeaderValue>,
+    upstream: Option<Duration>,
 }
 
 fn context(state: &State, headers: &HeaderMap, peer: SocketAddr, tls: bool) -> Ctx {
@@ -311,6 +392,7 @@ async fn dispatch(
     state: &State,
     req: Request<Incoming>,
     ctx: &Ctx,
+    info: &mut Info,
 ) -> Result<Response<Body>, GatewayError> {
     if req.method() == Method::CONNECT {
         return Err(GatewayError::MethodNotAllowed(Vec::new()));
@@ -319,6 +401,7 @@ async fn dispatch(
         .map_err(|_| GatewayError::BadRequest("Invalid request path"))?;
 
     if path == "/__manage__" || path.starts_with("/__manage__/") {
+        info.route = Some(state.labels.manage.clone());
         // commands: dispatch here (remote operations are not served by this build yet).
         return Err(GatewayError::NotFound);
     }
@@ -333,20 +416,29 @@ async fn dispatch(
             )
         })
         .ok_or(GatewayError::ApiKey)?;
+    info.api_client = Some(api_key.header_value.clone());
 
     match path.as_str() {
-        "/login" => return login(state, req, ctx, api_key).await,
-        "/logout" => return logout(state, req, ctx, api_key).await,
+        "/login" => {
+            info.route = Some(state.labels.login.clone());
+            return login(state, req, ctx, api_key, info).await;
+        }
+        "/logout" => {
+            info.route = Some(state.labels.logout.clone());
+            return logout(state, req, ctx, api_key).await;
+        }
         _ => {}
     }
 
     let (route, params) = match state.router.lookup(&path, req.method()) {
         Match::Found(route, params) => (route, params),
         Match::MethodNotAllowed(route) => {
-            return Err(GatewayError::MethodNotAllowed(route.allow.clone()))
+            info.route = Some(route.label.clone());
+            return Err(GatewayError::MethodNotAllowed(route.allow.clone()));
         }
         Match::NotFound => return Err(GatewayError::NotFound),
     };
+    info.route = Some(route.label.clone());
     let cfg = &route.config;
     let deadline = Instant::now() + cfg.timeout.unwrap_or(state.backend_timeout);
 
@@ -392,7 +484,11 @@ async fn dispatch(
     parts.version = http::Version::HTTP_11;
     backend_headers(state, &mut parts.headers, ctx, api_key, forwarded_token);
 
+    let sent = Instant::now();
     let resp = send(state, Request::from_parts(parts, body), deadline).await?;
+    let took = sent.elapsed();
+    info.upstream = Some(took);
+    state.metrics.upstream(&route.label, took.as_secs_f64());
     let status = resp.status();
     if let (Some(device), false) = (&device_token, cfg.public) {
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -442,6 +538,7 @@ async fn validate_remote(
     api_key: &ApiKey,
 ) -> Result<Validation, CheckError> {
     let cfg = &state.config.sessions;
+    state.metrics.validation_calls.inc();
     let mut req = Request::new(Body::Empty);
     *req.method_mut() = cfg.validate_method.clone();
     *req.uri_mut() =
@@ -489,15 +586,22 @@ async fn send(
 ) -> Result<Response<Body>, GatewayError> {
     let deadline = tokio::time::Instant::from_std(deadline);
     match tokio::time::timeout_at(deadline, state.upstream.send(req)).await {
-        Err(_) => Err(GatewayError::BackendTimeout),
+        Err(_) => {
+            state.metrics.upstream_error("timeout");
+            Err(GatewayError::BackendTimeout)
+        }
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "backend request failed");
             Err(match e {
                 UpstreamError::Request(e) if e.is_parse() || e.is_parse_status() => {
+                    state.metrics.upstream_error("protocol");
                     GatewayError::BadBackendResponse
                 }
-                _ => GatewayError::BackendUnreachable,
+                _ => {
+                    state.metrics.upstream_error("connect");
+                    GatewayError::BackendUnreachable
+                }
             })
         }
     }
@@ -687,6 +791,7 @@ async fn login(
     req: Request<Incoming>,
     ctx: &Ctx,
     api_key: &ApiKey,
+    info: &mut Info,
 ) -> Result<Response<Body>, GatewayError> {
     if req.method() != Method::POST {
         return Err(GatewayError::MethodNotAllowed(vec![Method::POST]));
@@ -710,7 +815,9 @@ async fn login(
         .map_err(|_| GatewayError::BadBackendResponse)?;
     parts.version = http::Version::HTTP_11;
     backend_headers(state, &mut parts.headers, ctx, api_key, None);
+    let sent = Instant::now();
     let resp = send(state, Request::from_parts(parts, body), deadline).await?;
+    info.upstream = Some(sent.elapsed());
     if !resp.status().is_success() {
         return backend_answer(resp, ctx, deadline).await;
     }

@@ -13,14 +13,18 @@
 //! - [`envelope`]: the one place errors become `{"error": {...}}` responses.
 //! - [`crypto`]: AES-256-GCM encrypted query parameters.
 //! - [`body`]: the body type flowing both ways.
+//! - [`metrics`]: Prometheus metrics for the admin listener.
+//! - [`access_log`]: one JSON line per request, written off the request path.
 //! - [`demo`]: `portcullis demo`, a gateway plus a demo backend on loopback.
 
+pub mod access_log;
 pub mod body;
 pub mod config;
 pub mod crypto;
 pub mod demo;
 pub mod envelope;
 pub mod gateway;
+pub mod metrics;
 pub mod routes;
 pub mod secret;
 pub mod server;

@@ -103,6 +103,8 @@ enum Piece {
 #[derive(Debug)]
 pub struct Route {
     pub config: RouteConfig,
+    /// Metrics and access-log label: the configured path template.
+    pub label: crate::metrics::RouteName,
     /// `Allow` header value.
     pub allow: Vec<Method>,
     template: Vec<Piece>,
@@ -205,6 +207,7 @@ impl Router {
                 }
             }
             let route = Arc::new(Route {
+                label: crate::metrics::RouteName(Arc::from(cfg.path.as_str())),
                 allow: cfg.methods.clone(),
                 config: cfg.clone(),
                 template,

@@ -103,13 +103,16 @@ pub async fn serve_live(
             () = &mut shutdown => break,
         };
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            tokio::spawn(refuse_overloaded(stream, Arc::clone(&state)));
+            tokio::spawn(refuse_overloaded(stream, live.state()));
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let state = Arc::clone(&state);
+        let open = live.state().metrics().open_connections.clone();
+        open.inc();
+        let live = Arc::clone(&live);
         let service = tower::service_fn(move |req: Request<Incoming>| {
-            let state = Arc::clone(&state);
+            // Each request takes the state current when it arrives.
+            let state = live.state();
             async move {
                 Ok::<Response<Body>, Infallible>(gateway::handle(&state, req, peer, false).await)
             }
@@ -122,6 +125,7 @@ pub async fn serve_live(
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            open.dec();
             drop(permit);
         });
     }
@@ -173,10 +177,121 @@ pub async fn run(
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(listen = %listener.local_addr()?, "portcullis serving");
     let live = Live::new(state);
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(admin) = live.state().config.server.admin_listen {
+        let admin_listener = TcpListener::bind(admin).await?;
+        tracing::info!(listen = %admin_listener.local_addr()?, "admin endpoints (/metrics, /healthz, /readyz)");
+        tokio::spawn(serve_admin(admin_listener, Arc::clone(&live), async {
+            let _ = admin_stopped.await;
+        }));
+    }
     if let Some(path) = config_path {
         tokio::spawn(reload_on_sighup(Arc::clone(&live), path));
     }
-    serve_live(listener, live, shutdown_signal()).await
+    let result = serve_live(listener, live, shutdown_signal()).await;
+    let _ = admin_stop.send(());
+    result
+}
+
+/// Serves the admin endpoints until `shutdown`: `/metrics` (Prometheus),
+/// `/healthz` (the process is up), `/readyz` (a configuration is loaded and
+/// the backend accepts connections). Bind it to a private address.
+pub async fn serve_admin(
+    listener: TcpListener,
+    live: Arc<Live>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let live = Arc::clone(&live);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let live = Arc::clone(&live);
+                async move { Ok::<_, Infallible>(admin(&live, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn admin(live: &Live, req: Request<Incoming>) -> Response<Body> {
+    let state = live.state();
+    let text = |status: http::StatusCode, ctype: &'static str, body: String| {
+        let mut r = Response::new(Body::full(body));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(ctype),
+        );
+        r
+    };
+    if req.method() != http::Method::GET {
+        return envelope::gateway_error(
+            &GatewayError::MethodNotAllowed(vec![http::Method::GET]),
+            &state.config.server.error_type,
+            "-",
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let metrics = state.metrics();
+            metrics
+                .session_entries
+                .set(i64::try_from(state.sessions().entry_count().await).unwrap_or(i64::MAX));
+            text(
+                http::StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics.encode(),
+            )
+        }
+        "/healthz" => text(
+            http::StatusCode::OK,
+            "application/json",
+            r#"{"status":"ok"}"#.into(),
+        ),
+        "/readyz" => {
+            let address = &state.config.backend.address;
+            let reachable = tokio::time::timeout(
+                state.config.backend.connect_timeout,
+                TcpStream::connect(address.as_str()),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+            if reachable {
+                text(
+                    http::StatusCode::OK,
+                    "application/json",
+                    r#"{"status":"ready"}"#.into(),
+                )
+            } else {
+                envelope::response(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    &state.config.server.error_type,
+                    "Backend not reachable",
+                    "-",
+                )
+            }
+        }
+        _ => envelope::gateway_error(
+            &GatewayError::NotFound,
+            &state.config.server.error_type,
+            "-",
+        ),
+    }
 }
 
 async fn reload_on_sighup(live: Arc<Live>, path: PathBuf) {

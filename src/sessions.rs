@@ -13,6 +13,7 @@
 use crate::config::SessionsConfig;
 use moka::future::Cache;
 use moka::Expiry;
+use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -93,6 +94,8 @@ impl Expiry<u128, Entry> for SessionExpiry {
 /// The session store.
 pub struct Sessions {
     cache: Cache<u128, Entry>,
+    hits: Counter,
+    misses: Counter,
     salt: [u8; 32],
     cfg: SessionsConfig,
 }
@@ -108,6 +111,11 @@ impl std::fmt::Debug for Sessions {
 impl Sessions {
     /// An empty store bounded by `cfg.max_entries`.
     pub fn new(cfg: SessionsConfig) -> Sessions {
+        Sessions::with_counters(cfg, Counter::default(), Counter::default())
+    }
+
+    /// An empty store that counts cache hits and misses into the given counters.
+    pub fn with_counters(cfg: SessionsConfig, hits: Counter, misses: Counter) -> Sessions {
         let mut salt = [0u8; 32];
         {
             use aes_gcm::aead::rand_core::RngCore;
@@ -120,7 +128,13 @@ impl Sessions {
                 stale_window: cfg.stale_if_error.unwrap_or(Duration::ZERO),
             })
             .build();
-        Sessions { cache, salt, cfg }
+        Sessions {
+            cache,
+            hits,
+            misses,
+            salt,
+            cfg,
+        }
     }
 
     /// The configuration the store runs with.
@@ -168,8 +182,14 @@ impl Sessions {
     {
         let key = self.key(token.as_bytes());
         let stale = match self.cache.get(&key).await {
-            Some(Entry::Valid(s)) if s.fresh_until > Instant::now() => return Ok(s),
-            Some(Entry::Invalid) => return Err(CheckError::Invalid),
+            Some(Entry::Valid(s)) if s.fresh_until > Instant::now() => {
+                self.hits.inc();
+                return Ok(s);
+            }
+            Some(Entry::Invalid) => {
+                self.hits.inc();
+                return Err(CheckError::Invalid);
+            }
             Some(Entry::Valid(s)) => {
                 // Past its freshness but kept for stale_if_error: revalidate.
                 self.cache.invalidate(&key).await;
@@ -177,6 +197,7 @@ impl Sessions {
             }
             None => None,
         };
+        self.misses.inc();
         let init = async {
             match validate().await? {
                 Validation::Valid { expires, rotated } => {
@@ -263,8 +284,9 @@ impl Sessions {
         }
     }
 
-    /// Entries currently cached (approximate, as moka counts).
-    pub fn entry_count(&self) -> u64 {
+    /// Entries currently cached (after applying pending cache maintenance).
+    pub async fn entry_count(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
         self.cache.entry_count()
     }
 }
