@@ -591,6 +591,10 @@ async fn send(
             Err(GatewayError::BackendTimeout)
         }
         Ok(Ok(resp)) => Ok(resp),
+        // A streamed device body went over its limit: the device's fault, 413.
+        Ok(Err(UpstreamError::Request(e))) if body_over_limit(&e) => {
+            Err(GatewayError::PayloadTooLarge)
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "backend request failed");
             Err(match e {
@@ -605,6 +609,19 @@ async fn send(
             })
         }
     }
+}
+
+/// Whether a failed forward was caused by the device's body exceeding its
+/// limit (a streamed chunked body, SPEC §2 "Request bodies").
+fn body_over_limit(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Reads at most `limit` bytes of a body before `deadline`.

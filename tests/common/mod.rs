@@ -87,6 +87,8 @@ pub struct Recorded {
     pub body_len: u64,
     /// SHA-256 (hex) of the whole body as streamed.
     pub body_sha256: String,
+    /// The body ended with an error (e.g. a chunked body cut off), not cleanly.
+    pub body_error: bool,
 }
 
 /// Bodies larger than this are hashed but not kept.
@@ -307,8 +309,12 @@ async fn backend_handle(state: &BackendState, req: Request<Incoming>) -> Respons
     let mut kept = Vec::new();
     let mut len = 0u64;
     let mut hasher = Sha256::new();
+    let mut body_error = false;
     while let Some(frame) = incoming.frame().await {
-        let Ok(frame) = frame else { break };
+        let Ok(frame) = frame else {
+            body_error = true;
+            break;
+        };
         if let Ok(data) = frame.into_data() {
             len += data.len() as u64;
             hasher.update(&data);
@@ -331,6 +337,7 @@ async fn backend_handle(state: &BackendState, req: Request<Incoming>) -> Respons
         body: Bytes::from(kept),
         body_len: len,
         body_sha256: hex(&hasher.finalize()),
+        body_error,
     };
     state.records.lock().unwrap().push(rec.clone());
     let handler = state.handlers.lock().unwrap().get(&rec.path).cloned();
@@ -580,6 +587,9 @@ impl GatewayConfig {
         let mut t = format!("[server]\nlisten = \"{listen}\"\n");
         if !self.server.iter().any(|l| l.starts_with("drain_timeout")) {
             t.push_str("drain_timeout = \"2s\"\n");
+        }
+        if !self.server.iter().any(|l| l.starts_with("access_log")) {
+            t.push_str("access_log = \"off\"\n");
         }
         for l in &self.server {
             t.push_str(l);
