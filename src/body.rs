@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -80,5 +81,73 @@ impl HttpBody for Body {
             Body::Incoming(inner) => inner.size_hint(),
             Body::Boxed(inner) => inner.size_hint(),
         }
+    }
+}
+
+/// A device body that went quiet for longer than `limits.body_read_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body read timed out")]
+pub struct BodyTimeout;
+
+/// Whether `err` (or anything in its source chain) is a [`BodyTimeout`].
+pub fn is_body_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<BodyTimeout>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// A body whose reads must each complete within a deadline (hyper has no
+/// between-reads timeout for request bodies): slow-body attacks end with
+/// [`BodyTimeout`] instead of holding a connection and a backend slot.
+pub struct TimedBody {
+    inner: Body,
+    timeout: std::time::Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl TimedBody {
+    /// Wraps `inner`; each frame must arrive within `timeout` of the previous one.
+    pub fn new(inner: Body, timeout: std::time::Duration) -> TimedBody {
+        TimedBody {
+            inner,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl HttpBody for TimedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + this.timeout;
+                this.sleep.as_mut().reset(next);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -302,7 +302,7 @@ pub struct Rate {
 }
 
 /// `[rate_limits]`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RateLimits {
     pub per_api_key: Option<Rate>,
     pub per_client_ip: Option<Rate>,
@@ -485,12 +485,6 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
     let mut routes = Vec::new();
     for (i, r) in raw.routes.iter().enumerate() {
         if let Some(route) = validate_route(r, &format!("routes[{i}]"), crypto.is_some(), p) {
-            if let Some(rl) = route.rate_limit {
-                warnings.push(format!(
-                    "routes[{i}].rate_limit ({}/{:?}) is accepted but not enforced by this version",
-                    rl.count, rl.per
-                ));
-            }
             routes.push(route);
         }
     }
@@ -499,10 +493,7 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
     }
 
     let limits = RawLimits::validate(&raw.limits, p);
-    for (key, set) in [
-        ("body_read_timeout", raw.limits.body_read_timeout.is_some()),
-        ("idle_timeout", raw.limits.idle_timeout.is_some()),
-    ] {
+    for (key, set) in [("idle_timeout", raw.limits.idle_timeout.is_some())] {
         if set {
             warnings.push(format!(
                 "limits.{key} is accepted but not enforced by this version"
@@ -518,12 +509,6 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
         ),
         login: rate(&raw.rate_limits.login, "rate_limits.login", p),
     };
-    if rate_limits.per_api_key.is_some()
-        || rate_limits.per_client_ip.is_some()
-        || rate_limits.login.is_some()
-    {
-        warnings.push("[rate_limits] is accepted but not enforced by this version".into());
-    }
 
     let mut operators = Vec::new();
     for (i, o) in raw.operators.iter().enumerate() {

@@ -19,13 +19,15 @@
 //! Every failure is a [`GatewayError`] turned into the envelope in one place.
 
 use crate::access_log::{AccessLog, LoggedBody, Pending};
-use crate::body::{Body, BoxError};
-use crate::config::{ApiKey, Config, EncryptQuery};
+use crate::body::{is_body_timeout, Body, BoxError, TimedBody};
+use crate::config::{Config, EncryptQuery};
 use crate::crypto::Keyring;
 use crate::envelope::{self, GatewayError};
 use crate::metrics::{Metrics, RouteName};
+use crate::ratelimit::{self, RateLimiters};
 use crate::routes::{self, Match, Router};
 use crate::secret;
+use crate::secret::Matcher;
 use crate::sessions::{self, CheckError, Session, Sessions, Validation};
 use crate::upstream::{strip_hop_by_hop, Upstream, UpstreamError};
 use bytes::Bytes;
@@ -60,6 +62,8 @@ const MAX_LOGIN_ANSWER: usize = 1 << 20;
 pub struct State {
     router: Router,
     api_keys: Vec<ApiKey>,
+    rate_limits: Arc<RateLimiters>,
+    login_salt: u64,
     sessions: Arc<Sessions>,
     upstream: Arc<Upstream>,
     keyring: Option<Keyring>,
@@ -189,14 +193,20 @@ impl State {
             .api_keys
             .iter()
             .map(|k| ApiKey {
-                name: k.name.clone(),
+                name: Arc::from(k.name.as_str()),
                 header_value: k.header_value.clone(),
                 matcher: k.matcher.clone(),
             })
             .collect();
+        let rate_limits = match previous {
+            Some(p) if p.config.rate_limits == config.rate_limits => Arc::clone(&p.rate_limits),
+            _ => Arc::new(RateLimiters::new(&config.rate_limits)),
+        };
         let state = Arc::new(State {
             router,
             api_keys,
+            rate_limits,
+            login_salt: previous.map_or_else(|| fastrand::u64(..), |p| p.login_salt),
             sessions,
             upstream,
             keyring,
@@ -234,6 +244,13 @@ impl State {
     pub fn router(&self) -> &Router {
         &self.router
     }
+}
+
+/// A device API key as the request path uses it.
+struct ApiKey {
+    name: Arc<str>,
+    header_value: HeaderValue,
+    matcher: Matcher,
 }
 
 /// Per-request facts gathered before routing.
@@ -394,6 +411,14 @@ async fn dispatch(
     ctx: &Ctx,
     info: &mut Info,
 ) -> Result<Response<Body>, GatewayError> {
+    if let Some(limit) = &state.rate_limits.per_client_ip {
+        limited(
+            state,
+            limit,
+            &ratelimit::client_key(ctx.client_ip),
+            "client_ip",
+        )?;
+    }
     if req.method() == Method::CONNECT {
         return Err(GatewayError::MethodNotAllowed(Vec::new()));
     }
@@ -417,6 +442,9 @@ async fn dispatch(
         })
         .ok_or(GatewayError::ApiKey)?;
     info.api_client = Some(api_key.header_value.clone());
+    if let Some(limit) = &state.rate_limits.per_api_key {
+        limited(state, limit, &api_key.name, "api_key")?;
+    }
 
     match path.as_str() {
         "/login" => {
@@ -439,6 +467,9 @@ async fn dispatch(
         Match::NotFound => return Err(GatewayError::NotFound),
     };
     info.route = Some(route.label.clone());
+    if let Some(limit) = &route.rate_limit {
+        limited(state, limit, &api_key.name, "route")?;
+    }
     let cfg = &route.config;
     let deadline = Instant::now() + cfg.timeout.unwrap_or(state.backend_timeout);
 
@@ -477,6 +508,7 @@ async fn dispatch(
         cfg.stream_request_body,
         cfg.json_body,
         deadline,
+        state.config.limits.body_read_timeout,
     )
     .await?;
     parts.uri = Uri::try_from(path_and_query)
@@ -509,6 +541,21 @@ async fn dispatch(
         }
     }
     Ok(resp)
+}
+
+/// Applies one rate limit: 429 with `Retry-After` when exceeded.
+fn limited<K: std::hash::Hash + Eq + Clone>(
+    state: &State,
+    limit: &ratelimit::Limiter<K>,
+    key: &K,
+    kind: &'static str,
+) -> Result<(), GatewayError> {
+    limit.check(key).map_err(|wait| {
+        state.metrics.rate_limited(kind);
+        GatewayError::TooManyRequests {
+            retry_after_secs: ratelimit::retry_after_secs(wait),
+        }
+    })
 }
 
 async fn check_token(
@@ -598,6 +645,7 @@ async fn send(
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "backend request failed");
             Err(match e {
+                UpstreamError::Request(e) if is_body_timeout(&e) => GatewayError::RequestTimeout,
                 UpstreamError::Request(e) if e.is_parse() || e.is_parse_status() => {
                     state.metrics.upstream_error("protocol");
                     GatewayError::BadBackendResponse
@@ -674,6 +722,7 @@ async fn request_body(
     stream_chunked: bool,
     json: bool,
     deadline: Instant,
+    body_timeout: Duration,
 ) -> Result<Body, GatewayError> {
     let declared = match headers.get(header::CONTENT_LENGTH) {
         Some(v) => Some(
@@ -691,22 +740,21 @@ async fn request_body(
         return Ok(Body::Empty);
     }
     let must_buffer = json || (declared.is_none() && !stream_chunked);
+    let timed = TimedBody::new(Body::Incoming(incoming), body_timeout);
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     if !must_buffer {
         return Ok(if declared.is_some() {
-            Body::Incoming(incoming)
+            Body::boxed(timed)
         } else {
-            Body::boxed(Limited::new(
-                incoming,
-                usize::try_from(limit).unwrap_or(usize::MAX),
-            ))
+            Body::boxed(Limited::new(timed, limit))
         });
     }
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let bytes = match read_limited(Body::Incoming(incoming), limit, deadline).await {
+    let bytes = match read_limited(Body::boxed(timed), limit, deadline).await {
         Ok(b) => b,
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(GatewayError::PayloadTooLarge)
         }
+        Err(e) if is_body_timeout(&*e) => return Err(GatewayError::RequestTimeout),
         Err(e) if e.to_string().contains("timed out") => return Err(GatewayError::RequestTimeout),
         Err(_) => return Err(GatewayError::BadRequest("Could not read request body")),
     };
@@ -825,8 +873,22 @@ async fn login(
         false,
         true,
         deadline,
+        state.config.limits.body_read_timeout,
     )
     .await?;
+    if let Some(limit) = &state.rate_limits.login {
+        // Attempts per (client address, login name): stops credential stuffing
+        // against one account and password spraying from one address alike.
+        let name = match &body {
+            Body::Full(Some(bytes)) => login_name(bytes),
+            _ => String::new(),
+        };
+        let key = (
+            ratelimit::client_key(ctx.client_ip),
+            ratelimit::login_key(&name, state.login_salt),
+        );
+        limited(state, limit, &key, "login")?;
+    }
     // Credentials must be remembered for nothing but this one forward.
     parts.uri = Uri::try_from(state.config.sessions.login_path.as_str())
         .map_err(|_| GatewayError::BadBackendResponse)?;
@@ -869,6 +931,16 @@ async fn login(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::CONTENT_LENGTH);
     Ok(Response::from_parts(parts, Body::full(bytes)))
+}
+
+/// The login name in a `/login` body (`email`, `username` or `login`).
+fn login_name(body: &[u8]) -> String {
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    ["email", "username", "login"]
+        .iter()
+        .find_map(|k| json.get(*k).and_then(|v| v.as_str()))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 async fn logout(

@@ -13,6 +13,7 @@
 //! - [`envelope`]: the one place errors become `{"error": {...}}` responses.
 //! - [`crypto`]: AES-256-GCM encrypted query parameters.
 //! - [`body`]: the body type flowing both ways.
+//! - [`ratelimit`]: per API key, per client, per route and login rate limits (429).
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`access_log`]: one JSON line per request, written off the request path.
 //! - [`demo`]: `portcullis demo`, a gateway plus a demo backend on loopback.
@@ -25,6 +26,7 @@ pub mod demo;
 pub mod envelope;
 pub mod gateway;
 pub mod metrics;
+pub mod ratelimit;
 pub mod routes;
 pub mod secret;
 pub mod server;

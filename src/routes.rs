@@ -107,6 +107,8 @@ pub struct Route {
     pub label: crate::metrics::RouteName,
     /// `Allow` header value.
     pub allow: Vec<Method>,
+    /// The route's own rate limit, per API key name.
+    pub rate_limit: Option<crate::ratelimit::Limiter<Arc<str>>>,
     template: Vec<Piece>,
 }
 
@@ -209,6 +211,7 @@ impl Router {
             let route = Arc::new(Route {
                 label: crate::metrics::RouteName(Arc::from(cfg.path.as_str())),
                 allow: cfg.methods.clone(),
+                rate_limit: cfg.rate_limit.map(crate::ratelimit::Limiter::new),
                 config: cfg.clone(),
                 template,
             });

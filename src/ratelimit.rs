@@ -1,0 +1,164 @@
+//! Rate limits (GCRA, via `governor`): per API key, per client address, per
+//! route and API key, and login attempts per (client address, login name).
+//!
+//! Invariants:
+//! - A refusal answers 429 with `Retry-After` (whole seconds, at least 1).
+//! - IPv6 clients are limited per /64, so one host cannot rotate addresses
+//!   within its prefix to escape its limit.
+//! - Login names are keyed by a hash, never stored in clear.
+//! - Key state is bounded: idle keys are dropped periodically.
+
+use crate::config::Rate;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Checks between sweeps of idle keys.
+const SWEEP_EVERY: u64 = 8192;
+
+/// A keyed limiter for one configured rate.
+pub struct Limiter<K: Hash + Eq + Clone> {
+    inner: DefaultKeyedRateLimiter<K>,
+    checks: AtomicU64,
+    /// The rate it enforces.
+    pub rate: Rate,
+}
+
+impl<K: Hash + Eq + Clone> std::fmt::Debug for Limiter<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter").field("rate", &self.rate).finish()
+    }
+}
+
+impl<K: Hash + Eq + Clone> Limiter<K> {
+    /// A limiter allowing `rate.count` events per `rate.per`, in bursts of up to `rate.count`.
+    pub fn new(rate: Rate) -> Limiter<K> {
+        let burst = NonZeroU32::new(rate.count).unwrap_or(NonZeroU32::MIN);
+        let period = rate.per / rate.count.max(1);
+        let quota = Quota::with_period(period.max(Duration::from_nanos(1)))
+            .unwrap_or_else(|| Quota::per_second(burst))
+            .allow_burst(burst);
+        Limiter {
+            inner: RateLimiter::keyed(quota),
+            checks: AtomicU64::new(0),
+            rate,
+        }
+    }
+
+    /// `Ok` when `key` may proceed, else how long until it may.
+    pub fn check(&self, key: &K) -> Result<(), Duration> {
+        if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.inner.retain_recent();
+            self.inner.shrink_to_fit();
+        }
+        self.inner
+            .check_key(key)
+            .map(|_| ())
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Keys currently tracked.
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+}
+
+/// `Retry-After` seconds for a wait.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0).max(u64::from(wait.as_secs() == 0))
+}
+
+/// The address a client is limited by: IPv4 as is, IPv6 by its /64.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let mut seg = v6.segments();
+            seg[4..].fill(0);
+            IpAddr::V6(seg.into())
+        }
+    }
+}
+
+/// The limiters of `[rate_limits]`.
+#[derive(Debug, Default)]
+pub struct RateLimiters {
+    /// Per API key name.
+    pub per_api_key: Option<Limiter<std::sync::Arc<str>>>,
+    /// Per client address (/64 for IPv6).
+    pub per_client_ip: Option<Limiter<IpAddr>>,
+    /// Login attempts per (client address, hash of the login name).
+    pub login: Option<Limiter<(IpAddr, u64)>>,
+}
+
+impl RateLimiters {
+    /// Limiters for the configured rates.
+    pub fn new(cfg: &crate::config::RateLimits) -> RateLimiters {
+        RateLimiters {
+            per_api_key: cfg.per_api_key.map(Limiter::new),
+            per_client_ip: cfg.per_client_ip.map(Limiter::new),
+            login: cfg.login.map(Limiter::new),
+        }
+    }
+}
+
+/// A keyed hash of a login name (case-insensitive), so names are not kept.
+pub fn login_key(name: &str, salt: u64) -> u64 {
+    use std::hash::Hasher;
+    let mut stable = std::hash::DefaultHasher::new();
+    stable.write_u64(salt);
+    stable.write(name.trim().to_lowercase().as_bytes());
+    stable.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_then_refusal_with_wait() {
+        let l = Limiter::new(Rate {
+            count: 3,
+            per: Duration::from_secs(60),
+        });
+        for _ in 0..3 {
+            assert!(l.check(&1u32).is_ok());
+        }
+        let wait = l.check(&1u32).unwrap_err();
+        assert!(
+            wait > Duration::from_secs(10) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
+        assert!(l.check(&2u32).is_ok(), "keys are independent");
+        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
+    fn ipv6_is_limited_per_prefix() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(client_key(v4), v4);
+    }
+
+    #[test]
+    fn login_keys_fold_case() {
+        assert_eq!(
+            login_key("Alice@Example.com", 1),
+            login_key("alice@example.com ", 1)
+        );
+        assert_ne!(login_key("alice", 1), login_key("bob", 1));
+    }
+}

@@ -1,0 +1,190 @@
+//! Rate limits (per client address, per API key, per route, login attempts)
+//! and the between-reads request body deadline.
+
+mod common;
+
+use common::*;
+use portcullis::config::Config;
+use portcullis::gateway::State;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+/// A gateway whose config is the common one plus `extra` TOML at the end.
+struct Limited {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Limited {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn start(cfg: GatewayConfig, extra: &str) -> Limited {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let text = format!("{}\n{extra}\n", cfg.toml(addr));
+    let config = Config::parse(&text).unwrap_or_else(|p| panic!("{p}\n{text}"));
+    let state = State::new(config).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(portcullis::server::serve(
+        listener,
+        Arc::clone(&state),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    Limited {
+        addr,
+        stop: Some(tx),
+    }
+}
+
+fn assert_429(resp: &Resp) {
+    resp.assert_envelope(429);
+    let retry: u64 = resp
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("seconds");
+    assert!(retry >= 1, "Retry-After {retry}");
+}
+
+#[tokio::test]
+async fn per_client_address() {
+    let backend = Backend::start().await;
+    let gw = start(
+        GatewayConfig::new(backend.url()),
+        "[rate_limits]\nper_client_ip = \"3/min\"",
+    )
+    .await;
+    for _ in 0..3 {
+        let r = Req::new(gw.addr, "GET", "/api/status")
+            .api_key(IOS_KEY)
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    // Refused before the API key is even looked at.
+    let r = Req::new(gw.addr, "GET", "/api/status").send().await;
+    assert_429(&r);
+    assert_eq!(backend.count("/status"), 3);
+}
+
+#[tokio::test]
+async fn per_api_key_and_per_route() {
+    let backend = Backend::start().await;
+    let cfg = GatewayConfig::new(backend.url()).route(
+        r#"path = "/api/limited"
+methods = ["GET"]
+backend_path = "/limited"
+public = true
+rate_limit = "1/min""#,
+    );
+    let gw = start(cfg, "[rate_limits]\nper_api_key = \"3/min\"").await;
+    for _ in 0..3 {
+        let r = Req::new(gw.addr, "GET", "/api/status")
+            .api_key(IOS_KEY)
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    assert_429(
+        &Req::new(gw.addr, "GET", "/api/status")
+            .api_key(IOS_KEY)
+            .send()
+            .await,
+    );
+    // Another key has its own budget.
+    let r = Req::new(gw.addr, "GET", "/api/limited")
+        .api_key(ANDROID_KEY)
+        .send()
+        .await;
+    assert_eq!(r.status, 200);
+    // ...and the route allows it one call per minute.
+    assert_429(
+        &Req::new(gw.addr, "GET", "/api/limited")
+            .api_key(ANDROID_KEY)
+            .send()
+            .await,
+    );
+    assert_eq!(backend.count("/limited"), 1);
+}
+
+#[tokio::test]
+async fn login_attempts_per_address_and_name() {
+    let backend = Backend::start().await;
+    backend.on(
+        "/login",
+        Reply::json(
+            401,
+            serde_json::json!({"error": {"type": "AuthError", "message": "bad credentials"}}),
+        ),
+    );
+    let gw = start(
+        GatewayConfig::new(backend.url()),
+        "[rate_limits]\nlogin = \"2/min\"",
+    )
+    .await;
+    let attempt = |email: &'static str| {
+        Req::new(gw.addr, "POST", "/login")
+            .api_key(IOS_KEY)
+            .json(serde_json::json!({"email": email, "password": "guess"}))
+            .send()
+    };
+    assert_eq!(attempt("victim@example.com").await.status, 401);
+    assert_eq!(attempt("Victim@Example.com").await.status, 401);
+    assert_429(&attempt("victim@example.com").await);
+    assert_eq!(
+        backend.count("/login"),
+        2,
+        "the third attempt never reached the backend"
+    );
+    assert_eq!(attempt("other@example.com").await.status, 401);
+}
+
+#[tokio::test]
+async fn slow_request_bodies_get_408() {
+    let backend = Backend::start().await;
+    let gw = start(
+        GatewayConfig::new(backend.url()).limits("body_read_timeout = \"200ms\""),
+        "",
+    )
+    .await;
+    // Content-Length body that stalls after two bytes (streamed to the backend).
+    let started = Instant::now();
+    let resp = raw(
+        gw.addr,
+        format!(
+            "POST /api/upload HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\nContent-Length: 10\r\n\r\nab"
+        )
+        .as_bytes(),
+    )
+    .await;
+    resp.assert_envelope(408);
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // Chunked body that stalls (buffered by the gateway, so nothing is sent on).
+    // The backend records the aborted streamed request when its read fails.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let streamed = backend.count("/upload");
+    let resp = raw(
+        gw.addr,
+        format!(
+            "POST /api/upload HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    resp.assert_envelope(408);
+    assert_eq!(
+        backend.count("/upload"),
+        streamed,
+        "nothing partial reached the backend"
+    );
+}
