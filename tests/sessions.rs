@@ -206,7 +206,12 @@ async fn concurrent_unknown_token_is_validated_once() {
         )
         .delay(Duration::from_millis(200)),
     );
-    let gw = Gateway::for_backend(&backend).await;
+    // 200 backend connections open at once on a busy 2-core test machine:
+    // give connects the production default rather than the tests' 300ms.
+    let gw = GatewayConfig::new(backend.url())
+        .backend("connect_timeout = \"5s\"")
+        .start()
+        .await;
     let mut tasks = Vec::new();
     for _ in 0..200 {
         let req = gw.get("/api/profile").token("same-unknown-token");
