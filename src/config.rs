@@ -149,6 +149,7 @@ struct RawLimits {
     body_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
+    h2_max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -292,6 +293,7 @@ pub struct Limits {
     pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
 }
 
 /// A rate: `count` events per `per`.
@@ -493,13 +495,6 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
     }
 
     let limits = RawLimits::validate(&raw.limits, p);
-    for (key, set) in [("idle_timeout", raw.limits.idle_timeout.is_some())] {
-        if set {
-            warnings.push(format!(
-                "limits.{key} is accepted but not enforced by this version"
-            ));
-        }
-    }
     let rate_limits = RateLimits {
         per_api_key: rate(&raw.rate_limits.per_api_key, "rate_limits.per_api_key", p),
         per_client_ip: rate(
@@ -892,6 +887,7 @@ impl RawLimits {
                 p,
             ),
             max_connections: l.max_connections.unwrap_or(10_000).max(1),
+            h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(128).max(1),
         }
     }
 }

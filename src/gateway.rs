@@ -419,7 +419,9 @@ async fn dispatch(
             "client_ip",
         )?;
     }
-    if req.method() == Method::CONNECT {
+    // CONNECT to a host (authority form) is never tunnelled; CONNECT to a
+    // path goes through the checks below and gets the route's `Allow`.
+    if req.method() == Method::CONNECT && !req.uri().path().starts_with('/') {
         return Err(GatewayError::MethodNotAllowed(Vec::new()));
     }
     let path = routes::normalize(req.uri().path())

@@ -3,6 +3,7 @@
 
 use crate::body::Body;
 use crate::config::Config;
+use crate::config::Limits;
 use crate::envelope::{self, GatewayError};
 use crate::gateway::{self, State};
 use arc_swap::ArcSwap;
@@ -10,17 +11,18 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, watch, Semaphore};
 
 /// The state being served, swapped atomically when the configuration is
 /// reloaded. Requests in flight keep the state they started with.
@@ -73,21 +75,10 @@ pub async fn serve_live(
     let limits = state.config.limits.clone();
     let drain_timeout = state.config.server.drain_timeout;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let builder = Arc::new(http_builder(&limits));
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(128)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-
-    let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -107,37 +98,148 @@ pub async fn serve_live(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let open = live.state().metrics().open_connections.clone();
-        open.inc();
-        let live = Arc::clone(&live);
-        let service = tower::service_fn(move |req: Request<Incoming>| {
-            // Each request takes the state current when it arrives.
-            let state = live.state();
-            async move {
-                Ok::<Response<Body>, Infallible>(gateway::handle(&state, req, peer, false).await)
-            }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let conn = ConnContext {
+            builder: Arc::clone(&builder),
+            live: Arc::clone(&live),
+            peer,
+            tls: false,
+            idle_timeout: limits.idle_timeout,
+            drain: drain_rx.clone(),
+            done: done_tx.clone(),
+        };
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            open.dec();
+            conn.serve(TokioIo::new(stream)).await;
             drop(permit);
         });
     }
     drop(listener);
     tracing::info!("draining connections (deadline {drain_timeout:?})");
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+    let _ = drain_tx.send(true);
+    drop(done_tx);
+    // Every connection task holds a `done` sender: recv() ends when all are gone.
+    if tokio::time::timeout(drain_timeout, done_rx.recv())
         .await
         .is_err()
     {
         tracing::warn!("drain deadline reached; closing remaining connections");
     }
     Ok(())
+}
+
+/// The HTTP/1.1 + HTTP/2 connection builder, with the `[limits]` applied.
+fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid-reset and error-reset floods: GOAWAY past these counts.
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256))
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// What one accepted connection needs.
+pub struct ConnContext {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    live: Arc<Live>,
+    peer: SocketAddr,
+    tls: bool,
+    idle_timeout: Duration,
+    drain: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+}
+
+/// Per-connection activity, for the idle timeout.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    last: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl ConnContext {
+    /// Serves HTTP/1.1 or HTTP/2 on `io` until the peer leaves, the
+    /// connection stays idle past `limits.idle_timeout`, or the server drains
+    /// (then in-flight requests finish first).
+    async fn serve<I>(self, io: I)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let ConnContext {
+            builder,
+            live,
+            peer,
+            tls,
+            idle_timeout,
+            mut drain,
+            done,
+        } = self;
+        let metrics = Arc::clone(live.state().metrics());
+        metrics.open_connections.inc();
+        let activity = Arc::new(Activity::default());
+        let service = {
+            let activity = Arc::clone(&activity);
+            tower::service_fn(move |req: Request<Incoming>| {
+                // Each request takes the state current when it arrives.
+                let state = live.state();
+                let activity = Arc::clone(&activity);
+                activity.in_flight.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    let resp = gateway::handle(&state, req, peer, tls).await;
+                    activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    if let Ok(mut last) = activity.last.lock() {
+                        *last = Some(tokio::time::Instant::now());
+                    }
+                    Ok::<Response<Body>, Infallible>(resp)
+                }
+            })
+        };
+        let conn = builder.serve_connection(io, TowerToHyperService::new(service));
+        tokio::pin!(conn);
+        let started = tokio::time::Instant::now();
+        let mut closing = false;
+        let mut tick = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(50)));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                _ = drain.wait_for(|d| *d), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = tick.tick(), if !closing => {
+                    let idle_since = activity
+                        .last
+                        .lock()
+                        .ok()
+                        .and_then(|l| *l)
+                        .unwrap_or(started);
+                    if activity.in_flight.load(Ordering::Relaxed) == 0
+                        && idle_since.elapsed() >= idle_timeout
+                    {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+        metrics.open_connections.dec();
+        drop(done);
+    }
 }
 
 /// Over the connection cap: a short 503 envelope and close, never a pile-up.

@@ -188,3 +188,31 @@ async fn slow_request_bodies_get_408() {
         "nothing partial reached the backend"
     );
 }
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start().await;
+    let gw = start(
+        GatewayConfig::new(backend.url()).limits("idle_timeout = \"300ms\""),
+        "",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        format!("GET /api/status HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let resp = read_raw_response(&mut s).await;
+    assert_eq!(resp.status, 200);
+    // Kept alive, then closed by the gateway once idle past the timeout.
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("gateway closes the idle connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "connection closed without data");
+    assert!(started.elapsed() >= Duration::from_millis(150));
+}
