@@ -263,6 +263,14 @@ build_portcullis() {
     [ -x "$PORTCULLIS_BIN" ] || die "no binary at $PORTCULLIS_BIN after the build"
 }
 
+# bin_rev: the commit the portcullis binary was built from, as far as can be told
+bin_rev() {
+    [ -n "${PORTCULLIS_BIN:-}" ] || { echo "not built"; return; }
+    local r
+    r="$(git -C "$(dirname "$PORTCULLIS_BIN")" log -1 --format='%h %s' 2>/dev/null | cut -c1-60)" || true
+    echo "${r:-unknown commit}"
+}
+
 # start_portcullis PORT BACKEND_PORT [MAX_ENTRIES] [EXTRA_TOML]
 start_portcullis() {
     local port=$1 bport=$2 max_entries=${3:-100000} extra=${4:-} dir="$WORK/portcullis"

@@ -146,7 +146,7 @@ echo
 echo "## portcullis benchmark — $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo
 echo "wrk 1 thread, warm-up $WARMUP then $DURATION measured; proxy pinned to CPU $PROXY_CPU, backend (nginx, 1 worker) + wrk on CPU $BACKEND_CPU; headers Api-Key + User-Token (token cached after the first request)."
-echo "portcullis: ${PORTCULLIS_BIN:-not run} ($(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')); $(nginx -v 2>&1); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
+echo "portcullis: ${PORTCULLIS_BIN:-not run} ($(bin_rev)); $(nginx -v 2>&1); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
 echo
 echo "| target | conns | req/s | p50 ms | p99 ms | proxy CPU µs/req | backend CPU µs/req | other load on proxy core % | non-2xx | socket errors | validation calls in run |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
