@@ -255,8 +255,14 @@ async fn refuse_overloaded(mut stream: TcpStream, state: Arc<State>) {
         _ => bytes::Bytes::new(),
     };
     let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nx-request-id: {}\r\n\r\n",
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nserver: {}\r\nx-request-id: {}\r\n\r\n",
         body.len(),
+        state
+            .config
+            .server
+            .server_header
+            .to_str()
+            .unwrap_or("portcullis"),
         id.to_str().unwrap_or("-")
     );
     let write = async {

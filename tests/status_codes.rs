@@ -152,24 +152,20 @@ async fn method_not_allowed_lists_allow_including_trace_connect_and_unknown() {
     r.assert_gateway_error(405, "Method Not Allowed");
     assert_eq!(r.header("allow"), Some("GET"));
 
-    // CONNECT, in authority form and in origin form: refused, never tunnelled.
-    for target in ["backend.internal:443", "/api/status"] {
-        let r = raw(
-            gw.addr,
-            format!(
-                "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nApi-Key: {IOS_KEY}\r\nConnection: close\r\n\r\n"
-            )
-            .as_bytes(),
+    // CONNECT: refused, never tunnelled. To an exposed path, with its Allow.
+    let connect = |target: &str| {
+        format!(
+            "CONNECT {target} HTTP/1.1\r\nHost: backend.internal:443\r\nApi-Key: {IOS_KEY}\r\nConnection: close\r\n\r\n"
         )
-        .await;
-        if r.status == 405 {
-            r.assert_gateway_error(405, "Method Not Allowed");
-            assert!(r.headers.contains_key("allow"), "405 carries Allow");
-        } else {
-            // hyper may refuse a malformed CONNECT target before the gateway sees it.
-            assert_eq!(r.status, 400, "CONNECT {target}: {}", r.text());
-        }
-    }
+    };
+    let r = raw(gw.addr, connect("/api/status").as_bytes()).await;
+    r.assert_gateway_error(405, "Method Not Allowed");
+    assert_eq!(r.header("allow"), Some("GET"));
+    let r = raw(gw.addr, connect("backend.internal:443").as_bytes()).await;
+    r.assert_gateway_error(405, "Method Not Allowed");
+    assert!(r.headers.contains_key("allow"), "405 carries Allow");
+    let r = raw(gw.addr, connect("/api/nothing").as_bytes()).await;
+    r.assert_gateway_error(404, "Not found");
     assert!(backend.requests().is_empty(), "{:?}", backend.paths());
     gw.stop().await;
 }
@@ -332,16 +328,8 @@ async fn over_max_connections_is_503_envelope() {
         format!("GET /api/status HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\n\r\n").as_bytes(),
     )
     .await;
-    assert_eq!(r.status, 503, "{}", r.text());
-    let v = r.json();
-    assert_eq!(v["error"]["code"], 503);
-    assert_eq!(v["error"]["type"], "ProxyServerError");
-    assert_eq!(
-        v["error"]["request_id"].as_str(),
-        r.header("x-request-id"),
-        "request_id matches the header"
-    );
-    assert_eq!(r.header("content-type"), Some("application/json"));
+    let (kind, _) = r.assert_envelope(503);
+    assert_eq!(kind, "ProxyServerError");
     assert!(backend.requests().is_empty());
 
     // Once the slot frees up, requests are served again.
