@@ -1051,3 +1051,187 @@ pub fn vm_hwm_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmHWM in /proc/<pid>/status")
 }
+
+// ------------------------------------------------------------------ adversarial helpers
+
+/// What came back on a raw connection: every complete response, and whether
+/// the gateway closed the connection (EOF or reset) before `quiet` passed.
+#[derive(Debug)]
+pub struct RawOutcome {
+    pub responses: Vec<Resp>,
+    pub closed: bool,
+    /// Bytes after the last complete response (a truncated one, or garbage).
+    pub rest: Vec<u8>,
+}
+
+/// Writes `request` on a fresh connection (a write error after the peer
+/// closed is not an error here) and reads until the peer closes or nothing
+/// arrives for `quiet`. Never panics on what the peer does.
+pub async fn raw_all(addr: SocketAddr, request: &[u8], quiet: Duration) -> RawOutcome {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let _ = s.write_all(request).await;
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 16384];
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let closed = loop {
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        match tokio::time::timeout(quiet, s.read(&mut tmp)).await {
+            Err(_) => break false,
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => buf.extend_from_slice(&tmp[..n]),
+        }
+    };
+    let (responses, rest) = parse_responses(&buf);
+    RawOutcome {
+        responses,
+        closed,
+        rest,
+    }
+}
+
+/// Splits a byte stream into HTTP/1.1 responses (Content-Length, chunked, or
+/// no body for 1xx/204/304). Returns the responses and the unparsed rest.
+pub fn parse_responses(mut buf: &[u8]) -> (Vec<Resp>, Vec<u8>) {
+    let mut out = Vec::new();
+    while let Some(end) = find(buf, b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let Some(status) = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse::<u16>().ok())
+        else {
+            break;
+        };
+        let mut headers = HeaderMap::new();
+        for l in lines {
+            if let Some((k, v)) = l.split_once(':') {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.trim().as_bytes()),
+                    HeaderValue::from_str(v.trim()),
+                ) {
+                    headers.append(k, v);
+                }
+            }
+        }
+        let body_start = end + 4;
+        let chunked = headers
+            .get("transfer-encoding")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        let len = headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let (body, used) = if status < 200 || status == 204 || status == 304 {
+            (Bytes::new(), 0)
+        } else if chunked {
+            let mut body = Vec::new();
+            let mut at = body_start;
+            let mut done = None;
+            while let Some(line_end) = find(&buf[at..], b"\r\n") {
+                let size_text = String::from_utf8_lossy(&buf[at..at + line_end]).into_owned();
+                let Ok(size) =
+                    usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                else {
+                    break;
+                };
+                let data = at + line_end + 2;
+                if size == 0 {
+                    // Trailers end with an empty line.
+                    if let Some(t) = find(&buf[data..], b"\r\n") {
+                        done = Some(data + t + 2 - body_start);
+                    }
+                    break;
+                }
+                if buf.len() < data + size + 2 {
+                    break;
+                }
+                body.extend_from_slice(&buf[data..data + size]);
+                at = data + size + 2;
+            }
+            match done {
+                Some(used) => (Bytes::from(body), used),
+                None => break,
+            }
+        } else if let Some(len) = len {
+            if buf.len() < body_start + len {
+                break;
+            }
+            (
+                Bytes::copy_from_slice(&buf[body_start..body_start + len]),
+                len,
+            )
+        } else {
+            // Delimited by close.
+            (
+                Bytes::copy_from_slice(&buf[body_start..]),
+                buf.len() - body_start,
+            )
+        };
+        out.push(Resp {
+            status,
+            headers,
+            body,
+        });
+        buf = &buf[body_start + used..];
+    }
+    (out, buf.to_vec())
+}
+
+/// Panics seen outside the test files (gateway tasks, hyper, h2, tokio).
+static FOREIGN_PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Installs (once per test binary) a panic hook that records every panic
+/// raised outside `tests/` — from any thread, including the gateway's own
+/// tasks, which tokio would otherwise swallow — and then runs the default
+/// hook. Test assertions (located in `tests/`) are not recorded.
+pub fn watch_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let file = info.location().map(|l| l.file()).unwrap_or("");
+            if !file.starts_with("tests/") && !file.contains("/tests/") {
+                let thread = std::thread::current()
+                    .name()
+                    .unwrap_or("unnamed")
+                    .to_owned();
+                if let Ok(mut p) = FOREIGN_PANICS.lock() {
+                    p.push(format!("thread {thread}: {info}"));
+                }
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// Fails if any panic was recorded by [`watch_panics`] in this test binary.
+pub fn assert_no_panics() {
+    let seen = FOREIGN_PANICS
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_else(|e| e.into_inner().clone());
+    assert!(seen.is_empty(), "panics outside the tests: {seen:#?}");
+}
+
+/// The soft limit on open files of this process (`ulimit -n` of a child shell).
+pub fn open_files_limit() -> u64 {
+    std::process::Command::new("sh")
+        .args(["-c", "ulimit -n"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// The `q` quantile (0..=1) of `samples` (sorted in place).
+pub fn quantile(samples: &mut [Duration], q: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    samples.sort();
+    let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+    samples[i.min(samples.len() - 1)]
+}
