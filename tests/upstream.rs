@@ -525,3 +525,107 @@ async fn drain_deadline_bounds_shutdown() {
     );
     stuck.abort();
 }
+
+#[tokio::test]
+async fn one_keep_alive_connection_serves_errors_and_successes_in_turn() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
+    let backend = Backend::start().await;
+    let gw = Gateway::for_backend(&backend).await;
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, portcullis::body::Body>(TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let steps: [(&str, Option<&str>, u16); 6] = [
+        ("/api/nothing", Some(IOS_KEY), 404),
+        ("/api/status", Some(IOS_KEY), 200),
+        ("/api/status", None, 403),
+        ("/api/status", Some(ANDROID_KEY), 200),
+        ("/api/profile", Some(IOS_KEY), 400),
+        ("/api/status", Some(IOS_KEY), 200),
+    ];
+    for (i, (path, key, status)) in steps.into_iter().enumerate() {
+        sender.ready().await.expect("connection still usable");
+        let mut req = http::Request::get(path)
+            .header("host", "gateway.test")
+            .header("x-request-id", format!("step-{i}"));
+        if let Some(k) = key {
+            req = req.header("api-key", k);
+        }
+        let resp = sender
+            .send_request(req.body(portcullis::body::Body::Empty).unwrap())
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), status, "step {i}: {path}");
+        assert_eq!(
+            resp.headers().get("x-request-id").unwrap(),
+            format!("step-{i}").as_str()
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        if status != 200 {
+            assert_eq!(v["error"]["code"], status);
+            assert_eq!(v["error"]["request_id"], format!("step-{i}"));
+        } else {
+            assert_eq!(v["path"], "/status");
+        }
+    }
+    assert_eq!(backend.count("/status"), 3);
+    drop(sender);
+    let _ = tokio::time::timeout(TIMEOUT, conn).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_is_served_with_the_same_rules() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let backend = Backend::start().await;
+    let gw = Gateway::for_backend(&backend).await;
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, portcullis::body::Body>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let send = |path: &str, key: Option<&str>| {
+        let mut req = http::Request::get(format!("http://gateway.test{path}"));
+        if let Some(k) = key {
+            req = req.header("api-key", k);
+        }
+        req.body(portcullis::body::Body::Empty).unwrap()
+    };
+    let resp = sender
+        .send_request(send("/api/status", Some(IOS_KEY)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("server").unwrap(), "portcullis");
+    let _ = resp.into_body().collect().await.unwrap();
+    let rec = backend.last("/status");
+    assert_eq!(rec.header("api-client"), Some("ios-app"));
+    assert_eq!(rec.header("api-key"), Some(BACKEND_CREDENTIAL));
+
+    let resp = sender
+        .send_request(send("/api/status", None))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(
+        resp.headers().get("content-type").unwrap(),
+        "application/json"
+    );
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v["error"]["message"],
+        "Received API KEY not found in server API KEYS set"
+    );
+    drop(sender);
+    let _ = tokio::time::timeout(TIMEOUT, conn).await;
+    gw.stop().await;
+}
