@@ -429,3 +429,116 @@ async fn backend_403_on_public_route_does_not_touch_sessions() {
     assert_eq!(msg, "Forbidden");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn max_ttl_caps_the_returned_expiration() {
+    let backend = Backend::start().await;
+    backend.on(
+        "/renew_session",
+        Reply::json(
+            200,
+            json!({"expiration-date": expiration_in(Duration::from_secs(3600))}),
+        ),
+    );
+    let gw = GatewayConfig::new(backend.url())
+        .sessions("max_ttl = \"300ms\"")
+        .start()
+        .await;
+    let r = gw.get("/api/profile").token("t-cap").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = gw.get("/api/profile").token("t-cap").send().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(backend.count("/renew_session"), 1, "cached within max_ttl");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let r = gw.get("/api/profile").token("t-cap").send().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        backend.count("/renew_session"),
+        2,
+        "re-validated after max_ttl"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn rfc3339_expiration_is_accepted() {
+    let backend = Backend::start().await;
+    let in_an_hour =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
+            .to_string();
+    backend.on(
+        "/renew_session",
+        Reply::json(200, json!({"expiration-date": in_an_hour})),
+    );
+    let gw = Gateway::for_backend(&backend).await;
+    for _ in 0..3 {
+        let r = gw.get("/api/profile").token("t-rfc").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(backend.count("/renew_session"), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_recent_sessions_but_never_refused_tokens() {
+    let backend = Backend::start().await;
+    backend.on("/renew_session", Reply::json(200, json!({})));
+    let gw = GatewayConfig::new(backend.url())
+        .sessions("max_ttl = \"200ms\"")
+        .sessions("stale_if_error = \"10s\"")
+        .sessions("negative_ttl = \"200ms\"")
+        .start()
+        .await;
+    let r = gw.get("/api/profile").token("t-good").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    backend.on("/renew_session", Reply::status(403));
+    let r = gw.get("/api/profile").token("t-bad").send().await;
+    r.assert_gateway_error(403, "Token invalid");
+
+    // The validation service goes down; freshness has passed for both.
+    backend.on("/renew_session", Reply::html(503, "<h1>down</h1>"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = backend.count("/renew_session");
+    let r = gw.get("/api/profile").token("t-good").send().await;
+    assert_eq!(r.status, 200, "recently valid session kept: {}", r.text());
+    assert_eq!(
+        backend.count("/renew_session"),
+        before + 1,
+        "it tried to revalidate"
+    );
+    let r = gw.get("/api/profile").token("t-bad").send().await;
+    assert_ne!(r.status, 200, "a refused token is never served stale");
+    r.assert_envelope(r.status);
+    let r = gw.get("/api/profile").token("t-never-seen").send().await;
+    r.assert_envelope(502);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn logout_of_a_rotated_token_ends_both() {
+    let backend = Backend::start().await;
+    backend.on(
+        "/renew_session",
+        Reply::json(200, json!({"user-token": "tok-r2"})),
+    );
+    let gw = Gateway::for_backend(&backend).await;
+    let r = gw.get("/api/profile").token("tok-r1").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("user-token"), Some("tok-r2"));
+    let r = gw
+        .req("POST", "/logout")
+        .api_key(IOS_KEY)
+        .token("tok-r1")
+        .send()
+        .await;
+    assert_eq!(r.status, 204);
+    // Without a logout_path nothing is forwarded.
+    assert_eq!(backend.count("/logout"), 0);
+    backend.on("/renew_session", Reply::status(401));
+    for t in ["tok-r1", "tok-r2"] {
+        let r = gw.get("/api/profile").token(t).send().await;
+        r.assert_gateway_error(403, "Token invalid");
+    }
+    assert_eq!(backend.count("/renew_session"), 3);
+    gw.stop().await;
+}
