@@ -542,3 +542,38 @@ async fn logout_of_a_rotated_token_ends_both() {
     assert_eq!(backend.count("/renew_session"), 3);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn unusable_login_answers_are_502_without_leaking_them() {
+    let backend = Backend::start().await;
+    let gw = Gateway::for_backend(&backend).await;
+    let cases = [
+        Reply::html(200, "<html>Welcome, internal-host-7</html>"),
+        Reply::json(200, json!({"response": {"email": "x"}})),
+        Reply::json(200, json!({"user-token": "", "response": {}})),
+        Reply::json(200, json!({"user-token": "bad\ntoken"})),
+        Reply::status(204),
+    ];
+    for reply in cases {
+        backend.on("/login", reply);
+        let r = gw
+            .req("POST", "/login")
+            .api_key(IOS_KEY)
+            .json(json!({"email": "x", "password": "y"}))
+            .send()
+            .await;
+        r.assert_gateway_error(502, "Unknown response format");
+        assert!(!r.text().contains("internal-host"));
+    }
+    // A login body that is not JSON never reaches the login service.
+    let before = backend.count("/login");
+    let r = gw
+        .req("POST", "/login")
+        .api_key(IOS_KEY)
+        .body("email=x&password=y")
+        .send()
+        .await;
+    r.assert_envelope(400);
+    assert_eq!(backend.count("/login"), before);
+    gw.stop().await;
+}
