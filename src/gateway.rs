@@ -760,12 +760,57 @@ async fn request_body(
         Err(e) if e.to_string().contains("timed out") => return Err(GatewayError::RequestTimeout),
         Err(_) => return Err(GatewayError::BadRequest("Could not read request body")),
     };
-    if json && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
+    // JSON is UTF-8 (RFC 8259 §8.1); serde_json skips ignored strings
+    // without checking their encoding, so check it first.
+    if json
+        && (std::str::from_utf8(&bytes).is_err()
+            || serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err())
+    {
         return Err(GatewayError::BadRequest("Request body is not valid JSON"));
+    }
+    // Valid but absurdly nested JSON would crash recursive parsers behind us.
+    if json && !json_depth_within(&bytes, MAX_JSON_DEPTH) {
+        return Err(GatewayError::BadRequest(
+            "Request body is nested too deeply",
+        ));
     }
     headers.remove(header::TRANSFER_ENCODING);
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     Ok(Body::full(bytes))
+}
+
+/// Deepest array/object nesting accepted in a JSON request body (serde_json's
+/// own recursion limit; Python's `json` fails near 1000).
+const MAX_JSON_DEPTH: usize = 128;
+
+/// Whether the arrays and objects of a JSON text nest at most `max` deep.
+/// One pass over the bytes, skipping strings; no recursion.
+fn json_depth_within(bytes: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
 }
 
 /// Rewrites the device's headers for the backend (SPEC §4).
@@ -993,6 +1038,17 @@ mod tests {
         let b = new_request_id();
         assert_eq!(a.len(), 26);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn json_depth_counts_nesting_outside_strings() {
+        assert!(json_depth_within(br#"{"a": [1, {"b": "[[[["}]}"#, 3));
+        assert!(!json_depth_within(br#"{"a": [1, {"b": 2}]}"#, 2));
+        assert!(json_depth_within(br#"["\"[[["]"#, 1));
+        assert!(!json_depth_within(
+            "[".repeat(200).as_bytes(),
+            MAX_JSON_DEPTH
+        ));
     }
 
     #[test]
