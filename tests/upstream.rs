@@ -629,3 +629,28 @@ async fn http2_prior_knowledge_is_served_with_the_same_rules() {
     let _ = tokio::time::timeout(TIMEOUT, conn).await;
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_closing_connections_after_each_answer_is_handled() {
+    let backend = Backend::start().await;
+    backend.on(
+        "/status",
+        Reply::json(200, json!({"ok": 1})).header("connection", "close"),
+    );
+    let gw = Gateway::for_backend(&backend).await;
+    for i in 0..20 {
+        let r = gw.get("/api/status").send().await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_ne!(r.header("connection"), Some("close"));
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let req = gw.get("/api/status");
+        tasks.push(tokio::spawn(async move { req.send().await.status }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(backend.count("/status"), 50);
+    gw.stop().await;
+}
