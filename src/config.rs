@@ -51,7 +51,7 @@ struct RawConfig {
     rate_limits: RawRateLimits,
     #[serde(default)]
     operators: Vec<RawOperator>,
-    commands: Option<toml::Table>,
+    commands: Option<crate::commands::config::RawCommands>,
 }
 
 #[derive(Deserialize, Default)]
@@ -190,6 +190,8 @@ pub struct Config {
     pub limits: Limits,
     pub rate_limits: RateLimits,
     pub operators: Vec<Operator>,
+    /// `[commands]`: remote operations, off when absent.
+    pub commands: Option<crate::commands::config::CommandsConfig>,
     /// Accepted settings this build does not act on yet; logged at start-up.
     pub warnings: Vec<String>,
 }
@@ -523,11 +525,29 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
             Err(e) => p.push(format!("{at}.token"), e),
         }
     }
-    if raw.commands.is_some() {
-        p.push(
-            "commands",
-            "remote operations ([commands]) are not available in this version",
-        );
+    // commands: [commands] validation (remote operations).
+    let commands = raw
+        .commands
+        .as_ref()
+        .and_then(|c| crate::commands::config::validate(c, p));
+    if let Some(c) = &commands {
+        if operators.is_empty() {
+            warnings
+                .push("[commands] is configured but no [[operators]]: only schedules run".into());
+        }
+        for (i, o) in operators.iter().enumerate() {
+            for (j, name) in o.commands.iter().flatten().enumerate() {
+                if !c.allowed(name) {
+                    p.push(
+                        format!("operators[{i}].commands[{j}]"),
+                        format!("{name:?} is not a command that may run under [commands]"),
+                    );
+                }
+            }
+        }
+    } else if !raw.operators.is_empty() {
+        warnings
+            .push("[[operators]] are configured but [commands] is not: /__manage__ is off".into());
     }
 
     Some(Config {
@@ -540,6 +560,7 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
         limits,
         rate_limits,
         operators,
+        commands,
         warnings: std::mem::take(warnings),
     })
 }

@@ -17,9 +17,13 @@
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`access_log`]: one JSON line per request, written off the request path.
 //! - [`demo`]: `portcullis demo`, a gateway plus a demo backend on loopback.
+//! - [`commands`]: remote operations (`/__manage__`): allow-listed commands, jobs, schedules.
+//! - [`audit`]: the hash-chained audit log of remote operations and its verifier.
 
 pub mod access_log;
+pub mod audit;
 pub mod body;
+pub mod commands;
 pub mod config;
 pub mod crypto;
 pub mod demo;

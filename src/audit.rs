@@ -1,0 +1,444 @@
+//! The tamper-evident audit log of remote operations: one JSON line per
+//! attempt (accepted, rejected, finished, cancel requested), appended and
+//! flushed to disk (`sync_data`) before the caller goes on.
+//!
+//! Every line carries:
+//! - `seq`: its 1-based line number;
+//! - `prev`: the SHA-256 (hex) of the previous line's bytes (64 zeros on line 1);
+//! - `hash`: the SHA-256 of the line itself up to, not including, `,"hash":...`
+//!   plus the closing `}`. It is always the last field.
+//!
+//! [`verify`] therefore tells an edited line (its `hash` does not match), a
+//! deleted or reordered line (`seq` or `prev` does not follow) apart, and
+//! reports the first line where the chain breaks. Deleting lines at the *end*
+//! of the log cannot be detected from the file alone; compare the last `seq`
+//! with a copy shipped elsewhere (syslog, a log collector).
+
+use crate::secret::{hex, sha256};
+use serde::Serialize;
+use serde_json::Value;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+/// `prev` of the first line.
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// How far back from the end of the file the last line is looked for.
+const TAIL_WINDOW: u64 = 1 << 20;
+
+/// What happened, as written in the `event` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// A run was accepted; the line is on disk before the process starts.
+    Accepted,
+    /// An attempt was refused (401, 403, 400, 409, 429); nothing ran.
+    Rejected,
+    /// A run ended (any final status).
+    Finished,
+    /// An operator asked for a run to be cancelled.
+    CancelRequested,
+}
+
+/// One audit record, before `seq`, `prev`, `time` and `hash` are added.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    /// What happened.
+    pub event: Event,
+    /// The request's id (`X-Request-Id`), or `scheduler-...` for scheduled runs.
+    pub request_id: String,
+    /// Operator name, `scheduler`, or `None` when unauthenticated.
+    pub operator: Option<String>,
+    /// Client address, `None` for scheduled runs.
+    pub client: Option<String>,
+    /// Command name as requested.
+    pub command: Option<String>,
+    /// Arguments with redacted values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+    /// The job this line is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// `accepted`, `rejected`, or the run's final status.
+    pub status: String,
+    /// HTTP status answered, on rejections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// Why it was rejected or how it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Process exit code, on finished lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Run time, on finished lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Bytes the process wrote (including those dropped over the cap).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_bytes: Option<u64>,
+    /// SHA-256 of everything the process wrote (absent for metadata-only commands).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_sha256: Option<String>,
+}
+
+impl Entry {
+    /// A line with only the always-present fields set.
+    pub fn new(event: Event, request_id: &str, status: &str) -> Entry {
+        Entry {
+            event,
+            request_id: request_id.to_owned(),
+            operator: None,
+            client: None,
+            command: None,
+            args: None,
+            job_id: None,
+            status: status.to_owned(),
+            http_status: None,
+            reason: None,
+            exit_code: None,
+            duration_ms: None,
+            output_bytes: None,
+            output_sha256: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    time: String,
+    #[serde(flatten)]
+    entry: &'a Entry,
+    prev: &'a str,
+}
+
+struct Tail {
+    file: File,
+    seq: u64,
+    prev: String,
+}
+
+/// An open audit log. Appends are serialized; each is on disk when
+/// [`AuditLog::append`] returns `Ok`.
+pub struct AuditLog {
+    path: PathBuf,
+    tail: Mutex<Tail>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Splits a line into its content (for `hash`) and the recorded hash.
+fn split_hash(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    const KEY: &[u8] = b",\"hash\":\"";
+    // `..."hash":"<64 hex>"}`
+    let n = line.len();
+    if n < KEY.len() + 64 + 2 || !line.ends_with(b"\"}") {
+        return None;
+    }
+    let hash = line.get(n - 66..n - 2)?;
+    let key_start = (n - 66).checked_sub(KEY.len())?;
+    if line.get(key_start..n - 66)? != KEY {
+        return None;
+    }
+    Some((line.get(..key_start)?, hash))
+}
+
+fn content_hash(content: &[u8]) -> String {
+    let mut buf = Vec::with_capacity(content.len() + 1);
+    buf.extend_from_slice(content);
+    buf.push(b'}');
+    hex(&sha256(&buf))
+}
+
+impl AuditLog {
+    /// Opens (creating if needed) the log at `path` and reads where the chain
+    /// stands. A trailing partial line (a crash mid-write, never acknowledged)
+    /// is cut off. Fails when the last complete line is not a valid record.
+    pub fn open(path: &Path) -> io::Result<AuditLog> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)?;
+        let meta = file.metadata()?;
+        let mut seq = 0;
+        let mut prev = GENESIS.to_owned();
+        if meta.is_file() && meta.len() > 0 {
+            let len = meta.len();
+            let start = len.saturating_sub(TAIL_WINDOW);
+            file.seek(SeekFrom::Start(start))?;
+            let mut buf = Vec::new();
+            Read::by_ref(&mut file)
+                .take(len - start)
+                .read_to_end(&mut buf)?;
+            if buf.last() != Some(&b'\n') {
+                // A partial line: the write was never acknowledged.
+                let keep = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                let new_len = start + keep as u64;
+                tracing::warn!(
+                    path = %path.display(),
+                    "audit log ends with a partial line (crash mid-write); truncating it"
+                );
+                file.set_len(new_len)?;
+                file.sync_data()?;
+                buf.truncate(keep);
+            }
+            if let Some(body) = buf.strip_suffix(b"\n") {
+                let line_start = body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                let line = body.get(line_start..).unwrap_or_default();
+                if !line.is_empty() {
+                    let value: Value = serde_json::from_slice(line).map_err(|_| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "the last line of the audit log is not an audit record; run `portcullis audit verify`",
+                        )
+                    })?;
+                    seq = value.get("seq").and_then(Value::as_u64).ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "the last line of the audit log has no seq; run `portcullis audit verify`",
+                        )
+                    })?;
+                    prev = hex(&sha256(line));
+                }
+            }
+        }
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            tail: Mutex::new(Tail { file, seq, prev }),
+        })
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one line and flushes it to disk. On error nothing is
+    /// acknowledged and the chain stays where it was (a partially written line
+    /// is cut off at the next start).
+    pub fn append(&self, entry: &Entry) -> io::Result<()> {
+        let mut tail = self
+            .tail
+            .lock()
+            .map_err(|_| io::Error::other("audit log lock poisoned"))?;
+        let seq = tail.seq + 1;
+        let line = Line {
+            seq,
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            entry,
+            prev: &tail.prev,
+        };
+        let mut text = serde_json::to_vec(&line).map_err(io::Error::other)?;
+        // `text` ends with `}`: hash what precedes it, then append the hash.
+        text.pop();
+        let hash = content_hash(&text);
+        text.extend_from_slice(b",\"hash\":\"");
+        text.extend_from_slice(hash.as_bytes());
+        text.extend_from_slice(b"\"}");
+        let line_hash = hex(&sha256(&text));
+        text.push(b'\n');
+        tail.file.write_all(&text)?;
+        tail.file.sync_data()?;
+        tail.seq = seq;
+        tail.prev = line_hash;
+        Ok(())
+    }
+
+    /// [`AuditLog::append`] on the blocking pool.
+    pub async fn append_async(self: &Arc<Self>, entry: Entry) -> io::Result<()> {
+        let log = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || log.append(&entry)).await {
+            Ok(r) => r,
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+}
+
+/// The result of [`verify`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every line checks out.
+    Intact {
+        /// Number of lines.
+        lines: u64,
+    },
+    /// The first line where the chain breaks.
+    Broken {
+        /// 1-based line number in the file.
+        line: u64,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// Checks an audit log's hash chain and reports the first line that was
+/// edited, deleted or reordered.
+pub fn verify(path: &Path) -> io::Result<Verdict> {
+    let reader = io::BufReader::new(File::open(path)?);
+    let mut prev = GENESIS.to_owned();
+    let mut n = 0u64;
+    for line in reader.split(b'\n') {
+        let line = line?;
+        n += 1;
+        let broken = |problem: &str| Verdict::Broken {
+            line: n,
+            problem: problem.to_owned(),
+        };
+        let Ok(value) = serde_json::from_slice::<Value>(&line) else {
+            return Ok(broken(
+                "not a JSON audit record: edited, truncated or inserted",
+            ));
+        };
+        let Some((content, recorded)) = split_hash(&line) else {
+            return Ok(broken("has no trailing hash field: edited or inserted"));
+        };
+        if content_hash(content).as_bytes() != recorded {
+            return Ok(broken("edited: its content does not match its hash"));
+        }
+        match value.get("seq").and_then(Value::as_u64) {
+            Some(seq) if seq == n => {}
+            Some(seq) if seq > n => {
+                return Ok(Verdict::Broken {
+                    line: n,
+                    problem: format!(
+                        "has sequence number {seq}, expected {n}: a line before it was deleted (or lines were reordered)"
+                    ),
+                })
+            }
+            Some(seq) => {
+                return Ok(Verdict::Broken {
+                    line: n,
+                    problem: format!(
+                        "has sequence number {seq}, expected {n}: lines were reordered or duplicated"
+                    ),
+                })
+            }
+            None => return Ok(broken("has no sequence number")),
+        }
+        if value.get("prev").and_then(Value::as_str) != Some(prev.as_str()) {
+            return Ok(broken(
+                "does not follow the previous line (prev hash mismatch): a line was replaced, deleted or reordered",
+            ));
+        }
+        prev = hex(&sha256(&line));
+    }
+    Ok(Verdict::Intact { lines: n })
+}
+
+/// `portcullis audit verify FILE`: prints the verdict; exit status 0 when
+/// intact, 1 when broken, 2 when the file cannot be read.
+pub fn verify_command(path: &Path) -> i32 {
+    match verify(path) {
+        Ok(Verdict::Intact { lines }) => {
+            println!("{}: OK, {lines} lines, hash chain intact", path.display());
+            0
+        }
+        Ok(Verdict::Broken { line, problem }) => {
+            println!("{}: BROKEN at line {line}: {problem}", path.display());
+            1
+        }
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", path.display());
+            2
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: usize) -> Entry {
+        let mut e = Entry::new(Event::Accepted, &format!("r{i}"), "accepted");
+        e.command = Some("check".into());
+        e.operator = Some("alice".into());
+        e
+    }
+
+    fn write_log(dir: &Path, n: usize) -> PathBuf {
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        for i in 0..n {
+            log.append(&entry(i)).unwrap();
+        }
+        path
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn write_lines(path: &Path, lines: &[String]) {
+        std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    }
+
+    #[test]
+    fn chain_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 3);
+        let log = AuditLog::open(&path).unwrap();
+        log.append(&entry(9)).unwrap();
+        assert_eq!(verify(&path).unwrap(), Verdict::Intact { lines: 4 });
+    }
+
+    #[test]
+    fn partial_trailing_line_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 2);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":3,\"ti").unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        log.append(&entry(3)).unwrap();
+        assert_eq!(verify(&path).unwrap(), Verdict::Intact { lines: 3 });
+    }
+
+    #[test]
+    fn tampering_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 5);
+        let orig = lines(&path);
+
+        let mut edited = orig.clone();
+        edited[2] = edited[2].replace("alice", "mallory");
+        write_lines(&path, &edited);
+        assert!(matches!(
+            verify(&path).unwrap(),
+            Verdict::Broken { line: 3, .. }
+        ));
+
+        let mut deleted = orig.clone();
+        deleted.remove(1);
+        write_lines(&path, &deleted);
+        assert!(matches!(
+            verify(&path).unwrap(),
+            Verdict::Broken { line: 2, .. }
+        ));
+
+        let mut swapped = orig.clone();
+        swapped.swap(3, 4);
+        write_lines(&path, &swapped);
+        assert!(matches!(
+            verify(&path).unwrap(),
+            Verdict::Broken { line: 4, .. }
+        ));
+
+        write_lines(&path, &orig);
+        assert_eq!(verify(&path).unwrap(), Verdict::Intact { lines: 5 });
+    }
+}

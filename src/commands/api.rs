@@ -1,0 +1,660 @@
+//! The `/__manage__` endpoints (SPEC §5). Order for every request:
+//! bearer token (401) → route (404/405) → permission (403) → body (400/413)
+//! → arguments (400) → lock (409) → capacity (429) → audit + store (503) → run.
+
+use super::{lock, Core, Ctx, Job, Refusal, METADATA_ONLY_OUTPUT};
+use crate::body::Body;
+use crate::envelope;
+use bytes::Bytes;
+use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LOCATION};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Map, Value};
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Largest request body accepted on `/__manage__`.
+const MAX_BODY: usize = 64 * 1024;
+/// How long reading the request body may take.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest chunk sent per stream frame or SSE event.
+const CHUNK: usize = 16 * 1024;
+/// SSE comment sent when a running job is quiet for this long.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    // Serializing a `Value` cannot fail.
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(Body::full(bytes));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn refusal_response(core: &Core, r: &Refusal, request_id: &str) -> Response<Body> {
+    let mut resp = envelope::response(r.status, &core.error_type, &r.message, request_id);
+    if r.status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"portcullis\""),
+        );
+    }
+    if let Some(secs) = r.retry_after {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}
+
+fn error(core: &Core, status: StatusCode, message: &str, request_id: &str) -> Response<Body> {
+    envelope::response(status, &core.error_type, message, request_id)
+}
+
+fn method_not_allowed(core: &Core, allow: &'static str, request_id: &str) -> Response<Body> {
+    let mut resp = error(
+        core,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method Not Allowed",
+        request_id,
+    );
+    resp.headers_mut()
+        .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+fn bearer(req: &Request<impl Sized>) -> Option<&[u8]> {
+    let value = req.headers().get(AUTHORIZATION)?.as_bytes();
+    let (scheme, token) = value.split_at(value.iter().position(|b| *b == b' ')?);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let token = token.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+fn valid_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Entry point from [`super::Commands::handle`].
+pub(super) async fn handle<B>(
+    core: &Arc<Core>,
+    req: Request<B>,
+    client_ip: IpAddr,
+    request_id: &str,
+) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let path = req.uri().path().to_owned();
+    let rest = path.strip_prefix("/__manage__").unwrap_or("");
+    let segments: Vec<&str> = rest
+        .trim_start_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut ctx = Ctx {
+        operator: None,
+        request_id: request_id.to_owned(),
+        client: Some(client_ip.to_string()),
+    };
+    // The command named, for the audit line of a refused run.
+    let run_target = match segments.as_slice() {
+        [cmd] if *cmd != "jobs" && req.method() == Method::POST => Some(*cmd),
+        _ => None,
+    };
+
+    let op = match bearer(&req).and_then(|t| core.find_operator(t)) {
+        Some(op) => op.clone(),
+        None => {
+            let reason = if bearer(&req).is_some() {
+                "invalid operator token"
+            } else {
+                "missing bearer token"
+            };
+            let mut r = core
+                .reject(
+                    &ctx,
+                    run_target.map(clip),
+                    None,
+                    Refusal::new(StatusCode::UNAUTHORIZED, reason),
+                )
+                .await;
+            if r.status == StatusCode::UNAUTHORIZED {
+                r.message = "Operator token missing or invalid".into();
+            }
+            return refusal_response(core, &r, request_id);
+        }
+    };
+    ctx.operator = Some(op.name.clone());
+
+    match (segments.as_slice(), req.method()) {
+        ([], &Method::GET) => list(core, &op),
+        ([], _) => method_not_allowed(core, "GET", request_id),
+        (["jobs", id], &Method::GET) => job_status(core, &op, id, request_id).await,
+        (["jobs", _], _) => method_not_allowed(core, "GET", request_id),
+        (["jobs", id, "output"], &Method::GET) => {
+            let sse = req
+                .headers()
+                .get(ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("text/event-stream"));
+            let from = req
+                .headers()
+                .get("last-event-id")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            job_output(core, &op, id, sse, from, request_id).await
+        }
+        (["jobs", _, "output"], _) => method_not_allowed(core, "GET", request_id),
+        (["jobs", id, "cancel"], &Method::POST) => cancel(core, &op, &ctx, id, request_id).await,
+        (["jobs", _, "cancel"], _) => method_not_allowed(core, "POST", request_id),
+        ([cmd], &Method::POST) if *cmd != "jobs" => run(core, &op, &ctx, cmd, req).await,
+        ([cmd], _) if *cmd != "jobs" => method_not_allowed(core, "POST", request_id),
+        _ => error(core, StatusCode::NOT_FOUND, "Not found", request_id),
+    }
+}
+
+/// Command names from the URL are audited clipped, so a huge path cannot
+/// blow up the log.
+fn clip(s: &str) -> &str {
+    match s.char_indices().nth(100) {
+        Some((i, _)) => s.get(..i).unwrap_or(s),
+        None => s,
+    }
+}
+
+fn list(core: &Core, op: &super::Op) -> Response<Body> {
+    let cfg = &core.cfg;
+    let describe = |name: &str, kind: &str| {
+        let rule = cfg.rules.get(name);
+        let options = rule.and_then(|r| r.options.as_ref()).map(|o| {
+            o.iter()
+                .map(|(k, spec)| {
+                    (
+                        k.clone(),
+                        Value::from(format!("{:?}", spec.kind).to_ascii_lowercase()),
+                    )
+                })
+                .collect::<Map<_, _>>()
+        });
+        json!({
+            "name": name,
+            "kind": kind,
+            "metadata_only": cfg.is_metadata_only(name),
+            "lock": rule.and_then(|r| r.lock.clone()),
+            "options": options,
+        })
+    };
+    let mut commands = Vec::new();
+    for c in &cfg.custom {
+        if core.may_see(op, &c.name) {
+            commands.push(describe(&c.name, "custom"));
+        }
+    }
+    let mut any_other = false;
+    if cfg.django.is_some() {
+        let names: Vec<String> = match (&cfg.mode, &op.commands) {
+            (super::config::Mode::Allowlist(list), _) => list.clone(),
+            (super::config::Mode::Blocklist(_), Some(own)) => own.clone(),
+            (super::config::Mode::Blocklist(_), None) => {
+                any_other = true;
+                Vec::new()
+            }
+        };
+        for n in names {
+            if cfg.custom(&n).is_none() && core.may_see(op, &n) {
+                commands.push(describe(&n, "django"));
+            }
+        }
+    }
+    let (mode, denied) = match &cfg.mode {
+        super::config::Mode::Allowlist(_) => ("allowlist", Value::Null),
+        super::config::Mode::Blocklist(d) => ("blocklist", json!(d)),
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "operator": op.name,
+            "mode": mode,
+            "commands": commands,
+            "any_other_django_command": any_other,
+            "denied": denied,
+        }),
+    )
+}
+
+/// Finds a job this operator may see: live first, then the store.
+async fn find_job(
+    core: &Arc<Core>,
+    op: &super::Op,
+    id: &str,
+) -> Result<(Option<Arc<Job>>, super::store::JobRecord), ()> {
+    if !valid_job_id(id) {
+        return Err(());
+    }
+    let (live, rec) = match core.live(id) {
+        Some(job) => {
+            let rec = job.record();
+            (Some(job), rec)
+        }
+        None => {
+            let id = id.to_owned();
+            match super::store::blocking(&core.store, move |s| s.get(&id)).await {
+                Ok(Some(rec)) => (None, rec),
+                Ok(None) => return Err(()),
+                Err(err) => {
+                    tracing::error!(error = %err, "job store read failed");
+                    return Err(());
+                }
+            }
+        }
+    };
+    if !core.may_see(op, &rec.command) {
+        return Err(());
+    }
+    Ok((live, rec))
+}
+
+async fn job_status(
+    core: &Arc<Core>,
+    op: &super::Op,
+    id: &str,
+    request_id: &str,
+) -> Response<Body> {
+    match find_job(core, op, id).await {
+        Ok((_, rec)) => json_response(StatusCode::OK, &json!(rec)),
+        Err(()) => error(core, StatusCode::NOT_FOUND, "No such job", request_id),
+    }
+}
+
+fn result_json(rec: &super::store::JobRecord, output: &[u8]) -> Value {
+    let output = if rec.metadata_only {
+        METADATA_ONLY_OUTPUT.to_owned()
+    } else {
+        String::from_utf8_lossy(output).into_owned()
+    };
+    json!({
+        "id": rec.id,
+        "command": rec.command,
+        "status": rec.status,
+        "reason": rec.reason,
+        "exit_code": rec.exit_code,
+        "duration_ms": rec.duration_ms,
+        "output": output,
+        "output_bytes": rec.output_bytes,
+        "output_truncated": rec.output_truncated,
+    })
+}
+
+async fn run<B>(
+    core: &Arc<Core>,
+    op: &super::Op,
+    ctx: &Ctx,
+    command: &str,
+    req: Request<B>,
+) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let request_id = ctx.request_id.as_str();
+    if let Some(reason) = core.forbidden(op, command) {
+        let r = Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!("Command not permitted: {reason}"),
+        );
+        let r = core.reject(ctx, Some(clip(command)), None, r).await;
+        return refusal_response(core, &r, request_id);
+    }
+    let data = match read_data(req).await {
+        Ok(d) => d,
+        Err(r) => {
+            let r = core.reject(ctx, Some(command), None, r).await;
+            return refusal_response(core, &r, request_id);
+        }
+    };
+    let job = match core.submit(ctx, command, &data).await {
+        Ok(job) => job,
+        Err(r) => return refusal_response(core, &r, request_id),
+    };
+    let location = format!("/__manage__/jobs/{}", job.id);
+    if job.wait_final(core.cfg.sync_wait).await {
+        if job.audit_failed.load(std::sync::atomic::Ordering::SeqCst) {
+            return error(
+                core,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The command ran but its result could not be written to the audit log",
+                request_id,
+            );
+        }
+        let rec = job.record();
+        let out = lock(&job.out).data.clone();
+        let mut resp = json_response(StatusCode::OK, &result_json(&rec, &out));
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(http::header::CONTENT_LOCATION, v);
+        }
+        resp
+    } else {
+        let rec = job.record();
+        let mut resp = json_response(
+            StatusCode::ACCEPTED,
+            &json!({"id": job.id, "command": job.command, "status": rec.status, "location": location}),
+        );
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(LOCATION, v);
+        }
+        resp
+    }
+}
+
+/// Reads `{"data": {...}}` (an empty body means no data).
+async fn read_data<B>(req: Request<B>) -> Result<Map<String, Value>, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let bad = |m: &str| Refusal::new(StatusCode::BAD_REQUEST, m);
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Err(_) => {
+            return Err(Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body too slow",
+            ))
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large",
+            ))
+        }
+        Ok(Err(_)) => return Err(bad("could not read the request body")),
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    let value: Value =
+        serde_json::from_slice(&bytes).map_err(|_| bad("body must be JSON: {\"data\": {...}}"))?;
+    let Value::Object(mut top) = value else {
+        return Err(bad("body must be a JSON object: {\"data\": {...}}"));
+    };
+    let data = top.remove("data");
+    if !top.is_empty() {
+        return Err(bad("unknown field in body; only \"data\" is accepted"));
+    }
+    match data {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(m)) => Ok(m),
+        Some(_) => Err(bad("\"data\" must be an object")),
+    }
+}
+
+async fn cancel(
+    core: &Arc<Core>,
+    op: &super::Op,
+    ctx: &Ctx,
+    id: &str,
+    request_id: &str,
+) -> Response<Body> {
+    let (live, rec) = match find_job(core, op, id).await {
+        Ok(found) => found,
+        Err(()) => return error(core, StatusCode::NOT_FOUND, "No such job", request_id),
+    };
+    let Some(job) = live.filter(|j| !j.is_final()) else {
+        return error(
+            core,
+            StatusCode::CONFLICT,
+            &format!("job already ended ({})", rec.status.as_str()),
+            request_id,
+        );
+    };
+    let mut e = crate::audit::Entry::new(
+        crate::audit::Event::CancelRequested,
+        request_id,
+        rec.status.as_str(),
+    );
+    e.operator = ctx.operator.clone();
+    e.client = ctx.client.clone();
+    e.command = Some(rec.command.clone());
+    e.job_id = Some(rec.id.clone());
+    if let Err(err) = core.audit.append_async(e).await {
+        tracing::error!(error = %err, "audit log write failed; not cancelling");
+        return error(
+            core,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Audit log unavailable: nothing was done",
+            request_id,
+        );
+    }
+    let who = format!("cancelled by {}", op.name);
+    job.cancel.send_if_modified(|r| {
+        if r.is_none() {
+            *r = Some(who);
+            true
+        } else {
+            false
+        }
+    });
+    json_response(
+        StatusCode::ACCEPTED,
+        &json!({"id": rec.id, "status": "cancelling"}),
+    )
+}
+
+/// A body fed by a channel (live output streams).
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|o| o.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+/// Where a chunk of output may end so it does not split a UTF-8 character
+/// (only matters for SSE, which is text).
+fn utf8_end(bytes: &[u8]) -> usize {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => bytes.len(),
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => bytes.len(),
+    }
+}
+
+/// One SSE event carrying `bytes`, with `id` = the byte offset after them.
+fn sse_event(id: u64, bytes: &[u8]) -> Bytes {
+    let text = String::from_utf8_lossy(bytes)
+        .replace("\r\n", "\n")
+        .replace('\r', "\n");
+    let mut ev = format!("id: {id}\n");
+    for line in text.split('\n') {
+        ev.push_str("data: ");
+        ev.push_str(line);
+        ev.push('\n');
+    }
+    ev.push('\n');
+    Bytes::from(ev)
+}
+
+fn sse_end(rec: &super::store::JobRecord) -> Bytes {
+    let data = json!({"status": rec.status, "exit_code": rec.exit_code, "reason": rec.reason});
+    Bytes::from(format!("event: end\ndata: {data}\n\n"))
+}
+
+fn stream_response(rx: mpsc::Receiver<Bytes>, sse: bool) -> Response<Body> {
+    let mut resp = Response::new(Body::boxed(ChannelBody { rx }));
+    let ct = if sse {
+        "text/event-stream"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+async fn job_output(
+    core: &Arc<Core>,
+    op: &super::Op,
+    id: &str,
+    sse: bool,
+    from: u64,
+    request_id: &str,
+) -> Response<Body> {
+    let (live, rec) = match find_job(core, op, id).await {
+        Ok(found) => found,
+        Err(()) => return error(core, StatusCode::NOT_FOUND, "No such job", request_id),
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    if rec.metadata_only {
+        let msg = format!("{METADATA_ONLY_OUTPUT}\n");
+        let live_job = live.clone();
+        tokio::spawn(async move {
+            let _ = if sse {
+                tx.send(sse_event(0, METADATA_ONLY_OUTPUT.as_bytes())).await
+            } else {
+                tx.send(Bytes::from(msg)).await
+            };
+            if let Some(job) = live_job {
+                job.wait_final(Duration::MAX).await;
+                if sse {
+                    let _ = tx.send(sse_end(&job.record())).await;
+                }
+            } else if sse {
+                let _ = tx.send(sse_end(&rec)).await;
+            }
+        });
+        return stream_response(rx, sse);
+    }
+    match live {
+        Some(job) => {
+            tokio::spawn(stream_live(job, tx, sse, from));
+        }
+        None => {
+            let id = rec.id.clone();
+            let output = match super::store::blocking(&core.store, move |s| s.output(&id)).await {
+                Ok(o) => o.unwrap_or_default(),
+                Err(err) => {
+                    tracing::error!(error = %err, "job store read failed");
+                    return error(
+                        core,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Job store unavailable",
+                        request_id,
+                    );
+                }
+            };
+            tokio::spawn(async move {
+                let mut offset = if sse {
+                    from.min(output.len() as u64) as usize
+                } else {
+                    0
+                };
+                while offset < output.len() {
+                    let end = (offset + CHUNK).min(output.len());
+                    let slice = output.get(offset..end).unwrap_or_default();
+                    let cut = if sse && end < output.len() {
+                        utf8_end(slice).max(1)
+                    } else {
+                        slice.len()
+                    };
+                    let piece = slice.get(..cut).unwrap_or_default();
+                    offset += cut;
+                    let frame = if sse {
+                        sse_event(offset as u64, piece)
+                    } else {
+                        Bytes::copy_from_slice(piece)
+                    };
+                    if tx.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+                if sse {
+                    let _ = tx.send(sse_end(&rec)).await;
+                }
+            });
+        }
+    }
+    stream_response(rx, sse)
+}
+
+/// Streams a running job's output as it arrives, then ends (SSE: with an
+/// `end` event carrying the final status).
+async fn stream_live(job: Arc<Job>, tx: mpsc::Sender<Bytes>, sse: bool, from: u64) {
+    let mut rx = job.version.subscribe();
+    let mut offset = if sse { from as usize } else { 0 };
+    loop {
+        // Read the state before the output so nothing written before the
+        // job ended is missed.
+        let done = job.is_final();
+        let piece = {
+            let out = lock(&job.out);
+            let avail = out
+                .data
+                .get(offset.min(out.data.len())..)
+                .unwrap_or_default();
+            let take = avail.len().min(CHUNK);
+            let slice = avail.get(..take).unwrap_or_default();
+            let cut = if sse && !(done && take == avail.len()) {
+                utf8_end(slice)
+            } else {
+                slice.len()
+            };
+            slice.get(..cut).unwrap_or_default().to_vec()
+        };
+        if !piece.is_empty() {
+            offset += piece.len();
+            let frame = if sse {
+                sse_event(offset as u64, &piece)
+            } else {
+                Bytes::from(piece)
+            };
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if done {
+            if sse {
+                let _ = tx.send(sse_end(&job.record())).await;
+            }
+            return;
+        }
+        match tokio::time::timeout(KEEPALIVE, rx.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) if sse => {
+                if tx
+                    .send(Bytes::from_static(b": keepalive\n\n"))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Cron schedules (`[[commands.schedules]]`): each runs its command as
+//! operator `scheduler`, audited like any other run. A schedule never
+//! overlaps itself: when its previous run is still going at the next tick,
+//! that tick is skipped and audited as `rejected`. Expressions are evaluated
+//! in UTC; 6 fields means the first is seconds.
+
+use super::{Core, Ctx, Refusal, SCHEDULER};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::task::JoinHandle;
+
+fn now_naive() -> Option<chrono::NaiveDateTime> {
+    let d = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()?;
+    let secs = i64::try_from(d.as_secs()).ok()?;
+    chrono::DateTime::from_timestamp(secs, d.subsec_nanos()).map(|t| t.naive_utc())
+}
+
+/// Starts one task per schedule.
+pub(super) fn spawn_all(core: &Arc<Core>) -> Vec<JoinHandle<()>> {
+    core.cfg
+        .schedules
+        .iter()
+        .enumerate()
+        .map(|(i, _)| tokio::spawn(run_schedule(Arc::clone(core), i)))
+        .collect()
+}
+
+async fn run_schedule(core: Arc<Core>, index: usize) {
+    let Some(schedule) = core.cfg.schedules.get(index).cloned() else {
+        return;
+    };
+    let mut shutdown = core.shutdown_tx.subscribe();
+    let mut last: Option<Arc<super::Job>> = None;
+    let mut tick = 0u64;
+    loop {
+        let Some(now) = now_naive() else { return };
+        let next = match schedule.cron.find_next_occurrence(&now, false) {
+            Ok(n) => n,
+            Err(err) => {
+                tracing::error!(cron = %schedule.cron_text, error = %err, "schedule has no next occurrence; stopping it");
+                return;
+            }
+        };
+        let wait = (next - now).to_std().unwrap_or_default();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        tick += 1;
+        let ctx = Ctx {
+            operator: Some(SCHEDULER.to_owned()),
+            request_id: format!("scheduler-{index}-{tick}"),
+            client: None,
+        };
+        if let Some(prev) = last.as_ref().filter(|j| !j.is_final()) {
+            let r = Refusal::new(
+                http::StatusCode::CONFLICT,
+                format!("previous scheduled run {} is still running", prev.id),
+            );
+            core.reject(&ctx, Some(&schedule.command), None, r).await;
+            continue;
+        }
+        match core.submit(&ctx, &schedule.command, &schedule.data).await {
+            Ok(job) => {
+                tracing::info!(command = %schedule.command, job = %job.id, "scheduled run started");
+                last = Some(job);
+            }
+            Err(r) => {
+                tracing::warn!(command = %schedule.command, status = r.status.as_u16(), reason = %r.message, "scheduled run refused");
+            }
+        }
+    }
+}
