@@ -339,7 +339,7 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
 
 /// `portcullis audit verify FILE`: prints the verdict; exit status 0 when
 /// intact, 1 when broken, 2 when the file cannot be read.
-pub fn verify_command(path: &Path) -> i32 {
+pub fn verify_command(path: &Path) -> u8 {
     match verify(path) {
         Ok(Verdict::Intact { lines }) => {
             println!("{}: OK, {lines} lines, hash chain intact", path.display());

@@ -77,6 +77,9 @@ pub struct State {
     metrics: Arc<Metrics>,
     access_log: AccessLog,
     labels: Labels,
+    /// Remote operations, once started ([`State::start_commands`]); a
+    /// reloaded state inherits them.
+    commands: std::sync::OnceLock<Arc<crate::commands::Commands>>,
     /// The configuration this state was built from.
     pub config: Config,
 }
@@ -202,6 +205,15 @@ impl State {
             Some(p) if p.config.rate_limits == config.rate_limits => Arc::clone(&p.rate_limits),
             _ => Arc::new(RateLimiters::new(&config.rate_limits)),
         };
+        if let Some(p) = previous {
+            // Remote operations keep running jobs across a reload; their
+            // settings apply after a restart.
+            if format!("{:?}", p.config.commands) != format!("{:?}", config.commands)
+                || format!("{:?}", p.config.operators) != format!("{:?}", config.operators)
+            {
+                restart_needed.push("[commands] / [[operators]]".to_owned());
+            }
+        }
         let state = Arc::new(State {
             router,
             api_keys,
@@ -225,6 +237,10 @@ impl State {
                 logout: RouteName::fixed("/logout"),
                 manage: RouteName::fixed("/__manage__"),
             },
+            commands: match previous.and_then(|p| p.commands.get()) {
+                Some(c) => std::sync::OnceLock::from(Arc::clone(c)),
+                None => std::sync::OnceLock::new(),
+            },
             config,
         });
         Ok((state, restart_needed))
@@ -238,6 +254,27 @@ impl State {
     /// The metrics (for the admin listener).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Starts remote operations when `[commands]` is configured and they
+    /// are not running yet (opens the audit log and job store, recovers jobs
+    /// interrupted by a crash, starts the scheduler).
+    pub async fn start_commands(&self) -> Result<(), String> {
+        let Some(cfg) = &self.config.commands else {
+            return Ok(());
+        };
+        if self.commands.get().is_some() {
+            return Ok(());
+        }
+        let commands =
+            crate::commands::Commands::start(cfg, &self.config.operators, &self.error_type).await?;
+        let _ = self.commands.set(commands);
+        Ok(())
+    }
+
+    /// Remote operations, if configured and started.
+    pub fn commands(&self) -> Option<&Arc<crate::commands::Commands>> {
+        self.commands.get()
     }
 
     /// The router (for `portcullis check`).
@@ -429,8 +466,11 @@ async fn dispatch(
 
     if path == "/__manage__" || path.starts_with("/__manage__/") {
         info.route = Some(state.labels.manage.clone());
-        // commands: dispatch here (remote operations are not served by this build yet).
-        return Err(GatewayError::NotFound);
+        // commands: operator tokens only; device API keys never reach here.
+        return match state.commands.get() {
+            Some(commands) => Ok(commands.handle(req, ctx.client_ip, ctx.id()).await),
+            None => Err(GatewayError::NotFound),
+        };
     }
 
     let api_key = req

@@ -48,6 +48,21 @@ enum Command {
         /// The encrypted value.
         value: String,
     },
+    /// Audit log tools (remote operations).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain; reports the first edited, deleted or reordered
+    /// line and exits 1 (2 when the file cannot be read).
+    Verify {
+        /// The audit log (`commands.audit_log`).
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,6 +82,9 @@ fn main() -> ExitCode {
             param,
             value,
         } => decrypt(&key, key_id, &param, &value),
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => ExitCode::from(portcullis::audit::verify_command(&file)),
     }
 }
 

@@ -72,6 +72,10 @@ pub async fn serve_live(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let state = live.state();
+    state
+        .start_commands()
+        .await
+        .map_err(|e| std::io::Error::other(format!("remote operations: {e}")))?;
     let limits = state.config.limits.clone();
     let drain_timeout = state.config.server.drain_timeout;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
@@ -113,6 +117,10 @@ pub async fn serve_live(
         });
     }
     drop(listener);
+    if let Some(commands) = live.state().commands() {
+        // Cancel running commands first so requests waiting on them finish.
+        commands.shutdown().await;
+    }
     tracing::info!("draining connections (deadline {drain_timeout:?})");
     let _ = drain_tx.send(true);
     drop(done_tx);

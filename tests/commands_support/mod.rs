@@ -25,6 +25,7 @@ pub struct Env {
     pub addr: SocketAddr,
     pub commands: Arc<Commands>,
     server: tokio::task::JoinHandle<()>,
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Drop for Env {
@@ -83,47 +84,28 @@ pub async fn start(commands: &str) -> Env {
     start_in(dir, commands).await
 }
 
-/// Like [`start`], in a given directory.
+/// Like [`start`], in a given directory: the real gateway
+/// (`gateway::State` + `server::serve`) on 127.0.0.1:0.
 pub async fn start_in(dir: tempfile::TempDir, commands: &str) -> Env {
     let cfg = config(dir.path(), commands);
-    let cmds = Commands::start(
-        cfg.commands.as_ref().unwrap(),
-        &cfg.operators,
-        "ProxyServerError",
-    )
-    .await
-    .unwrap();
+    let state = portcullis::gateway::State::new(cfg).unwrap();
+    state.start_commands().await.unwrap();
+    let cmds = Arc::clone(state.commands().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc_cmds = Arc::clone(&cmds);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        let mut n = 0u64;
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                return;
-            };
-            let cmds = Arc::clone(&svc_cmds);
-            n += 1;
-            let conn_id = n;
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let cmds = Arc::clone(&cmds);
-                    async move {
-                        let rid = format!("req-{conn_id}");
-                        Ok::<_, std::convert::Infallible>(cmds.handle(req, peer.ip(), &rid).await)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+        let _ = portcullis::server::serve(listener, state, async {
+            let _ = stopped.await;
+        })
+        .await;
     });
     Env {
         dir,
         addr,
         commands: cmds,
         server,
+        _stop: stop,
     }
 }
 
