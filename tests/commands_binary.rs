@@ -1,0 +1,216 @@
+//! The real `portcullis` binary: a crash (SIGKILL) in the middle of a run
+//! loses no acknowledged audit line and the interrupted job reads `failed`
+//! ("gateway restarted") after a restart; `portcullis audit verify` points at
+//! the first edited, deleted or reordered line.
+
+mod commands_support;
+
+use commands_support::*;
+use http::Method;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The compiled binary, killed (SIGKILL) and reaped when dropped.
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start_binary(config: &Path, addr: std::net::SocketAddr) -> Gateway {
+    let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("PORTCULLIS_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let gw = Gateway(child);
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return gw;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the gateway did not start listening on {addr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_run_then_restart_marks_the_job_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = config_text(
+        dir.path(),
+        r#"
+sync_wait = "0s"
+[[commands.custom]]
+name = "echo"
+argv = ["echo", "hello"]
+[[commands.custom]]
+name = "long"
+argv = ["sleep", "37.71"]
+"#,
+    )
+    .replace(
+        "[backend]",
+        &format!("[server]\nlisten = \"{addr}\"\n\n[backend]"),
+    );
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(&config, text).unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
+
+    let mut gw = start_binary(&config, addr).await;
+    let r = send(addr, Method::POST, "/__manage__/long", Some(ALICE), "", &[]).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    // Running, and its pid recorded (written right after spawn) so the
+    // restarted gateway can find what is left of it.
+    let pid_file = dir.path().join("state/running").join(&id);
+    let mut running = false;
+    for _ in 0..100 {
+        if process_with("sleep 37.71") && pid_file.exists() {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(running);
+    // The accepted line was acknowledged (202): it must be on disk.
+    let before = audit_lines(&audit_path);
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0]["event"], "accepted");
+
+    gw.0.kill().unwrap(); // SIGKILL
+    gw.0.wait().unwrap();
+    drop(gw);
+
+    let _gw = start_binary(&config, addr).await;
+    let job = send(
+        addr,
+        Method::GET,
+        &format!("/__manage__/jobs/{id}"),
+        Some(ALICE),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(job.status, 200, "{}", job.text());
+    let job = job.json();
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["reason"], "gateway restarted");
+    // The orphaned process group was killed on restart.
+    let gone = no_process_with("sleep 37.71").await;
+    if !gone {
+        let ps = Command::new("ps")
+            .args(["-eo", "pid,ppid,pgid,stat,cmd"])
+            .output()
+            .unwrap();
+        panic!(
+            "process left behind:\n{}",
+            String::from_utf8_lossy(&ps.stdout)
+        );
+    }
+
+    let after = audit_lines(&audit_path);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(after[0], before[0]);
+    assert_eq!(after[1]["event"], "finished");
+    assert_eq!(after[1]["status"], "failed");
+    assert_eq!(after[1]["reason"], "gateway restarted");
+    assert_eq!(after[1]["job_id"], id.as_str());
+
+    // The restarted gateway keeps working and the chain stays intact.
+    let r = send(addr, Method::POST, "/__manage__/echo", Some(ALICE), "", &[]).await;
+    assert!(r.status == 200 || r.status == 202, "{}", r.text());
+    let out = verify_cli(&audit_path);
+    assert_eq!(out.0, 0, "{}", out.1);
+    assert!(out.1.contains("OK"), "{}", out.1);
+}
+
+fn verify_cli(path: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["audit", "verify"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn write_log(dir: &Path, n: usize) -> (PathBuf, Vec<String>) {
+    let path = dir.join("audit.jsonl");
+    let log = portcullis::audit::AuditLog::open(&path).unwrap();
+    for i in 0..n {
+        let mut e = portcullis::audit::Entry::new(
+            portcullis::audit::Event::Accepted,
+            &format!("req-{i}"),
+            "accepted",
+        );
+        e.operator = Some("alice".into());
+        e.command = Some("migrate".into());
+        log.append(&e).unwrap();
+    }
+    let lines = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    (path, lines)
+}
+
+#[test]
+fn audit_verify_points_at_the_tampered_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, orig) = write_log(dir.path(), 6);
+    let (code, out) = verify_cli(&path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("6 lines"), "{out}");
+
+    let copy = dir.path().join("copy.jsonl");
+    let write = |lines: &[String]| std::fs::write(&copy, lines.join("\n") + "\n").unwrap();
+
+    // Edited: line 4's operator changed.
+    let mut edited = orig.clone();
+    edited[3] = edited[3].replace("\"alice\"", "\"mallory\"");
+    write(&edited);
+    let (code, out) = verify_cli(&copy);
+    assert_eq!(code, 1);
+    assert!(out.contains("line 4:") && out.contains("edited"), "{out}");
+
+    // Deleted: line 3 removed.
+    let mut deleted = orig.clone();
+    deleted.remove(2);
+    write(&deleted);
+    let (code, out) = verify_cli(&copy);
+    assert_eq!(code, 1);
+    assert!(out.contains("line 3:") && out.contains("deleted"), "{out}");
+
+    // Reordered: lines 5 and 6 swapped.
+    let mut swapped = orig.clone();
+    swapped.swap(4, 5);
+    write(&swapped);
+    let (code, out) = verify_cli(&copy);
+    assert_eq!(code, 1);
+    assert!(out.contains("line 5:"), "{out}");
+
+    // Unreadable file.
+    let (code, _) = verify_cli(&dir.path().join("missing.jsonl"));
+    assert_eq!(code, 2);
+}
