@@ -166,9 +166,22 @@ argv = ["/bin/true"]
     let p99 = percentile(&lat, 0.99);
     let spawn50 = percentile(&spawn, 0.50);
     println!("remote operations: POST /__manage__/true (/bin/true), inline result, audit + job store on {}", dir.display());
-    println!("  /bin/true alone (spawn+wait):   p50 {:.2} ms  p99 {:.2} ms  ({} runs)", ms(spawn50), ms(percentile(&spawn, 0.99)), spawn.len());
-    println!("  sequential, 1 operator:         p50 {:.2} ms  p99 {:.2} ms  ({} runs)", ms(p50), ms(p99), lat.len());
-    println!("  gateway overhead at p50:        {:.2} ms (target < 5 ms)", ms(p50.saturating_sub(spawn50)));
+    println!(
+        "  /bin/true alone (spawn+wait):   p50 {:.2} ms  p99 {:.2} ms  ({} runs)",
+        ms(spawn50),
+        ms(percentile(&spawn, 0.99)),
+        spawn.len()
+    );
+    println!(
+        "  sequential, 1 operator:         p50 {:.2} ms  p99 {:.2} ms  ({} runs)",
+        ms(p50),
+        ms(p99),
+        lat.len()
+    );
+    println!(
+        "  gateway overhead at p50:        {:.2} ms (target < 5 ms)",
+        ms(p50.saturating_sub(spawn50))
+    );
     println!(
         "  {OPERATORS} concurrent operators:          {:.0} runs/s  p50 {:.2} ms  p99 {:.2} ms  ({} runs in {:.2} s)",
         conc.len() as f64 / elapsed.as_secs_f64(),
