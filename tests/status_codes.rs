@@ -280,6 +280,41 @@ async fn backend_down_is_502_within_the_connect_timeout() {
 }
 
 #[tokio::test]
+async fn backend_not_accepting_is_502_at_the_connect_timeout() {
+    // A listener whose accept queue is full: the kernel drops further SYNs,
+    // so connecting hangs until the gateway's connect timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let gw = GatewayConfig::new(format!("http://{addr}"))
+        .backend("connect_timeout = \"300ms\"")
+        .start()
+        .await;
+    let started = Instant::now();
+    let r = gw.get("/api/status").send().await;
+    let took = started.elapsed();
+    r.assert_gateway_error(502, "Could not connect to service");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(2000),
+        "connect_timeout is 300ms, took {took:?}"
+    );
+    gw.stop().await;
+    drop((fillers, listener));
+}
+
+#[tokio::test]
 async fn backend_stalling_past_route_timeout_is_504() {
     let backend = Backend::start().await;
     backend.on("/slow", Reply::stall());
