@@ -29,7 +29,11 @@ fn shipped_example_config_passes_check() {
         .expect("run portcullis check");
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    for var in ["PORTCULLIS_BACKEND_KEY", "PORTCULLIS_WEB_KEY", "PORTCULLIS_PARAM_KEY"] {
+    for var in [
+        "PORTCULLIS_BACKEND_KEY",
+        "PORTCULLIS_WEB_KEY",
+        "PORTCULLIS_PARAM_KEY",
+    ] {
         assert!(stderr.contains(var), "{stderr}");
     }
 }
