@@ -102,12 +102,16 @@ pub fn is_body_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// A body whose reads must each complete within a deadline (hyper has no
-/// between-reads timeout for request bodies): slow-body attacks end with
-/// [`BodyTimeout`] instead of holding a connection and a backend slot.
+/// between-reads timeout): slow-body attacks end with [`BodyTimeout`]
+/// instead of holding a connection and a backend slot, and a backend that
+/// stalls mid-answer cannot hold a device forever. Only time spent waiting
+/// for the inner body counts, not time the reader took to ask again.
 pub struct TimedBody {
     inner: Body,
     timeout: std::time::Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
+    /// The deadline runs from the first `Pending` since the last frame.
+    armed: bool,
 }
 
 impl TimedBody {
@@ -117,6 +121,7 @@ impl TimedBody {
             inner,
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
+            armed: true,
         }
     }
 }
@@ -132,14 +137,20 @@ impl HttpBody for TimedBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + this.timeout;
-                this.sleep.as_mut().reset(next);
+                this.armed = false;
                 Poll::Ready(frame)
             }
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if !this.armed {
+                    this.armed = true;
+                    let next = tokio::time::Instant::now() + this.timeout;
+                    this.sleep.as_mut().reset(next);
+                }
+                match this.sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

@@ -574,7 +574,8 @@ async fn dispatch(
             }
         }
     }
-    let mut resp = backend_answer(resp, ctx, deadline).await?;
+    let idle = cfg.timeout.unwrap_or(state.backend_timeout);
+    let mut resp = backend_answer(resp, ctx, deadline, idle).await?;
     if let (Some(new), Some(device)) = (forwarded_token, &device_token) {
         if new != device && !resp.headers().contains_key(&USER_TOKEN) {
             if let Ok(v) = HeaderValue::from_str(new) {
@@ -724,16 +725,24 @@ async fn read_limited(body: Body, limit: usize, deadline: Instant) -> Result<Byt
 }
 
 /// Turns a backend response into the device's: 2xx (and 304) streamed as is
-/// minus hop-by-hop headers; anything else becomes an envelope.
+/// minus hop-by-hop headers, each body read bounded by `idle` so a backend
+/// that stalls mid-body cannot hold the device forever; anything else
+/// becomes an envelope.
 async fn backend_answer(
     resp: Response<Body>,
     ctx: &Ctx,
     deadline: Instant,
+    idle: Duration,
 ) -> Result<Response<Body>, GatewayError> {
     let status = resp.status();
     if status.is_success() || status == StatusCode::NOT_MODIFIED {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        let body = if body.is_end_stream() {
+            body
+        } else {
+            Body::boxed(TimedBody::new(body, idle))
+        };
         return Ok(Response::from_parts(parts, body));
     }
     if status.is_informational() {
@@ -985,7 +994,7 @@ async fn login(
     let resp = send(state, Request::from_parts(parts, body), deadline).await?;
     info.upstream = Some(sent.elapsed());
     if !resp.status().is_success() {
-        return backend_answer(resp, ctx, deadline).await;
+        return backend_answer(resp, ctx, deadline, state.backend_timeout).await;
     }
     let (mut parts, body) = resp.into_parts();
     let bytes = read_limited(body, MAX_LOGIN_ANSWER, deadline)
