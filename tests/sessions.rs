@@ -577,3 +577,38 @@ async fn unusable_login_answers_are_502_without_leaking_them() {
     assert_eq!(backend.count("/login"), before);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_a_failed_validation_and_nothing_is_cached() {
+    let backend = Backend::start().await;
+    backend.on(
+        "/renew_session",
+        Reply::html(500, "<h1>boom</h1>").delay(Duration::from_millis(200)),
+    );
+    let gw = GatewayConfig::new(backend.url())
+        .backend("connect_timeout = \"5s\"")
+        .start()
+        .await;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let req = gw.get("/api/profile").token("tok-flaky");
+        tasks.push(tokio::spawn(async move { req.send().await }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        r.assert_envelope(502);
+        assert!(!r.text().contains("boom"));
+    }
+    assert_eq!(
+        backend.count("/renew_session"),
+        1,
+        "single flight on failure too"
+    );
+    assert_eq!(backend.count("/profile"), 0);
+
+    backend.on("/renew_session", Reply::json(200, json!({})));
+    let r = gw.get("/api/profile").token("tok-flaky").send().await;
+    assert_eq!(r.status, 200, "failure was not cached: {}", r.text());
+    assert_eq!(backend.count("/renew_session"), 2);
+    gw.stop().await;
+}

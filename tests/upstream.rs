@@ -654,3 +654,45 @@ async fn backend_closing_connections_after_each_answer_is_handled() {
     assert_eq!(backend.count("/status"), 50);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_going_away_do_not_leak_backend_connections() {
+    let backend = Backend::start().await;
+    backend.on(
+        "/echo",
+        Reply::json(200, json!({"slow": true})).delay(Duration::from_millis(300)),
+    );
+    backend.on("/download", Reply::pattern(8 << 20));
+    let gw = GatewayConfig::new(backend.url())
+        .backend("max_connections = 1")
+        .route(
+            r#"path = "/api/download"
+methods = ["GET"]
+backend_path = "/download"
+public = true"#,
+        )
+        .start()
+        .await;
+
+    // A device that hangs up while the backend is still thinking.
+    for _ in 0..3 {
+        let req = gw.get("/api/echo");
+        let t = tokio::spawn(async move { req.send().await });
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        t.abort();
+        let _ = t.await;
+    }
+    // A device that hangs up in the middle of a large response.
+    for _ in 0..3 {
+        let resp = gw.get("/api/download").send_streaming().await;
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+    }
+    // The single backend connection slot is free again every time.
+    backend.on("/echo", Reply::json(200, json!({"slow": false})));
+    for i in 0..5 {
+        let r = gw.get("/api/echo").send().await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    gw.stop().await;
+}
