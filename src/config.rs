@@ -74,6 +74,7 @@ struct RawServer {
 struct RawTls {
     cert: String,
     key: String,
+    reload_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +86,10 @@ struct RawBackend {
     timeout: Option<String>,
     max_connections: Option<usize>,
     max_idle: Option<usize>,
+    // TLS towards https:// backends (see `tls::BackendTls`).
+    ca: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +155,7 @@ struct RawLimits {
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
     h2_max_concurrent_streams: Option<u32>,
+    tls_handshake_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -200,6 +206,8 @@ pub struct Config {
 #[derive(Debug)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// `server.tls`: serve HTTPS with these files (validated at load).
+    pub tls: Option<crate::tls::TlsFiles>,
     pub admin_listen: Option<SocketAddr>,
     pub trusted_proxies: Vec<IpNet>,
     pub max_body: u64,
@@ -222,6 +230,8 @@ pub struct BackendConfig {
     pub timeout: Duration,
     pub max_connections: usize,
     pub max_idle: usize,
+    /// Set for `https://` backends: trust roots, client certificate, SNI name.
+    pub tls: Option<crate::tls::BackendTls>,
 }
 
 /// One `[[api_keys]]` entry.
@@ -296,6 +306,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub h2_max_concurrent_streams: u32,
+    /// A TLS handshake not finished within this is dropped.
+    pub tls_handshake_timeout: Duration,
 }
 
 /// A rate: `count` events per `per`.
@@ -581,15 +593,7 @@ fn validate_server(s: &RawServer, p: &mut Problems) -> Option<ServerConfig> {
             None
         }
     });
-    if let Some(tls) = &s.tls {
-        p.push(
-            "server.tls",
-            format!(
-                "TLS termination ({} / {}) is not available in this version; terminate TLS in front of portcullis or omit server.tls",
-                tls.cert, tls.key
-            ),
-        );
-    }
+    let tls = s.tls.as_ref().and_then(|t| validate_server_tls(t, p));
     let mut trusted_proxies = Vec::new();
     for (i, t) in s.trusted_proxies.iter().enumerate() {
         let parsed = t
@@ -637,6 +641,7 @@ fn validate_server(s: &RawServer, p: &mut Problems) -> Option<ServerConfig> {
     Some(ServerConfig {
         access_log,
         listen: listen?,
+        tls,
         admin_listen,
         trusted_proxies,
         max_body,
@@ -644,6 +649,68 @@ fn validate_server(s: &RawServer, p: &mut Problems) -> Option<ServerConfig> {
         server_header: server_header?,
         drain_timeout,
     })
+}
+
+// ---------------------------------------------------------------- TLS (server.tls, backend https)
+
+fn validate_server_tls(t: &RawTls, p: &mut Problems) -> Option<crate::tls::TlsFiles> {
+    let reload_interval = duration(
+        &t.reload_interval,
+        Duration::from_secs(5),
+        "server.tls.reload_interval",
+        p,
+    );
+    let files = crate::tls::TlsFiles {
+        cert: t.cert.clone().into(),
+        key: t.key.clone().into(),
+        reload_interval,
+    };
+    match crate::tls::load_certified_key(&files.cert, &files.key) {
+        Ok(_) => Some(files),
+        Err(e) => {
+            p.push("server.tls", e);
+            None
+        }
+    }
+}
+
+fn validate_backend_tls(
+    b: &RawBackend,
+    https: bool,
+    host: &str,
+    p: &mut Problems,
+) -> Option<crate::tls::BackendTls> {
+    if !https {
+        for (key, set) in [
+            ("backend.ca", b.ca.is_some()),
+            ("backend.client_cert", b.client_cert.is_some()),
+            ("backend.client_key", b.client_key.is_some()),
+        ] {
+            if set {
+                p.push(key, "only meaningful with an https:// backend.url");
+            }
+        }
+        return None;
+    }
+    let client = match (&b.client_cert, &b.client_key) {
+        (Some(c), Some(k)) => Some((Path::new(c.as_str()), Path::new(k.as_str()))),
+        (None, None) => None,
+        _ => {
+            p.push(
+                "backend.client_cert",
+                "client_cert and client_key go together",
+            );
+            return None;
+        }
+    };
+    let ca = b.ca.as_deref().map(Path::new);
+    match crate::tls::BackendTls::new(host, ca, client) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            p.push("backend", e);
+            None
+        }
+    }
 }
 
 fn validate_backend(b: &RawBackend, p: &mut Problems) -> Option<BackendConfig> {
@@ -654,16 +721,14 @@ fn validate_backend(b: &RawBackend, p: &mut Problems) -> Option<BackendConfig> {
             return None;
         }
     };
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            p.push(
-                "backend.url",
-                "https:// backends are not available in this version",
-            );
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            p.push("backend.url", "must start with http:// or https://");
+            false
         }
-        _ => p.push("backend.url", "must start with http://"),
-    }
+    };
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         p.push(
             "backend.url",
@@ -671,8 +736,9 @@ fn validate_backend(b: &RawBackend, p: &mut Problems) -> Option<BackendConfig> {
         );
     }
     let authority = uri.authority()?;
-    let port = authority.port_u16().unwrap_or(80);
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     let host = authority.host();
+    let tls = validate_backend_tls(b, https, host, p);
     let address = format!("{}:{port}", host);
     let host_header = HeaderValue::from_str(authority.as_str()).ok()?;
     let api_key = match &b.api_key {
@@ -702,6 +768,7 @@ fn validate_backend(b: &RawBackend, p: &mut Problems) -> Option<BackendConfig> {
         timeout: duration(&b.timeout, Duration::from_secs(15), "backend.timeout", p),
         max_connections: b.max_connections.unwrap_or(512).max(1),
         max_idle: b.max_idle.unwrap_or(256),
+        tls,
     })
 }
 
@@ -909,6 +976,12 @@ impl RawLimits {
             ),
             max_connections: l.max_connections.unwrap_or(10_000).max(1),
             h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(128).max(1),
+            tls_handshake_timeout: duration(
+                &l.tls_handshake_timeout,
+                Duration::from_secs(10),
+                "limits.tls_handshake_timeout",
+                p,
+            ),
         }
     }
 }

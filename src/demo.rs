@@ -264,10 +264,16 @@ async fn serve_backend(listener: TcpListener, backend: Arc<DemoBackend>) {
     }
 }
 
-fn curl_session(gw: SocketAddr) -> String {
-    let base = format!("http://{gw}");
+fn curl_session(gw: SocketAddr, ca: Option<&std::path::Path>) -> String {
+    let (base, curl) = match ca {
+        Some(ca) => (
+            format!("https://localhost:{}", gw.port()),
+            format!("curl --cacert {}", ca.display()),
+        ),
+        None => (format!("http://{gw}"), "curl".to_owned()),
+    };
     let k = DEMO_API_KEY;
-    format!(
+    let session = format!(
         r#"
 portcullis demo: gateway on {base}, demo backend behind it. Try (copy-paste into a shell):
 
@@ -296,11 +302,14 @@ portcullis demo: gateway on {base}, demo backend behind it. Try (copy-paste into
 
 Press Ctrl-C to stop.
 "#
-    )
+    );
+    // Every command of the session goes through the same curl invocation.
+    session.replace("curl -s", &format!("{curl} -s"))
 }
 
-/// Runs the demo until Ctrl-C / SIGTERM.
-pub async fn run() -> std::io::Result<()> {
+/// Runs the demo until Ctrl-C / SIGTERM; over HTTPS with fresh development
+/// certificates (in a temporary directory, removed on exit) when `tls`.
+pub async fn run(tls: bool) -> std::io::Result<()> {
     let backend_listener = TcpListener::bind("127.0.0.1:0").await?;
     let backend_addr = backend_listener.local_addr()?;
     let gw_listener = match TcpListener::bind("127.0.0.1:8080").await {
@@ -309,7 +318,23 @@ pub async fn run() -> std::io::Result<()> {
     };
     let gw_addr = gw_listener.local_addr()?;
     let key = crypto::generate_key();
-    let config = Config::parse(&demo_config(gw_addr, backend_addr, &key))
+    let mut text = demo_config(gw_addr, backend_addr, &key);
+    let cert_dir = if tls {
+        let dir = std::env::temp_dir().join(format!("portcullis-demo-{}", std::process::id()));
+        let files = crate::devcerts::write_dev_certs(&dir)?;
+        text = text.replacen(
+            "[server]\n",
+            &format!(
+                "[server]\ntls = {{ cert = {:?}, key = {:?} }}\n",
+                files.server_cert, files.server_key
+            ),
+            1,
+        );
+        Some((dir, files.ca_cert))
+    } else {
+        None
+    };
+    let config = Config::parse(&text)
         .map_err(|p| std::io::Error::other(format!("embedded demo config invalid:\n{p}")))?;
     let backend = Arc::new(DemoBackend {
         tokens: Mutex::default(),
@@ -319,8 +344,14 @@ pub async fn run() -> std::io::Result<()> {
     });
     let state = State::new(config).map_err(|p| std::io::Error::other(p.join("; ")))?;
     let backend_task = tokio::spawn(serve_backend(backend_listener, backend));
-    println!("{}", curl_session(gw_addr));
+    println!(
+        "{}",
+        curl_session(gw_addr, cert_dir.as_ref().map(|(_, ca)| ca.as_path()))
+    );
     let result = crate::server::serve(gw_listener, state, crate::server::shutdown_signal()).await;
     backend_task.abort();
+    if let Some((dir, _)) = cert_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     result
 }

@@ -140,11 +140,16 @@ impl State {
                 && o.connect_timeout == b.connect_timeout
                 && o.max_connections == b.max_connections
                 && o.max_idle == b.max_idle
+                // https:// backends get a fresh pool on reload: the CA or
+                // client certificate files may have changed.
+                && o.tls.is_none()
+                && b.tls.is_none()
         });
         let upstream = match previous {
             Some(p) if same_backend => Arc::clone(&p.upstream),
             _ => Upstream::new(
                 b.address.clone(),
+                b.tls.clone(),
                 b.connect_timeout,
                 b.max_connections,
                 b.max_idle,
@@ -184,6 +189,10 @@ impl State {
             let (o, n) = (&p.config, &config);
             if o.server.listen != n.server.listen {
                 restart_needed.push("server.listen".to_owned());
+            }
+            if o.server.tls != n.server.tls {
+                // The files themselves are watched; their paths are read at start.
+                restart_needed.push("server.tls".to_owned());
             }
             if o.server.admin_listen != n.server.admin_listen {
                 restart_needed.push("server.admin_listen".to_owned());

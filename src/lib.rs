@@ -16,6 +16,8 @@
 //! - [`ratelimit`]: per API key, per client, per route and login rate limits (429).
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`access_log`]: one JSON line per request, written off the request path.
+//! - [`tls`]: TLS termination (rustls, reloading certificates) and TLS to backends.
+//! - [`devcerts`]: a local CA and certificates for development and tests.
 //! - [`demo`]: `portcullis demo`, a gateway plus a demo backend on loopback.
 //! - [`commands`]: remote operations (`/__manage__`): allow-listed commands, jobs, schedules.
 //! - [`audit`]: the hash-chained audit log of remote operations and its verifier.
@@ -27,6 +29,7 @@ pub mod commands;
 pub mod config;
 pub mod crypto;
 pub mod demo;
+pub mod devcerts;
 pub mod envelope;
 pub mod gateway;
 pub mod metrics;
@@ -35,4 +38,5 @@ pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod sessions;
+pub mod tls;
 pub mod upstream;

@@ -27,7 +27,18 @@ enum Command {
     /// Serve with the configuration file (the default command).
     Run,
     /// Start the gateway and a demo backend on loopback and print a curl session.
-    Demo,
+    Demo {
+        /// Serve the demo over HTTPS with freshly generated certificates
+        /// (also when PORTCULLIS_DEMO_TLS is set to a non-empty value other than 0).
+        #[arg(long)]
+        tls: bool,
+    },
+    /// Create a local CA and a server certificate for localhost, 127.0.0.1 and ::1.
+    DevCerts {
+        /// Directory to write ca.crt, ca.key, server.crt and server.key into.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+    },
     /// Validate the configuration, print its routes and every problem.
     Check,
     /// Read a secret on stdin and print its `sha256:` form.
@@ -69,7 +80,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&cli.config),
-        Command::Demo => demo(),
+        Command::Demo { tls } => demo(
+            tls || std::env::var("PORTCULLIS_DEMO_TLS").is_ok_and(|v| !v.is_empty() && v != "0"),
+        ),
+        Command::DevCerts { out } => dev_certs(&out),
         Command::Check => check(&cli.config),
         Command::HashSecret => hash_secret(),
         Command::Keygen => {
@@ -148,15 +162,47 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn demo() -> ExitCode {
+fn demo(tls: bool) -> ExitCode {
     init_logging();
-    match runtime().and_then(|rt| rt.block_on(portcullis::demo::run())) {
+    match runtime().and_then(|rt| rt.block_on(portcullis::demo::run(tls))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn dev_certs(out: &std::path::Path) -> ExitCode {
+    let files = match portcullis::devcerts::write_dev_certs(out) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cannot write certificates to {}: {e}", out.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "Wrote a development CA and a server certificate for localhost, 127.0.0.1 and ::1:
+  {ca}        the CA certificate: trust this one
+  {ca_key}        the CA key (mode 0600; delete it if you will not issue more certificates)
+  {crt}    the server certificate (valid one year)
+  {key}    the server key (mode 0600)
+
+Add to the [server] section of your configuration:
+  tls = {{ cert = \"{crt}\", key = \"{key}\" }}
+
+Trust the CA:
+  curl:      curl --cacert {ca} https://localhost:8443/...
+  Debian:    sudo cp {ca} /usr/local/share/ca-certificates/portcullis-dev.crt && sudo update-ca-certificates
+  macOS:     sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {ca}
+  Firefox:   Settings > Privacy & Security > Certificates > Import {ca}
+For development only: never trust this CA on a machine you do not own.",
+        ca = files.ca_cert.display(),
+        ca_key = files.ca_key.display(),
+        crt = files.server_cert.display(),
+        key = files.server_key.display(),
+    );
+    ExitCode::SUCCESS
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

@@ -1,5 +1,7 @@
-//! Listeners and connection lifecycle: accept, connection cap, HTTP/1.1 and
-//! HTTP/2 (prior knowledge) on one port, graceful drain with a deadline.
+//! Listeners and connection lifecycle: accept, connection cap, TLS (when
+//! `server.tls` is set: handshake under `limits.tls_handshake_timeout`, ALPN
+//! `h2`/`http/1.1`, certificate reloaded when its files change), HTTP/1.1 and
+//! HTTP/2 on one port, graceful drain with a deadline.
 
 use crate::body::Body;
 use crate::config::Config;
@@ -20,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -82,6 +84,11 @@ pub async fn serve_live(
     let builder = Arc::new(http_builder(&limits));
     let (drain_tx, drain_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    // HTTPS: the certificate is loaded (and its files watched) while we serve.
+    let tls = match &state.config.server.tls {
+        Some(files) => Some(crate::tls::ServerTls::start(files).map_err(std::io::Error::other)?),
+        None => None,
+    };
 
     tokio::pin!(shutdown);
     loop {
@@ -98,7 +105,23 @@ pub async fn serve_live(
             () = &mut shutdown => break,
         };
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            tokio::spawn(refuse_overloaded(stream, live.state()));
+            match &tls {
+                None => {
+                    tokio::spawn(refuse_overloaded(stream, live.state()));
+                }
+                Some(tls) => {
+                    // Over TLS the 503 needs a handshake first; bounded in time.
+                    let (acceptor, state) = (tls.acceptor.clone(), live.state());
+                    tokio::spawn(async move {
+                        let refuse = async {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                refuse_overloaded(s, state).await;
+                            }
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(2), refuse).await;
+                    });
+                }
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -106,15 +129,31 @@ pub async fn serve_live(
             builder: Arc::clone(&builder),
             live: Arc::clone(&live),
             peer,
-            tls: false,
+            tls: tls.is_some(),
             idle_timeout: limits.idle_timeout,
             drain: drain_rx.clone(),
             done: done_tx.clone(),
         };
-        tokio::spawn(async move {
-            conn.serve(TokioIo::new(stream)).await;
-            drop(permit);
-        });
+        match &tls {
+            None => {
+                tokio::spawn(async move {
+                    conn.serve(TokioIo::new(stream)).await;
+                    drop(permit);
+                });
+            }
+            Some(tls) => {
+                let acceptor = tls.acceptor.clone();
+                let handshake_timeout = limits.tls_handshake_timeout;
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => conn.serve(TokioIo::new(stream)).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
     if let Some(commands) = live.state().commands() {
@@ -251,7 +290,7 @@ impl ConnContext {
 }
 
 /// Over the connection cap: a short 503 envelope and close, never a pile-up.
-async fn refuse_overloaded(mut stream: TcpStream, state: Arc<State>) {
+async fn refuse_overloaded<S: AsyncWrite + Unpin>(mut stream: S, state: Arc<State>) {
     let id = gateway::new_request_id();
     let resp = envelope::gateway_error(
         &GatewayError::Unavailable,

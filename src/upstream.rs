@@ -5,6 +5,9 @@
 //! pool when its response body has been read to the end, and a semaphore caps
 //! the total so thousands of device connections never become thousands of
 //! backend connections. Also here: the hop-by-hop header rules both ways.
+//!
+//! For an `https://` backend each new connection is TLS (rustls, ALPN
+//! `http/1.1`, SNI from the URL's host); the pool logic is the same.
 
 use crate::body::Body;
 use bytes::Bytes;
@@ -28,6 +31,8 @@ pub enum UpstreamError {
     Connect(std::io::Error),
     #[error("connect to backend timed out")]
     ConnectTimeout,
+    #[error("backend TLS handshake failed: {0}")]
+    Tls(std::io::Error),
     #[error("backend handshake failed: {0}")]
     Handshake(hyper::Error),
     #[error("backend request failed: {0}")]
@@ -43,6 +48,10 @@ struct Conn {
 /// The pool of connections to one backend.
 pub struct Upstream {
     address: String,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
     connect_timeout: Duration,
     idle: Mutex<Vec<Conn>>,
     max_idle: usize,
@@ -59,15 +68,17 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// A pool for `address` (`host:port`) with at most `max_connections`
-    /// connections open, `max_idle` of them kept idle.
+    /// connections open, `max_idle` of them kept idle; over TLS when `tls` is set.
     pub fn new(
         address: String,
+        tls: Option<crate::tls::BackendTls>,
         connect_timeout: Duration,
         max_connections: usize,
         max_idle: usize,
     ) -> Arc<Upstream> {
         Arc::new(Upstream {
             address,
+            tls: tls.map(|t| (tokio_rustls::TlsConnector::from(t.config), t.server_name)),
             connect_timeout,
             idle: Mutex::new(Vec::with_capacity(max_idle.min(1024))),
             max_idle,
@@ -105,20 +116,25 @@ impl Upstream {
         if let Some(conn) = self.pop_idle() {
             return Ok(conn);
         }
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.address))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout)?
-            .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "backend connection ended");
+        // TCP connect and, for https://, the TLS handshake share connect_timeout.
+        let sender = tokio::time::timeout(self.connect_timeout, async {
+            let stream = TcpStream::connect(&self.address)
+                .await
+                .map_err(UpstreamError::Connect)?;
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => handshake(stream).await,
+                Some((connector, name)) => {
+                    let stream = connector
+                        .connect(name.clone(), stream)
+                        .await
+                        .map_err(UpstreamError::Tls)?;
+                    handshake(stream).await
+                }
             }
-        });
+        })
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout)??;
         Ok(Conn {
             sender,
             _permit: permit,
@@ -173,6 +189,23 @@ impl Upstream {
     pub fn idle_count(&self) -> usize {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
+}
+
+/// HTTP/1.1 handshake on a fresh connection; the connection task runs detached.
+async fn handshake<T>(io: T) -> Result<SendRequest<Body>, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(UpstreamError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "backend connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 /// A backend response body that hands its connection back to the pool once

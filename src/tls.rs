@@ -1,0 +1,310 @@
+//! TLS both ways, with rustls (ring provider, TLS 1.2 and 1.3 only).
+//!
+//! - Device side: [`ServerTls`] terminates TLS for the listener. Protocol
+//!   versions are TLS 1.3 and 1.2; cipher suites are rustls's defaults for the
+//!   ring provider, all AEAD with ephemeral (EC)DHE key exchange:
+//!   TLS 1.3 AES-256-GCM, AES-128-GCM, ChaCha20-Poly1305; TLS 1.2
+//!   ECDHE-{ECDSA,RSA} with AES-256-GCM, AES-128-GCM, ChaCha20-Poly1305. ALPN
+//!   offers `h2` and `http/1.1`. The certificate comes from [`CertReloader`],
+//!   which re-reads the PEM files when they change (polled, and on SIGHUP) and
+//!   keeps the old certificate when the new files do not load.
+//! - Backend side: [`BackendTls`] carries the client configuration for
+//!   `https://` backends: the trust roots (`backend.ca`, or the public
+//!   webpki roots when none is given), an optional client certificate (mTLS),
+//!   ALPN `http/1.1` and the server name used for SNI and verification.
+//!
+//! Private keys are read into rustls's signing keys and never printed: error
+//! messages name the file, never its contents.
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+/// ALPN protocol ids offered to devices, in order of preference.
+pub const SERVER_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// The crypto provider used everywhere: ring, with its default (AEAD-only) suites.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Protocol versions accepted both ways: TLS 1.3 and TLS 1.2, nothing older.
+pub const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// `server.tls`: where the device-facing certificate chain and key live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// How often the files are checked for changes.
+    pub reload_interval: Duration,
+}
+
+/// Reads a PEM certificate chain (leaf first); fails on an empty file.
+pub fn read_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: invalid PEM certificate: {e}", path.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no CERTIFICATE found", path.display()));
+    }
+    Ok(chain)
+}
+
+/// Reads a PEM private key. The error never quotes the file's contents.
+pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => {
+            format!("{}: no PRIVATE KEY found", path.display())
+        }
+        _ => format!("{}: invalid PEM private key", path.display()),
+    })
+}
+
+/// Loads a certificate chain and its key, checking that they parse and match.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let chain = read_cert_chain(cert)?;
+    let key_der = read_private_key(key)?;
+    CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => format!(
+            "{} does not match the certificate in {}",
+            key.display(),
+            cert.display()
+        ),
+        other => format!(
+            "cannot use {} with {}: {other}",
+            key.display(),
+            cert.display()
+        ),
+    })
+}
+
+/// What identifies one version of a file on disk.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// The device-facing certificate, swapped in place when its files change.
+///
+/// Handshakes read the current certificate under a read lock (an `Arc`
+/// clone); [`CertReloader::reload_if_changed`] replaces it only after the new
+/// chain and key loaded and matched, so a bad update never takes the
+/// listener down: it is logged and the previous certificate keeps serving.
+pub struct CertReloader {
+    files: TlsFiles,
+    current: RwLock<Arc<CertifiedKey>>,
+    seen: Mutex<(Stamp, Stamp)>,
+}
+
+impl std::fmt::Debug for CertReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertReloader")
+            .field("cert", &self.files.cert)
+            .field("key", &self.files.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertReloader {
+    /// Loads the files once; fails when they do not load (start-up refuses).
+    pub fn new(files: TlsFiles) -> Result<CertReloader, String> {
+        let seen = (stamp(&files.cert), stamp(&files.key));
+        let key = load_certified_key(&files.cert, &files.key)?;
+        Ok(CertReloader {
+            files,
+            current: RwLock::new(Arc::new(key)),
+            seen: Mutex::new(seen),
+        })
+    }
+
+    /// Re-reads the files if their modification time or size changed.
+    /// `Ok(true)` when a new certificate was swapped in; on `Err` the old
+    /// one stays (and the same broken files are not retried until they change).
+    pub fn reload_if_changed(&self) -> Result<bool, String> {
+        let now = (stamp(&self.files.cert), stamp(&self.files.key));
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if *seen == now {
+                return Ok(false);
+            }
+            *seen = now;
+        }
+        let key = load_certified_key(&self.files.cert, &self.files.key)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+        Ok(true)
+    }
+
+    /// The certificate new handshakes get.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn check_and_log(&self) {
+        match self.reload_if_changed() {
+            Ok(true) => tracing::info!(
+                cert = %self.files.cert.display(),
+                "TLS certificate reloaded; new connections use it"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!("TLS certificate not reloaded, keeping the previous one: {e}")
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for CertReloader {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// The listener's TLS side: an acceptor plus the task that reloads its certificate.
+pub struct ServerTls {
+    /// Performs the handshakes.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// The certificate in use (exposed for tests and diagnostics).
+    pub reloader: Arc<CertReloader>,
+    watch: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("reloader", &self.reloader)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ServerTls {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
+impl ServerTls {
+    /// Loads the certificate and starts watching its files (every
+    /// `files.reload_interval`, and on SIGHUP). Must run inside a tokio runtime.
+    pub fn start(files: &TlsFiles) -> Result<ServerTls, String> {
+        let reloader = Arc::new(CertReloader::new(files.clone())?);
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(&reloader) as Arc<dyn ResolvesServerCert>);
+        config.alpn_protocols = SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
+        let watch = tokio::spawn(watch_files(Arc::clone(&reloader), files.reload_interval));
+        Ok(ServerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            reloader,
+            watch,
+        })
+    }
+}
+
+async fn watch_files(reloader: Arc<CertReloader>, every: Duration) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let every = every.max(Duration::from_millis(50));
+    loop {
+        #[cfg(unix)]
+        {
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(every) => {},
+                () = hangup => {},
+            }
+        }
+        #[cfg(not(unix))]
+        tokio::time::sleep(every).await;
+        let r = Arc::clone(&reloader);
+        let _ = tokio::task::spawn_blocking(move || r.check_and_log()).await;
+    }
+}
+
+/// TLS towards an `https://` backend.
+#[derive(Clone)]
+pub struct BackendTls {
+    /// rustls client configuration (roots, optional client certificate, ALPN `http/1.1`).
+    pub config: Arc<ClientConfig>,
+    /// Sent as SNI (DNS names) and verified against the backend's certificate.
+    pub server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for BackendTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BackendTls {
+    /// Builds the client side for backend host `host` (a DNS name or an IP
+    /// address, IPv6 with or without brackets). With `ca`, only the
+    /// certificates in that PEM file are trusted (private PKI); without, the
+    /// public webpki roots are. `client` is a (certificate chain, key) pair
+    /// presented when the backend asks for one (mTLS).
+    pub fn new(
+        host: &str,
+        ca: Option<&Path>,
+        client: Option<(&Path, &Path)>,
+    ) -> Result<BackendTls, String> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name = ServerName::try_from(host.to_owned())
+            .map_err(|_| format!("{host:?} is not a valid TLS server name"))?;
+        let mut roots = RootCertStore::empty();
+        match ca {
+            Some(ca) => {
+                for cert in read_cert_chain(ca)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("{}: unusable CA certificate: {e}", ca.display()))?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(roots);
+        let mut config = match client {
+            Some((cert, key)) => {
+                let chain = read_cert_chain(cert)?;
+                let key_der = read_private_key(key)?;
+                // Checks that the key parses and matches before handing it over.
+                load_certified_key(cert, key)?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|e| format!("{}: unusable client certificate: {e}", cert.display()))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(BackendTls {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+}
