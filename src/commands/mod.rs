@@ -529,12 +529,6 @@ impl Core {
         e.command = Some(command.to_owned());
         e.args = Some(redacted.clone());
         e.job_id = Some(id.clone());
-        if let Err(err) = self.audit.append_async(e).await {
-            tracing::error!(error = %err, "audit log write failed; refusing to run");
-            self.release(&id, lock_name.as_deref());
-            return Err(Refusal::audit_unavailable());
-        }
-
         let permit = Arc::clone(&self.slots).try_acquire_owned().ok();
         let rec = JobRecord {
             id: id.clone(),
@@ -558,8 +552,26 @@ impl Core {
             output_sha256: None,
             metadata_only,
         };
+        // The accepted line and the job record go to disk concurrently; the
+        // process starts only once both are durable.
         let put = rec.clone();
-        if let Err(err) = store::blocking(&self.store, move |s| s.put(&put, None)).await {
+        let (audited, stored) = tokio::join!(
+            self.audit.append_async(e),
+            store::blocking(&self.store, move |s| s.put(&put, None)),
+        );
+        if let Err(err) = audited {
+            tracing::error!(error = %err, "audit log write failed; refusing to run");
+            if stored.is_ok() {
+                let mut r = rec.clone();
+                r.status = Status::Rejected;
+                r.reason = Some("audit log unavailable; not run".into());
+                r.finished_at = Some(now_rfc3339());
+                let _ = store::blocking(&self.store, move |s| s.put(&r, None)).await;
+            }
+            self.release(&id, lock_name.as_deref());
+            return Err(Refusal::audit_unavailable());
+        }
+        if let Err(err) = stored {
             tracing::error!(error = %err, "job store write failed; refusing to run");
             let mut e =
                 audit::Entry::new(Event::Finished, &ctx.request_id, Status::Failed.as_str());
@@ -722,14 +734,18 @@ impl Core {
         e.duration_ms = rec.duration_ms;
         e.output_bytes = Some(total);
         e.output_sha256 = sha;
-        if let Err(err) = self.audit.append_async(e).await {
+        // Both durable before anyone sees the job as finished.
+        let put = rec.clone();
+        let keep = (!job.metadata_only).then_some(output);
+        let (audited, stored) = tokio::join!(
+            self.audit.append_async(e),
+            store::blocking(&self.store, move |s| s.put(&put, keep.as_deref())),
+        );
+        if let Err(err) = audited {
             tracing::error!(error = %err, job = %job.id, "audit log write failed for a finished run");
             job.audit_failed.store(true, Ordering::SeqCst);
         }
-        let put = rec.clone();
-        let keep = (!job.metadata_only).then_some(output);
-        if let Err(err) = store::blocking(&self.store, move |s| s.put(&put, keep.as_deref())).await
-        {
+        if let Err(err) = stored {
             tracing::error!(error = %err, job = %job.id, "job store write failed");
         }
         *lock(&job.record) = rec;
