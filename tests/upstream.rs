@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const DJANGO_DEBUG_PAGE: &str = r#"<!DOCTYPE html>
 <html lang="en"><head><title>ProgrammingError at /orders/1</title></head>
@@ -694,5 +694,30 @@ public = true"#,
         let r = gw.get("/api/echo").send().await;
         assert_eq!(r.status, 200, "request {i}: {}", r.text());
     }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn backend_stalling_mid_body_cannot_hold_the_device() {
+    use http_body_util::BodyExt;
+    let backend = Backend::start().await;
+    backend.on("/slow", Reply::stall_mid_body(b"{\"partial\": "));
+    let gw = Gateway::for_backend(&backend).await;
+    let started = Instant::now();
+    let resp = gw.get("/api/slow").send_streaming().await;
+    assert_eq!(resp.status(), 200, "the head was already on its way");
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .expect("the gateway ends a stalled body, the device is not held");
+    assert!(body.is_err(), "a cut-off body must not look complete");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "route timeout is 300ms, took {took:?}"
+    );
+
+    // The gateway keeps serving.
+    let r = gw.get("/api/status").send().await;
+    assert_eq!(r.status, 200);
     gw.stop().await;
 }

@@ -118,6 +118,8 @@ pub enum ReplyBody {
     Bytes(Bytes),
     /// `len` bytes of [`pattern`] streamed in chunks.
     Pattern(u64),
+    /// These bytes, then nothing more, ever (the declared length is larger).
+    StallAfter(Bytes),
 }
 
 /// A scripted backend answer.
@@ -159,6 +161,15 @@ impl Reply {
             ..Reply::status(200)
         }
         .header("content-type", "application/octet-stream")
+    }
+
+    /// Sends the head and `first` bytes of a longer body, then goes quiet.
+    pub fn stall_mid_body(first: &'static [u8]) -> Reply {
+        Reply {
+            body: ReplyBody::StallAfter(Bytes::from_static(first)),
+            ..Reply::status(200)
+        }
+        .header("content-length", &(first.len() + 1_000_000).to_string())
     }
 
     /// Never answers within any test's patience.
@@ -354,6 +365,7 @@ async fn backend_handle(state: &BackendState, req: Request<Incoming>) -> Respons
     let body = match reply.body {
         ReplyBody::Bytes(b) => Body::full(b),
         ReplyBody::Pattern(n) => Body::boxed(PatternBody::new(n)),
+        ReplyBody::StallAfter(first) => Body::boxed(StallingBody { first: Some(first) }),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(reply.status).expect("scripted status");
@@ -422,6 +434,26 @@ impl HttpBody for PatternBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Yields `first`, then stays pending forever.
+struct StallingBody {
+    first: Option<Bytes>,
+}
+
+impl HttpBody for StallingBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.first.take() {
+            Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            None => Poll::Pending,
+        }
     }
 }
 
