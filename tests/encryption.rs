@@ -258,3 +258,19 @@ async fn readme_python_snippet_decrypts_what_the_gateway_produced() {
     assert!(python_decrypt(OLD_KEY_B64, "username", &q["username"]).is_err());
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_encoded_parameter_name_is_still_encrypted() {
+    let (backend, gw) = gateway_with_session().await;
+    // `user%6Eame` is `username` to any backend that decodes names.
+    let q = search(&gw, &backend, "user%6Eame=mallory&e%6Dail=m%40x.io").await;
+    let ring = backend_keyring();
+    assert_eq!(
+        ring.decrypt("username", &q["user%6Eame"]).unwrap(),
+        b"mallory"
+    );
+    assert_eq!(ring.decrypt("email", &q["e%6Dail"]).unwrap(), b"m@x.io");
+    let rec = backend.last("/search");
+    assert!(!rec.uri.contains("mallory"), "{}", rec.uri);
+    gw.stop().await;
+}

@@ -721,3 +721,42 @@ async fn backend_stalling_mid_body_cannot_hold_the_device() {
     assert_eq!(r.status, 200);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_idle_keep_alive_connections() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
+    let backend = Backend::start().await;
+    let mut gw = GatewayConfig::new(backend.url())
+        .server("drain_timeout = \"10s\"")
+        .start()
+        .await;
+    // A device that made one request and keeps its connection open.
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, portcullis::body::Body>(TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("/api/status")
+        .header("host", "gateway.test")
+        .header("api-key", IOS_KEY)
+        .body(portcullis::body::Body::Empty)
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await.unwrap();
+
+    let started = Instant::now();
+    gw.trigger_shutdown();
+    gw.join().await.expect("serve returns");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "an idle keep-alive connection held shutdown for {took:?}"
+    );
+    // The device's connection was closed by the gateway.
+    let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
+    assert!(closed.is_ok(), "idle connection closed on shutdown");
+    drop(sender);
+}
