@@ -156,7 +156,13 @@ for r in "${RESULTS[@]}"; do
     echo "| $name | $c | $rps | $p50 | $p99 | $pus | $bus | $other | $st | $se | $vc |"
 done
 echo
-echo "load before: ${LOAD_BEFORE#*load average: } — after: ${LOAD_AFTER#*load average: } (2 cores; a load well above 2 means other work, e.g. a build, shared the machine and req/s / latency are noisy; CPU µs/req stays comparable)"
+echo "load before: ${LOAD_BEFORE#*load average: } — after: ${LOAD_AFTER#*load average: }"
+busy=$(for r in "${RESULTS[@]}"; do echo "$r"; done | awk -v l="${LOAD_BEFORE#*load average: }" '
+    { if ($8 + 0 > 10) b = 1 } END { split(l, a, ","); if (a[1] + 0 > 1.5) b = 1; print b + 0 }')
+if [ "$busy" = 1 ]; then
+    echo
+    echo "**WARNING: the machine was busy** (load above 1.5 before the run, or more than 10 % of the proxy's core used by other processes during a run): req/s and latency are noisy, and CPU µs/req is inflated for whichever proxy shared its core with other work. Re-run on a quiet machine for figures to quote."
+fi
 echo
 
 # verdicts: portcullis CPU/req <= 0.8 x nginx's, portcullis p99 <= nginx p99
