@@ -774,6 +774,10 @@ async fn backend_answer(
     Ok(out)
 }
 
+/// Bodies with a `Content-Length` up to this size are buffered before
+/// forwarding; larger ones are streamed.
+const BUFFER_BODIES_UP_TO: u64 = 64 << 10;
+
 /// Applies the body rules of SPEC §2 "Request bodies".
 async fn request_body(
     headers: &mut HeaderMap,
@@ -799,7 +803,12 @@ async fn request_body(
     if incoming.is_end_stream() && declared.unwrap_or(0) == 0 {
         return Ok(Body::Empty);
     }
-    let must_buffer = json || (declared.is_none() && !stream_chunked);
+    // Small bodies are read whole before a backend connection is taken
+    // (nginx's request buffering): a device sending slowly then holds only
+    // its own connection, never one of the backend pool's.
+    let must_buffer = json
+        || (declared.is_none() && !stream_chunked)
+        || declared.is_some_and(|n| n <= BUFFER_BODIES_UP_TO);
     let timed = TimedBody::new(Body::Incoming(incoming), body_timeout);
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     if !must_buffer {
