@@ -238,6 +238,24 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
         );
     }
+    if let Some(cmds) = &c.commands {
+        let mode = match &cmds.mode {
+            portcullis::commands::config::Mode::Allowlist(l) => {
+                format!("allowlist ({} names)", l.len())
+            }
+            portcullis::commands::config::Mode::Blocklist(l) => {
+                format!("blocklist ({} names)", l.len())
+            }
+        };
+        println!(
+            "remote operations: {} operators, django preset {}, {mode}, {} custom commands, {} schedules, audit log {}",
+            c.operators.len(),
+            if cmds.django.is_some() { "on" } else { "off" },
+            cmds.custom.len(),
+            cmds.schedules.len(),
+            cmds.audit_log.display()
+        );
+    }
     for w in &c.warnings {
         println!("warning: {w}");
     }

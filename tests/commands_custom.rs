@@ -104,6 +104,19 @@ async fn echo_runs_inline_and_is_audited() {
     assert_eq!(job["operator"], "alice");
     let out = get(&env, &format!("/__manage__/jobs/{id}/output")).await;
     assert_eq!(out.text(), "hello\n");
+
+    // Dot segments are resolved the same way the gateway routed them.
+    let r = run(&env, "./x/../echo", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["output"], "hello\n");
+    // Unknown endpoints and wrong methods.
+    let r = get(&env, "/__manage__/jobs").await;
+    assert_eq!(r.status, 404);
+    let r = get(&env, "/__manage__/echo").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.headers["allow"], "POST");
+    let r = get(&env, "/__manage__/jobs/not-hex").await;
+    assert_eq!(r.status, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

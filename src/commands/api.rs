@@ -94,8 +94,19 @@ where
     B: http_body::Body<Data = Bytes> + Send,
     B::Error: Into<crate::body::BoxError>,
 {
-    let path = req.uri().path().to_owned();
-    let rest = path.strip_prefix("/__manage__").unwrap_or("");
+    // The same normalization the gateway routed on (dot segments, percent
+    // decoding of unreserved characters), so both agree on the path.
+    let Ok(path) = crate::routes::normalize(req.uri().path()) else {
+        return error(
+            core,
+            StatusCode::BAD_REQUEST,
+            "Invalid request path",
+            request_id,
+        );
+    };
+    let Some(rest) = path.strip_prefix("/__manage__") else {
+        return error(core, StatusCode::NOT_FOUND, "Not found", request_id);
+    };
     let segments: Vec<&str> = rest
         .trim_start_matches('/')
         .split('/')
