@@ -691,3 +691,37 @@ argv = ["sleep", "36.61"]
     let r = run(&env, "echo", "").await;
     assert_eq!(r.status, 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_all_stops_every_running_command() {
+    let env = start_show(
+        r#"
+sync_wait = "0s"
+[[commands.custom]]
+name = "long"
+argv = ["sleep", "39.91"]
+"#,
+    )
+    .await;
+    let r = run(&env, "long", "").await;
+    assert_eq!(r.status, 202);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    for _ in 0..100 {
+        if process_with("sleep 39.91") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The pid is recorded right after spawn; retry until the kill lands.
+    for _ in 0..100 {
+        env.commands.kill_all();
+        if !process_with("sleep 39.91") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let job = wait_job(&env, &id, 5).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["reason"], "killed by signal 9");
+    assert!(no_process_with("sleep 39.91").await);
+}

@@ -111,6 +111,8 @@ struct Job {
     cancel: watch::Sender<Option<String>>,
     /// The `finished` audit line could not be written.
     audit_failed: AtomicBool,
+    /// Process group of the running process (0 before start and after exit).
+    pgid: std::sync::atomic::AtomicU32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +169,7 @@ struct RunSink {
 
 impl runner::Sink for RunSink {
     fn started(&self, pid: u32) {
+        self.job.pgid.store(pid, Ordering::SeqCst);
         // Not fsynced on purpose: it only has to survive the gateway being
         // killed, not the machine (after a reboot the process is gone anyway).
         let start = runner::process_start_time(pid).unwrap_or(0);
@@ -324,6 +327,22 @@ impl Commands {
                     "commands still running at shutdown deadline"
                 );
                 return;
+            }
+        }
+    }
+}
+
+impl Commands {
+    /// Emergency stop: SIGKILLs the process group of every running command
+    /// at once, without waiting (their jobs then end as `failed`, "killed by
+    /// signal 9", and are recorded as usual). Synchronous, so it can run from
+    /// `Drop` (test teardown) or a panic path.
+    pub fn kill_all(&self) {
+        let jobs: Vec<Arc<Job>> = lock(&self.core.state).live.values().cloned().collect();
+        for job in jobs {
+            let pgid = job.pgid.load(Ordering::SeqCst);
+            if pgid != 0 {
+                runner::signal_group(pgid, libc::SIGKILL);
             }
         }
     }
@@ -604,6 +623,7 @@ impl Core {
             version,
             cancel,
             audit_failed: AtomicBool::new(false),
+            pgid: std::sync::atomic::AtomicU32::new(0),
         });
         lock(&self.state).live.insert(id, Arc::clone(&job));
         let core = Arc::clone(self);
@@ -666,6 +686,7 @@ impl Core {
             pid_file: self.pid_dir.join(&job.id),
         };
         let end = runner::run(&plan, &sink, job.cancel.subscribe()).await;
+        job.pgid.store(0, Ordering::SeqCst);
         let _ = std::fs::remove_file(&sink.pid_file);
         self.finish(&job, end, Some(started.elapsed()), lock_name, client)
             .await;

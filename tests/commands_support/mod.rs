@@ -30,6 +30,8 @@ pub struct Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // Nothing a test started may outlive it, even when it fails.
+        self.commands.kill_all();
         self.server.abort();
     }
 }
