@@ -93,6 +93,7 @@ pub struct RawCommands {
     env: Option<Vec<String>>,
     state_dir: Option<String>,
     audit_log: Option<String>,
+    job_retention: Option<String>,
     #[serde(default)]
     rules: BTreeMap<String, RawRule>,
     #[serde(default)]
@@ -286,6 +287,9 @@ pub struct CommandsConfig {
     pub state_dir: PathBuf,
     /// The audit log file.
     pub audit_log: PathBuf,
+    /// Ended jobs (records and output) older than this are deleted from the
+    /// job store (at start and hourly). The audit log is never pruned.
+    pub job_retention: Duration,
     /// Per-command rules.
     pub rules: BTreeMap<String, Rule>,
     /// Cron schedules.
@@ -623,6 +627,8 @@ pub fn validate(raw: &RawCommands, p: &mut Problems) -> Option<CommandsConfig> {
         env,
         state_dir,
         audit_log,
+        job_retention: duration(&raw.job_retention, "commands.job_retention", p)
+            .unwrap_or(Duration::from_secs(30 * 24 * 3600)),
         rules,
         schedules: Vec::new(),
     };

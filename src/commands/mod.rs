@@ -274,7 +274,8 @@ impl Commands {
             shutdown_tx,
         });
         core.recover().await?;
-        let scheduler = scheduler::spawn_all(&core);
+        let mut scheduler = scheduler::spawn_all(&core);
+        scheduler.push(tokio::spawn(prune_loop(Arc::clone(&core))));
         Ok(Arc::new(Commands {
             core,
             scheduler: Mutex::new(scheduler),
@@ -345,6 +346,23 @@ impl Commands {
                 runner::signal_group(pgid, libc::SIGKILL);
             }
         }
+    }
+}
+
+/// Deletes ended jobs older than `commands.job_retention`, at start and hourly.
+async fn prune_loop(core: Arc<Core>) {
+    loop {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let cutoff = now.saturating_sub(core.cfg.job_retention).as_millis() as u64;
+        let floor = store::id_floor(cutoff);
+        match store::blocking(&core.store, move |s| s.prune(&floor)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "pruned ended jobs past commands.job_retention"),
+            Err(err) => tracing::warn!(error = %err, "could not prune the job store"),
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
     }
 }
 

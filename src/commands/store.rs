@@ -170,6 +170,34 @@ impl Store {
         Ok(table.get(id).map_err(e)?.map(|v| v.value().to_vec()))
     }
 
+    /// Deletes ended jobs whose id sorts before `cutoff` (ids start with
+    /// their creation time in fixed-width hex milliseconds, so this is "created
+    /// before"). Returns how many were deleted.
+    pub fn prune(&self, cutoff: &str) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write().map_err(e)?;
+        let mut n = 0;
+        {
+            let mut jobs = txn.open_table(JOBS).map_err(e)?;
+            let active = txn.open_table(ACTIVE).map_err(e)?;
+            let mut output = txn.open_table(OUTPUT).map_err(e)?;
+            let mut old = Vec::new();
+            for item in jobs.range::<&str>(..cutoff).map_err(e)? {
+                let (id, _) = item.map_err(e)?;
+                let id = id.value().to_owned();
+                if active.get(id.as_str()).map_err(e)?.is_none() {
+                    old.push(id);
+                }
+            }
+            for id in old {
+                jobs.remove(id.as_str()).map_err(e)?;
+                output.remove(id.as_str()).map_err(e)?;
+                n += 1;
+            }
+        }
+        txn.commit().map_err(e)?;
+        Ok(n)
+    }
+
     /// Jobs that were queued or running when the store was last written.
     pub fn active(&self) -> Result<Vec<JobRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(e)?;
@@ -198,4 +226,64 @@ where
     tokio::task::spawn_blocking(move || f(&store))
         .await
         .map_err(e)?
+}
+
+/// The smallest job id created at `millis` (see `new_job_id`).
+pub fn id_floor(millis: u64) -> String {
+    format!("{millis:012x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, status: Status) -> JobRecord {
+        JobRecord {
+            id: id.to_owned(),
+            command: "c".into(),
+            operator: "o".into(),
+            request_id: "r".into(),
+            args: Value::Null,
+            status,
+            reason: None,
+            exit_code: None,
+            created_at: String::new(),
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            output_bytes: 0,
+            output_truncated: false,
+            output_sha256: None,
+            metadata_only: false,
+        }
+    }
+
+    #[test]
+    fn records_active_index_output_and_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old_done = format!("{}{:016x}", id_floor(1_000), 1);
+        let old_running = format!("{}{:016x}", id_floor(2_000), 2);
+        let new_done = format!("{}{:016x}", id_floor(9_000), 3);
+        store
+            .put(&rec(&old_done, Status::Succeeded), Some(b"out"))
+            .unwrap();
+        store
+            .put(&rec(&old_running, Status::Running), None)
+            .unwrap();
+        store
+            .put(&rec(&new_done, Status::Failed), Some(b"x"))
+            .unwrap();
+        assert_eq!(store.active().unwrap().len(), 1);
+        assert_eq!(store.output(&old_done).unwrap().unwrap(), b"out");
+        assert_eq!(store.prune(&id_floor(5_000)).unwrap(), 1);
+        assert!(store.get(&old_done).unwrap().is_none());
+        assert!(store.output(&old_done).unwrap().is_none());
+        assert!(store.get(&old_running).unwrap().is_some());
+        assert!(store.get(&new_done).unwrap().is_some());
+        drop(store);
+        // Reopening finds the same state.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.active().unwrap()[0].id, old_running);
+    }
 }
