@@ -214,3 +214,52 @@ fn audit_verify_points_at_the_tampered_line() {
     let (code, _) = verify_cli(&dir.path().join("missing.jsonl"));
     assert_eq!(code, 2);
 }
+
+/// The commented `[commands]` example in `config/portcullis.toml`, once
+/// uncommented, passes `portcullis check` (the docs cannot drift from the code).
+#[test]
+fn commented_commands_example_passes_check() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/config/portcullis.toml")).unwrap();
+    let marker = "# [[operators]]";
+    let start = text.find(marker).expect("commented [commands] example");
+    let dir = tempfile::tempdir().unwrap();
+    let uncommented: String = text[start..]
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest) if !rest.starts_with('#') => rest.to_owned(),
+            _ if l == "#" => String::new(),
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            "sha256:<hex>",
+            &portcullis::secret::hash_form(b"operator-token"),
+        )
+        .replace("/var/lib/portcullis", &dir.path().display().to_string())
+        .replace(
+            "/var/log/portcullis/audit.jsonl",
+            &dir.path().join("audit.jsonl").display().to_string(),
+        );
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(&config, format!("{}{uncommented}\n", &text[..start])).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("PORTCULLIS_BACKEND_KEY", "backend-credential")
+        .env("PORTCULLIS_WEB_KEY", "web-key")
+        .env(
+            "PORTCULLIS_PARAM_KEY",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("remote operations: 1 operators, django preset on, allowlist (3 names), 1 custom commands, 1 schedules"),
+        "{stdout}"
+    );
+}
