@@ -420,7 +420,7 @@ async fn sse_streams_a_running_job_with_increasing_ids() {
         r#"
 [[commands.custom]]
 name = "lines"
-argv = ["sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.2; done"]
+argv = ["sh", "-c", "for i in 1 2 3 4 5; do echo line$i; sleep 0.3; done"]
 "#,
     )
     .await;
@@ -461,7 +461,7 @@ argv = ["sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.2; done"]
         .collect();
     assert!(ids.len() >= 2, "{text}");
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
-    assert_eq!(*ids.last().unwrap(), 18);
+    assert_eq!(*ids.last().unwrap(), 30);
     assert!(
         text.ends_with(
             "event: end\ndata: {\"exit_code\":0,\"reason\":null,\"status\":\"succeeded\"}\n\n"

@@ -180,7 +180,7 @@ async fn run_past_its_timeout_ends_timed_out() {
     }
     let config = django_config(r#"allow = ["ops_report"]"#, "").replace(
         "[commands.rules.ops_report]\n",
-        "[commands.rules.ops_report]\ntimeout = \"2s\"\n",
+        "[commands.rules.ops_report]\ntimeout = \"4s\"\n",
     );
     let env = start(&config).await;
     let r = run(
