@@ -13,6 +13,8 @@
 #   PORTCULLIS_LOG=warn                       RUST_LOG for portcullis (access logs off, as nginx)
 #   BENCH_KEEP=1                              keep the temp dir (configs, logs, wrk output)
 #   BENCH_STRICT=1                            exit 3 when a target verdict fails
+#   BENCH_WAIT_QUIET=600                      first wait (at most that many seconds) until no
+#                                             rustc/cargo and no other wrk runs on the machine
 #
 # The proxy's CPU per request is the delta of utime+stime (/proc/PID/stat, all of its
 # processes: nginx master + workers; portcullis's threads) over the measured run, divided
@@ -31,6 +33,19 @@ BACKEND_CPU="${BACKEND_CPU:-0}"
 ensure_tools nginx:nginx wrk:wrk curl:curl taskset:util-linux getconf:libc-bin pgrep:procps
 [ "$(nproc --all)" -ge 2 ] || die "needs 2 cores (proxy pinned to CPU $PROXY_CPU, load + backend to CPU $BACKEND_CPU)"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+
+if [ "${BENCH_WAIT_QUIET:-0}" -gt 0 ]; then
+    quiet=0 deadline=$(( $(date +%s) + BENCH_WAIT_QUIET ))
+    while [ "$quiet" -lt 3 ] && [ "$(date +%s)" -lt "$deadline" ]; do
+        if pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null || pgrep -x wrk >/dev/null; then
+            quiet=0
+        else
+            quiet=$((quiet + 1))
+        fi
+        sleep 5
+    done
+    [ "$quiet" -ge 3 ] && log "machine quiet (no build, no other wrk)" || log "machine still busy after ${BENCH_WAIT_QUIET}s; running anyway"
+fi
 
 bench_init
 case " $TARGETS " in *" portcullis "*) build_portcullis ;; esac
