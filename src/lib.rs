@@ -11,6 +11,7 @@
 //!   entries, expiry, rotation, eviction.
 //! - [`upstream`]: bounded keep-alive connection pool to the backend; hop-by-hop rules.
 //! - [`envelope`]: the one place errors become `{"error": {...}}` responses.
+//! - [`parse_errors`]: hyper's bare answers to unparsable HTTP/1 requests, rewritten as envelopes.
 //! - [`crypto`]: AES-256-GCM encrypted query parameters.
 //! - [`body`]: the body type flowing both ways.
 //! - [`ratelimit`]: per API key, per client, per route and login rate limits (429).
@@ -33,6 +34,7 @@ pub mod devcerts;
 pub mod envelope;
 pub mod gateway;
 pub mod metrics;
+pub mod parse_errors;
 pub mod ratelimit;
 pub mod routes;
 pub mod secret;

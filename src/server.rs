@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::config::Limits;
 use crate::envelope::{self, GatewayError};
 use crate::gateway::{self, State};
+use crate::parse_errors::{EnvelopeErrors, ErrorStyle};
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -82,6 +83,11 @@ pub async fn serve_live(
     let drain_timeout = state.config.server.drain_timeout;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let builder = Arc::new(http_builder(&limits));
+    // hyper's own answers to unparsable requests become envelopes too.
+    let style = ErrorStyle {
+        error_type: Arc::from(state.config.server.error_type.as_str()),
+        server: state.config.server.server_header.clone(),
+    };
     let (drain_tx, drain_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     // HTTPS: the certificate is loaded (and its files watched) while we serve.
@@ -134,10 +140,12 @@ pub async fn serve_live(
             drain: drain_rx.clone(),
             done: done_tx.clone(),
         };
+        let style = style.clone();
         match &tls {
             None => {
                 tokio::spawn(async move {
-                    conn.serve(TokioIo::new(stream)).await;
+                    conn.serve(TokioIo::new(EnvelopeErrors::new(stream, style)))
+                        .await;
                     drop(permit);
                 });
             }
@@ -146,7 +154,10 @@ pub async fn serve_live(
                 let handshake_timeout = limits.tls_handshake_timeout;
                 tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => conn.serve(TokioIo::new(stream)).await,
+                        Ok(Ok(stream)) => {
+                            conn.serve(TokioIo::new(EnvelopeErrors::new(stream, style)))
+                                .await
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
