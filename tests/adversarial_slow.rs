@@ -82,6 +82,8 @@ impl Drop for Attack {
 /// Skips (returns false) with a message when this process cannot open
 /// enough sockets for `needed` connections (both ends are in-process).
 fn enough_files(needed: u64) -> bool {
+    // The three tests here may run at once: ask for room for all of them.
+    raise_open_files(8192);
     let limit = open_files_limit();
     if limit < needed {
         eprintln!("SKIPPED: ulimit -n is {limit}, below the {needed} this test needs; raise it (ulimit -n 4096) to run it");

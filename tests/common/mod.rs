@@ -1248,6 +1248,31 @@ pub fn assert_no_panics() {
     assert!(seen.is_empty(), "panics outside the tests: {seen:#?}");
 }
 
+/// Raises this process's soft open-files limit to `want` (capped by the hard
+/// limit); returns the soft limit in force afterwards.
+pub fn raise_open_files(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if (lim.rlim_cur as u64) < want {
+            let new = libc::rlimit {
+                rlim_cur: want.min(lim.rlim_max as u64) as libc::rlim_t,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &new) == 0 {
+                lim = new;
+            }
+        }
+    }
+    lim.rlim_cur as u64
+}
+
 /// The soft limit on open files of this process (`ulimit -n` of a child shell).
 pub fn open_files_limit() -> u64 {
     std::process::Command::new("sh")
