@@ -1250,6 +1250,8 @@ pub fn assert_no_panics() {
 
 /// Raises this process's soft open-files limit to `want` (capped by the hard
 /// limit); returns the soft limit in force afterwards.
+// `rlim_t` is `u64` on Linux but not on every platform.
+#[allow(clippy::unnecessary_cast)]
 pub fn raise_open_files(want: u64) -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
