@@ -252,7 +252,10 @@ impl ConnContext {
                 let activity = Arc::clone(&activity);
                 activity.in_flight.fetch_add(1, Ordering::Relaxed);
                 async move {
-                    let resp = gateway::handle(&state, req, peer, tls).await;
+                    let mut resp = gateway::handle(&state, req, peer, tls).await;
+                    if tls {
+                        crate::tls::add_security_headers(resp.headers_mut());
+                    }
                     activity.in_flight.fetch_sub(1, Ordering::Relaxed);
                     if let Ok(mut last) = activity.last.lock() {
                         *last = Some(tokio::time::Instant::now());

@@ -173,6 +173,11 @@ async fn http2_and_http1_both_work_end_to_end() {
     );
     let resp = get_http2(h2, "localhost", "/api/status").await;
     assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        resp.header("strict-transport-security"),
+        Some("max-age=31536000")
+    );
+    assert_eq!(resp.header("x-content-type-options"), Some("nosniff"));
     assert_eq!(resp.json()["path"], "/status");
     let seen = backend.last("/status");
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
