@@ -83,13 +83,22 @@ async fn get_http1(stream: TlsStream<TcpStream>, path: &str) -> Resp {
 }
 
 async fn get_http2(stream: TlsStream<TcpStream>, authority: &str, path: &str) -> Resp {
+    get_http2_with_key(stream, authority, path, IOS_KEY).await
+}
+
+async fn get_http2_with_key(
+    stream: TlsStream<TcpStream>,
+    authority: &str,
+    path: &str,
+    api_key: &str,
+) -> Resp {
     let (mut send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .unwrap();
     tokio::spawn(conn);
     let req = Request::get(format!("https://{authority}{path}"))
-        .header("api-key", IOS_KEY)
+        .header("api-key", api_key)
         .body(Empty::<Bytes>::new())
         .unwrap();
     collect(send.send_request(req).await.unwrap()).await
@@ -637,4 +646,104 @@ fn dev_certs_command_writes_a_usable_ca_and_server_certificate() {
             )
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_handshake_is_dropped() {
+    let backend = Backend::start().await;
+    let ca = DevCa::new("test CA").unwrap();
+    let server = ca.issue_server(&["localhost"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write(dir.path(), "server.crt", &server.cert_pem);
+    let key = write(dir.path(), "server.key", &server.key_pem);
+    let gw = GatewayConfig::new(backend.url())
+        .server(&format!("tls = {{ cert = {cert:?}, key = {key:?} }}"))
+        .limits("tls_handshake_timeout = \"300ms\"")
+        .start()
+        .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = std::time::Instant::now();
+    let mut silent = TcpStream::connect(gw.addr).await.unwrap();
+    // Half a ClientHello record header, then nothing.
+    silent.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(TIMEOUT, silent.read(&mut buf))
+        .await
+        .expect("closed by the gateway")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing is sent before the handshake");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Others are served meanwhile.
+    let ok = tls_connect(gw.addr, "localhost", &ca.ca.cert_pem, &[b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(get_http1(ok, "/api/status").await.status, 200);
+}
+
+#[test]
+fn the_demo_runs_over_tls() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("demo")
+        .env("PORTCULLIS_DEMO_TLS", "1")
+        .env("PORTCULLIS_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let pid = i32::try_from(child.id()).unwrap();
+    let mut guard = Kill(child);
+    let mut port = None;
+    let mut ca = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("https://localhost:").nth(1) {
+            port = port.or_else(|| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok())
+            });
+        }
+        if let Some(rest) = line.split("--cacert ").nth(1) {
+            ca = ca.or_else(|| rest.split_whitespace().next().map(str::to_owned));
+        }
+        if line.contains("Press Ctrl-C") {
+            break;
+        }
+    }
+    let (port, ca) = (
+        port.expect("https URL printed"),
+        ca.expect("--cacert printed"),
+    );
+    let ca_pem = std::fs::read_to_string(&ca).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let s = tls_connect(addr, "localhost", &ca_pem, &[b"h2"])
+            .await
+            .unwrap();
+        let resp = get_http2_with_key(
+            s,
+            "localhost",
+            "/api/status",
+            portcullis::demo::DEMO_API_KEY,
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    });
+    // SIGTERM: a graceful stop removes the demo's temporary certificates.
+    // SAFETY: kill(2) on the child we spawned and still own.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = guard.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!std::path::Path::new(&ca).exists(), "{ca} left behind");
 }
