@@ -109,7 +109,9 @@ pub fn is_body_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 pub struct TimedBody {
     inner: Body,
     timeout: std::time::Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Allocated on the first `Pending` only: bodies that are ready when
+    /// polled (the common case for small answers) never touch the timer.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The deadline runs from the first `Pending` since the last frame.
     armed: bool,
 }
@@ -120,8 +122,8 @@ impl TimedBody {
         TimedBody {
             inner,
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
-            armed: true,
+            sleep: None,
+            armed: false,
         }
     }
 }
@@ -141,12 +143,21 @@ impl HttpBody for TimedBody {
                 Poll::Ready(frame)
             }
             Poll::Pending => {
-                if !this.armed {
-                    this.armed = true;
-                    let next = tokio::time::Instant::now() + this.timeout;
-                    this.sleep.as_mut().reset(next);
-                }
-                match this.sleep.as_mut().poll(cx) {
+                let sleep = match &mut this.sleep {
+                    Some(sleep) => {
+                        if !this.armed {
+                            sleep
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + this.timeout);
+                        }
+                        sleep
+                    }
+                    None => this
+                        .sleep
+                        .insert(Box::pin(tokio::time::sleep(this.timeout))),
+                };
+                this.armed = true;
+                match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
                     Poll::Pending => Poll::Pending,
                 }
