@@ -704,7 +704,8 @@ fn the_demo_runs_over_tls() {
     let mut guard = Kill(child);
     let mut port = None;
     let mut ca = None;
-    for line in BufReader::new(stdout).lines() {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
         let line = line.unwrap();
         if let Some(rest) = line.split("https://localhost:").nth(1) {
             port = port.or_else(|| {
