@@ -465,6 +465,13 @@ async fn dispatch(
             "client_ip",
         )?;
     }
+    // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host (hyper does
+    // not check); ambiguous ones are refused rather than guessed at.
+    if req.version() == http::Version::HTTP_11
+        && req.headers().get_all(header::HOST).iter().count() != 1
+    {
+        return Err(GatewayError::BadRequest("Missing or repeated Host header"));
+    }
     // CONNECT to a host (authority form) is never tunnelled; CONNECT to a
     // path goes through the checks below and gets the route's `Allow`.
     if req.method() == Method::CONNECT && !req.uri().path().starts_with('/') {
