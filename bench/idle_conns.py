@@ -15,10 +15,11 @@ import resource
 import sys
 
 
-async def one(host, port, request, sem, statuses, conns):
+async def one(host, port, request, sem, statuses, conns, ssl_ctx=None):
     async with sem:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=ssl_ctx, server_hostname="localhost" if ssl_ctx else None), 10)
         except Exception as e:  # noqa: BLE001 - counted and reported
             statuses["connect-error:" + type(e).__name__] += 1
             return
@@ -58,7 +59,13 @@ async def main():
     ap.add_argument("--parallel", type=int, default=256, help="connections being opened at once")
     ap.add_argument("--hold", type=float, default=300.0, help="seconds to hold at most")
     ap.add_argument("--header", action="append", default=[])
+    ap.add_argument("--tls-ca", default=None, help="HTTPS: CA file to verify the server (name: localhost)")
     a = ap.parse_args()
+    ssl_ctx = None
+    if a.tls_ca:
+        import ssl
+        ssl_ctx = ssl.create_default_context(cafile=a.tls_ca)
+        ssl_ctx.set_alpn_protocols(["http/1.1"])
     if not a.host.startswith("127.") and a.host not in ("localhost", "::1"):
         sys.exit("loopback addresses only")
 
@@ -77,7 +84,7 @@ async def main():
     statuses = collections.Counter()
     conns = []
     sem = asyncio.Semaphore(a.parallel)
-    await asyncio.gather(*(one(a.host, a.port, req, sem, statuses, conns) for _ in range(a.count)))
+    await asyncio.gather(*(one(a.host, a.port, req, sem, statuses, conns, ssl_ctx) for _ in range(a.count)))
     ok = statuses.get("200", 0)
     print(f"READY ok={ok} failed={a.count - ok} statuses={json.dumps(dict(statuses))}", flush=True)
 

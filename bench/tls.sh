@@ -9,11 +9,14 @@
 # Two parts:
 #   1. HTTPS/1.1 keep-alive with wrk (TLS 1.3): req/s, p50/p99, proxy CPU µs per request.
 #   2. HTTP/2 over TLS with h2load (Debian nghttp2-client): req/s and CPU µs per request.
+#   3. Memory: RSS growth per idle HTTPS keep-alive connection (bench/idle_conns.py --tls-ca).
 #
 # Environment (all optional):
 #   BENCH_TARGETS="nginx portcullis"   BENCH_CONNECTIONS="32 256"
 #   BENCH_WARMUP=2s  BENCH_DURATION=8s          (wrk)
 #   H2_CONNECTIONS=32  H2_STREAMS=10  H2_DURATION=8   (h2load -c, -m, -D seconds)
+#   TLS_IDLE_CONNS=2000     idle HTTPS keep-alive connections held open for the memory
+#                           figure (RSS growth per connection); 0 skips it
 #   PROXY_CPU=1  BACKEND_CPU=0  PORTCULLIS_LOG=warn  BENCH_KEEP=1  BENCH_STRICT=1
 #
 # CPU per request = delta of utime+stime (/proc/PID/stat; nginx master + workers,
@@ -28,6 +31,7 @@ DURATION="${BENCH_DURATION:-8s}"
 H2_CONNECTIONS="${H2_CONNECTIONS:-32}"
 H2_STREAMS="${H2_STREAMS:-10}"
 H2_DURATION="${H2_DURATION:-8}"
+TLS_IDLE_CONNS="${TLS_IDLE_CONNS:-2000}"
 PROXY_CPU="${PROXY_CPU:-1}"
 BACKEND_CPU="${BACKEND_CPU:-0}"
 
@@ -150,6 +154,30 @@ done
 for t in $TARGETS; do measure_h2 "$t"; done
 LOAD_AFTER="$(uptime)"
 
+IDLERESULTS=() # "target conns kib_per_conn"
+proxy_rss() { local t=0 p; for p in $(proxy_pids "$1"); do t=$((t + $(rss_kib "$p"))); done; echo "$t"; }
+measure_idle() { # TARGET
+    local t=$1 port r0 r1 out="$WORK/idle-$1" pid
+    port="${URL[$1]#https://localhost:}"; port="${port%%/*}"
+    r0=$(proxy_rss "$t")
+    taskset -c "$BACKEND_CPU" python3 "$BENCH_DIR/idle_conns.py" --port "$port" --count "$TLS_IDLE_CONNS" \
+        --tls-ca "$CURL_CA_BUNDLE" --hold 600 --header "Api-Key: $API_KEY" --header "User-Token: $TOKEN" >"$out" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 600); do grep -q '^READY' "$out" && break; kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    grep -q '^READY ok='"$TLS_IDLE_CONNS"' ' "$out" || { kill "$pid" 2>/dev/null; die "$t: idle connections not all served: $(tail -3 "$out")"; }
+    sleep 1
+    r1=$(proxy_rss "$t")
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    IDLERESULTS+=("$t $TLS_IDLE_CONNS $(awk -v a="$r0" -v b="$r1" -v n="$TLS_IDLE_CONNS" 'BEGIN { printf "%.1f", (b - a) / n }')")
+    log "idle ${IDLERESULTS[-1]}"
+    sleep 1
+}
+if [ "$TLS_IDLE_CONNS" -gt 0 ]; then
+    ensure_tools python3:python3
+    for t in $TARGETS; do measure_idle "$t"; done
+fi
+
 echo
 echo "## portcullis TLS benchmark — $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo
@@ -174,6 +202,17 @@ for r in "${H2RESULTS[@]}"; do
     echo "| $t | $rps | $pus | $f |"
 done
 echo
+if [ ${#IDLERESULTS[@]} -gt 0 ]; then
+    echo "### Idle HTTPS keep-alive connections (one request each, then idle)"
+    echo
+    echo "| target | connections | RSS growth KiB/connection |"
+    echo "| --- | ---: | ---: |"
+    for r in "${IDLERESULTS[@]}"; do
+        read -r t n k <<<"$r"
+        echo "| $t | $n | $k |"
+    done
+    echo
+fi
 echo "load before: ${LOAD_BEFORE#*load average: } — after: ${LOAD_AFTER#*load average: }"
 echo
 
