@@ -66,6 +66,9 @@ pub struct State {
     login_salt: u64,
     sessions: Arc<Sessions>,
     upstream: Arc<Upstream>,
+    /// Streamed (unbuffered) uploads in flight: at most half the backend
+    /// pool, so slow senders of large bodies cannot take every connection.
+    uploads: Arc<tokio::sync::Semaphore>,
     keyring: Option<Keyring>,
     error_type: String,
     server_header: HeaderValue,
@@ -155,6 +158,10 @@ impl State {
                 b.max_idle,
             ),
         };
+        let uploads = match previous {
+            Some(p) if same_backend => Arc::clone(&p.uploads),
+            _ => Arc::new(tokio::sync::Semaphore::new((b.max_connections / 2).max(1))),
+        };
         let metrics = match previous {
             Some(p) => Arc::clone(&p.metrics),
             None => Metrics::new(),
@@ -230,6 +237,7 @@ impl State {
             login_salt: previous.map_or_else(|| fastrand::u64(..), |p| p.login_salt),
             sessions,
             upstream,
+            uploads,
             keyring,
             error_type: config.server.error_type.clone(),
             server_header: config.server.server_header.clone(),
@@ -574,8 +582,23 @@ async fn dispatch(
     parts.version = http::Version::HTTP_11;
     backend_headers(state, &mut parts.headers, ctx, api_key, forwarded_token);
 
+    // A streamed upload takes one of the upload permits (half the backend
+    // pool) until the backend answers; waiting counts against the deadline.
+    let upload = match &body {
+        Body::Boxed(_) | Body::Incoming(_) => Some(
+            tokio::time::timeout_at(
+                tokio::time::Instant::from_std(deadline),
+                Arc::clone(&state.uploads).acquire_owned(),
+            )
+            .await
+            .map_err(|_| GatewayError::Unavailable)?
+            .map_err(|_| GatewayError::Unavailable)?,
+        ),
+        _ => None,
+    };
     let sent = Instant::now();
     let resp = send(state, Request::from_parts(parts, body), deadline).await?;
+    drop(upload);
     let took = sent.elapsed();
     info.upstream = Some(took);
     state.metrics.upstream(&route.label, took.as_secs_f64());
