@@ -242,6 +242,11 @@ http {
     }
 }
 EOF
+    # access log: off (like portcullis below) unless BENCH_ACCESS_LOG=1, then one JSON
+    # line per request to a buffered file, as portcullis writes its own
+    if [ "${BENCH_ACCESS_LOG:-0}" = 1 ]; then
+        sed -i "0,/^    access_log off;/s||    log_format gw escape=json '{\"time\":\"\$time_iso8601\",\"request_id\":\"\$request_id\",\"client\":\"\$remote_addr\",\"api_client\":\"\$api_client\",\"method\":\"\$request_method\",\"path\":\"\$uri\",\"status\":\$status,\"bytes\":\$body_bytes_sent,\"duration_ms\":\$request_time,\"upstream_ms\":\"\$upstream_response_time\"}';\n    access_log $dir/logs/access.jsonl gw buffer=64k flush=1s;|" "$dir/nginx.conf"
+    fi
     taskset -c "${PROXY_CPU:-1}" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" \
         >"$dir/logs/stdout.log" 2>&1 &
     NGINX_GW_PID=$!
@@ -309,6 +314,11 @@ methods = ["GET"]
 public = false
 $extra
 EOF
+    # access log off, as nginx's (portcullis's default is a JSON line per request on
+    # stdout); BENCH_ACCESS_LOG=1 turns both on, to a file
+    local alog='"off"'
+    [ "${BENCH_ACCESS_LOG:-0}" = 1 ] && alog="\"$dir/access.jsonl\""
+    sed -i "0,/^\[server\]$/s||[server]\naccess_log = $alog|" "$dir/portcullis.toml"
     RUST_LOG="${PORTCULLIS_LOG:-warn}" taskset -c "${PROXY_CPU:-1}" \
         "$PORTCULLIS_BIN" --config "$dir/portcullis.toml" >"$dir/stdout.log" 2>"$dir/stderr.log" &
     PORTCULLIS_PID=$!

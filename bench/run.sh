@@ -10,7 +10,9 @@
 #   BENCH_CONNECTIONS="32 256"                wrk connection counts
 #   BENCH_WARMUP=2s  BENCH_DURATION=8s        wrk warm-up and measured run
 #   PROXY_CPU=1  BACKEND_CPU=0                cores (proxy alone; backend + wrk together)
-#   PORTCULLIS_LOG=warn                       RUST_LOG for portcullis (access logs off, as nginx)
+#   PORTCULLIS_LOG=warn                       RUST_LOG for portcullis diagnostics
+#   BENCH_ACCESS_LOG=0                        1: both proxies write a JSON access line per
+#                                             request to a file (default: both off)
 #   BENCH_KEEP=1                              keep the temp dir (configs, logs, wrk output)
 #   BENCH_STRICT=1                            exit 3 when a target verdict fails
 #   BENCH_WAIT_QUIET=600                      first wait (at most that many seconds) until no
@@ -160,7 +162,7 @@ LOAD_AFTER="$(uptime)"
 echo
 echo "## portcullis benchmark — $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo
-echo "wrk 1 thread, warm-up $WARMUP then $DURATION measured; proxy pinned to CPU $PROXY_CPU, backend (nginx, 1 worker) + wrk on CPU $BACKEND_CPU; headers Api-Key + User-Token (token cached after the first request)."
+echo "wrk 1 thread, warm-up $WARMUP then $DURATION measured; proxy pinned to CPU $PROXY_CPU, backend (nginx, 1 worker) + wrk on CPU $BACKEND_CPU; headers Api-Key + User-Token (token cached after the first request); access logs $([ "${BENCH_ACCESS_LOG:-0}" = 1 ] && echo 'ON for both proxies (JSON lines to a file)' || echo 'off for both proxies')."
 echo "portcullis: ${PORTCULLIS_BIN:-not run} ($(bin_rev)); $(nginx -v 2>&1); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
 echo
 echo "| target | conns | req/s | p50 ms | p99 ms | proxy CPU µs/req | backend CPU µs/req | other load on proxy core % | non-2xx | socket errors | validation calls in run |"
