@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -304,7 +304,7 @@ impl ConnContext {
 }
 
 /// Over the connection cap: a short 503 envelope and close, never a pile-up.
-async fn refuse_overloaded<S: AsyncWrite + Unpin>(mut stream: S, state: Arc<State>) {
+async fn refuse_overloaded<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, state: Arc<State>) {
     let id = gateway::new_request_id();
     let resp = envelope::gateway_error(
         &GatewayError::Unavailable,
@@ -329,7 +329,13 @@ async fn refuse_overloaded<S: AsyncWrite + Unpin>(mut stream: S, state: Arc<Stat
     let write = async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(&body).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Lingering close: drain what the client sent (its request) until it
+        // closes, so closing with unread data does not reset the connection
+        // and destroy the 503 before the client read it. Bounded by the timeout.
+        let mut sink = [0u8; 2048];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
 }

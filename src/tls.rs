@@ -5,7 +5,8 @@
 //!   ring provider, all AEAD with ephemeral (EC)DHE key exchange:
 //!   TLS 1.3 AES-256-GCM, AES-128-GCM, ChaCha20-Poly1305; TLS 1.2
 //!   ECDHE-{ECDSA,RSA} with AES-256-GCM, AES-128-GCM, ChaCha20-Poly1305. ALPN
-//!   offers `h2` and `http/1.1`. The certificate comes from [`CertReloader`],
+//!   offers `h2` and `http/1.1`; stateless session tickets allow resumption.
+//!   The certificate comes from [`CertReloader`],
 //!   which re-reads the PEM files when they change (polled, and on SIGHUP) and
 //!   keeps the old certificate when the new files do not load.
 //! - Backend side: [`BackendTls`] carries the client configuration for
@@ -209,6 +210,11 @@ impl ServerTls {
         config.alpn_protocols = SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
         // The server's suite order (AES-256-GCM first), not the client's.
         config.ignore_client_order = true;
+        // Stateless session tickets (keys rotated every 6 hours, kept in memory
+        // only): returning devices resume without a full handshake, however
+        // many there are. TLS 1.3 resumption still runs an ECDHE exchange.
+        config.ticketer =
+            rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS setup: {e}"))?;
         let watch = tokio::spawn(watch_files(Arc::clone(&reloader), files.reload_interval));
         Ok(ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),

@@ -748,3 +748,73 @@ fn the_demo_runs_over_tls() {
     assert!(status.success(), "{status:?}");
     assert!(!std::path::Path::new(&ca).exists(), "{ca} left behind");
 }
+
+#[tokio::test]
+async fn returning_clients_resume_their_session() {
+    let backend = Backend::start().await;
+    let ca = DevCa::new("test CA").unwrap();
+    let gw = tls_gateway(&backend, &ca.issue_server(&["localhost"]).unwrap()).await;
+    // One client config (and so one session cache) for both connections.
+    let config = client_config(&ca.ca.cert_pem, &[b"http/1.1"]);
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let tcp = TcpStream::connect(gw.gw.addr).await.unwrap();
+        let s = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        kinds.push(s.get_ref().1.handshake_kind());
+        // The tickets arrive after the handshake: make a request to read them.
+        assert_eq!(get_http1(s, "/api/status").await.status, 200);
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn over_the_connection_cap_a_tls_client_gets_the_503_envelope() {
+    let backend = Backend::start().await;
+    let ca = DevCa::new("test CA").unwrap();
+    let server = ca.issue_server(&["localhost"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write(dir.path(), "server.crt", &server.cert_pem);
+    let key = write(dir.path(), "server.key", &server.key_pem);
+    let gw = GatewayConfig::new(backend.url())
+        .server(&format!("tls = {{ cert = {cert:?}, key = {key:?} }}"))
+        .limits("max_connections = 1")
+        .start()
+        .await;
+    let first = tls_connect(gw.addr, "localhost", &ca.ca.cert_pem, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut first, conn) = hyper::client::conn::http1::handshake(TokioIo::new(first))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = || {
+        Request::get("/api/status")
+            .header("host", "localhost")
+            .header("api-key", IOS_KEY)
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    assert_eq!(first.send_request(req()).await.unwrap().status(), 200);
+    // The cap is taken by `first`: the next one is refused, in an envelope, over TLS.
+    let second = tls_connect(gw.addr, "localhost", &ca.ca.cert_pem, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut second, conn) = hyper::client::conn::http1::handshake(TokioIo::new(second))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = collect(second.send_request(req()).await.unwrap()).await;
+    let (kind, _) = resp.assert_envelope(503);
+    assert_eq!(kind, "ProxyServerError");
+    assert_eq!(first.send_request(req()).await.unwrap().status(), 200);
+}
