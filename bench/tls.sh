@@ -67,8 +67,7 @@ for t in $TARGETS; do
         check_200 "nginx gateway" "${URL[nginx]}"
         ;;
     portcullis)
-        PORTCULLIS_SERVER_EXTRA="tls = { cert = \"$CERT\", key = \"$KEY\" }
-access_log = \"off\"" \
+        PORTCULLIS_SERVER_EXTRA="tls = { cert = \"$CERT\", key = \"$KEY\" }" \
             start_portcullis "$PORTCULLIS_PORT" "$BACKEND_PORT"
         log "portcullis (TLS) pid $PORTCULLIS_PID on 127.0.0.1:$PORTCULLIS_PORT (CPU $PROXY_CPU): $PORTCULLIS_BIN"
         URL[portcullis]="https://localhost:$PORTCULLIS_PORT/api/data"
