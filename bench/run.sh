@@ -174,11 +174,12 @@ for r in "${RESULTS[@]}"; do
 done
 echo
 echo "load before: ${LOAD_BEFORE#*load average: } — after: ${LOAD_AFTER#*load average: }"
-busy=$(for r in "${RESULTS[@]}"; do echo "$r"; done | awk -v l="${LOAD_BEFORE#*load average: }" '
-    { if ($8 + 0 > 10) b = 1 } END { split(l, a, ","); if (a[1] + 0 > 1.5) b = 1; print b + 0 }')
-if [ "$busy" = 1 ]; then
+# the load average lags and counts this script's own processes: judge by the share of the
+# proxy's core that other processes took during each measured run instead
+busy=$(for r in "${RESULTS[@]}"; do echo "$r"; done | awk '$8 + 0 > 10 { printf "%s%s/%s (%s %%)", sep, $1, $2, $8; sep = ", " }')
+if [ -n "$busy" ]; then
     echo
-    echo "**WARNING: the machine was busy** (load above 1.5 before the run, or more than 10 % of the proxy's core used by other processes during a run): req/s and latency are noisy, and CPU µs/req is inflated for whichever proxy shared its core with other work. Re-run on a quiet machine for figures to quote."
+    echo "**WARNING: other processes used more than 10 % of the proxy's core during: $busy.** Those rows' req/s and latency are noisy, and a proxy's CPU µs/req is inflated when it shared its core. Re-run on a quiet machine (BENCH_WAIT_QUIET=600) for figures to quote."
 fi
 echo
 
