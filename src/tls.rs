@@ -7,7 +7,7 @@
 //!   ECDHE-{ECDSA,RSA} with AES-256-GCM, AES-128-GCM, ChaCha20-Poly1305. ALPN
 //!   offers `h2` and `http/1.1`; stateless session tickets allow resumption.
 //!   The certificate comes from [`CertReloader`],
-//!   which re-reads the PEM files when they change (polled, and on SIGHUP) and
+//!   which re-reads the PEM files when their contents change (polled, and on SIGHUP) and
 //!   keeps the old certificate when the new files do not load.
 //! - Backend side: [`BackendTls`] carries the client configuration for
 //!   `https://` backends: the trust roots (`backend.ca`, or the public
@@ -25,7 +25,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// ALPN protocol ids offered to devices, in order of preference.
 pub const SERVER_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -91,12 +91,16 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Strin
     })
 }
 
-/// What identifies one version of a file on disk.
-type Stamp = Option<(SystemTime, u64)>;
+/// What identifies one version of a file: the SHA-256 of its contents
+/// (`None` while unreadable). Contents, not modification times: renewal tools
+/// and Kubernetes secret volumes may keep or even move back a file's mtime, and
+/// coarse timestamps miss a quick second write.
+type Stamp = Option<[u8; 32]>;
 
 fn stamp(path: &Path) -> Stamp {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+    use sha2::Digest;
+    let bytes = std::fs::read(path).ok()?;
+    Some(sha2::Sha256::digest(&bytes).into())
 }
 
 /// The device-facing certificate, swapped in place when its files change.
@@ -132,7 +136,7 @@ impl CertReloader {
         })
     }
 
-    /// Re-reads the files if their modification time or size changed.
+    /// Re-reads the files if their contents changed.
     /// `Ok(true)` when a new certificate was swapped in; on `Err` the old
     /// one stays (and the same broken files are not retried until they change).
     pub fn reload_if_changed(&self) -> Result<bool, String> {
@@ -329,5 +333,54 @@ impl BackendTls {
             config: Arc::new(config),
             server_name,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_pair_is_picked_up_even_with_the_old_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::devcerts::DevCa::new("CA").unwrap();
+        let (a, b) = (
+            ca.issue_server(&["localhost"]).unwrap(),
+            ca.issue_server(&["localhost"]).unwrap(),
+        );
+        let files = TlsFiles {
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("k.pem"),
+            reload_interval: Duration::from_secs(5),
+        };
+        std::fs::write(&files.cert, &a.cert_pem).unwrap();
+        std::fs::write(&files.key, &a.key_pem).unwrap();
+        let mtime = std::fs::metadata(&files.cert).unwrap().modified().unwrap();
+        let r = CertReloader::new(files.clone()).unwrap();
+        let first = r.current();
+        assert!(!r.reload_if_changed().unwrap(), "nothing changed");
+
+        // A certificate that does not match the key: refused, old one kept, not retried.
+        std::fs::write(&files.cert, &b.cert_pem).unwrap();
+        assert!(r
+            .reload_if_changed()
+            .unwrap_err()
+            .contains("does not match"));
+        assert!(Arc::ptr_eq(&first, &r.current()));
+        assert!(!r.reload_if_changed().unwrap());
+
+        // Its key arrives; both files get their old modification time back.
+        std::fs::write(&files.key, &b.key_pem).unwrap();
+        for p in [&files.cert, &files.key] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(mtime)
+                .unwrap();
+        }
+        assert!(r.reload_if_changed().unwrap());
+        assert!(!Arc::ptr_eq(&first, &r.current()));
+        assert_ne!(first.cert, r.current().cert);
     }
 }
