@@ -311,6 +311,7 @@ struct ApiKey {
 struct Ctx {
     request_id: HeaderValue,
     client_ip: IpAddr,
+    client_ip_header: HeaderValue,
     /// `X-Forwarded-For` to send upstream.
     forwarded_for: HeaderValue,
     proto: HeaderValue,
@@ -323,14 +324,9 @@ impl Ctx {
 }
 
 /// Handles one device request. Never fails: every error is an envelope.
-pub async fn handle(
-    state: &State,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    tls: bool,
-) -> Response<Body> {
+pub async fn handle(state: &State, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
     let start = Instant::now();
-    let ctx = context(state, req.headers(), peer, tls);
+    let ctx = context(state, req.headers(), peer);
     let method = req.method().clone();
     let log_path = state
         .access_log
@@ -382,7 +378,27 @@ struct Info {
     upstream: Option<Duration>,
 }
 
-fn context(state: &State, headers: &HeaderMap, peer: SocketAddr, tls: bool) -> Ctx {
+/// The device end of a connection, worked out once per connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    ip: IpAddr,
+    ip_header: HeaderValue,
+    tls: bool,
+}
+
+impl Peer {
+    /// The peer at `addr`, connected over TLS or not.
+    pub fn new(addr: SocketAddr, tls: bool) -> Peer {
+        let ip = addr.ip().to_canonical();
+        Peer {
+            ip,
+            ip_header: ip_header(ip),
+            tls,
+        }
+    }
+}
+
+fn context(state: &State, headers: &HeaderMap, peer: &Peer) -> Ctx {
     let request_id = headers
         .get(&X_REQUEST_ID)
         .filter(|v| {
@@ -394,15 +410,20 @@ fn context(state: &State, headers: &HeaderMap, peer: SocketAddr, tls: bool) -> C
         })
         .cloned()
         .unwrap_or_else(new_request_id);
-    let peer_ip = peer.ip().to_canonical();
+    let peer_ip = peer.ip;
     let trusted = |ip: &IpAddr| state.trusted_proxies.iter().any(|n| n.contains(ip));
-    let device_xff = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(",");
-    let (client_ip, forwarded_for) = if trusted(&peer_ip) && !device_xff.is_empty() {
+    let peer_trusted = !state.trusted_proxies.is_empty() && trusted(&peer_ip);
+    let device_xff = if peer_trusted {
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",")
+    } else {
+        String::new()
+    };
+    let (client_ip, forwarded_for) = if peer_trusted && !device_xff.is_empty() {
         // Walk the chain from the right: the first hop we don't trust is the client.
         let hops: Vec<IpAddr> = device_xff
             .split(',')
@@ -420,12 +441,18 @@ fn context(state: &State, headers: &HeaderMap, peer: SocketAddr, tls: bool) -> C
     } else {
         (peer_ip, None)
     };
-    let forwarded_for = forwarded_for.unwrap_or_else(|| ip_header(peer_ip));
+    let forwarded_for = forwarded_for.unwrap_or_else(|| peer.ip_header.clone());
+    let client_ip_header = if client_ip == peer_ip {
+        peer.ip_header.clone()
+    } else {
+        ip_header(client_ip)
+    };
     Ctx {
         request_id,
         client_ip,
+        client_ip_header,
         forwarded_for,
-        proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+        proto: HeaderValue::from_static(if peer.tls { "https" } else { "http" }),
     }
 }
 
@@ -492,7 +519,7 @@ async fn dispatch(
         info.route = Some(state.labels.manage.clone());
         // commands: operator tokens only; device API keys never reach here.
         return match state.commands.get() {
-            Some(commands) => Ok(commands.handle(req, ctx.client_ip, ctx.id()).await),
+            Some(commands) => Ok(Box::pin(commands.handle(req, ctx.client_ip, ctx.id())).await),
             None => Err(GatewayError::NotFound),
         };
     }
@@ -515,11 +542,12 @@ async fn dispatch(
     match path.as_str() {
         "/login" => {
             info.route = Some(state.labels.login.clone());
-            return login(state, req, ctx, api_key, info).await;
+            // Rare paths are boxed so the common request future stays small.
+            return Box::pin(login(state, req, ctx, api_key, info)).await;
         }
         "/logout" => {
             info.route = Some(state.labels.logout.clone());
-            return logout(state, req, ctx, api_key).await;
+            return Box::pin(logout(state, req, ctx, api_key)).await;
         }
         _ => {}
     }
@@ -790,7 +818,7 @@ async fn backend_answer(
     let (parts, body) = resp.into_parts();
     // Read what the error says, within the remaining time and a size cap; an
     // unreadable or huge body still yields an envelope with the status kept.
-    let bytes = read_limited(body, MAX_ERROR_BODY, deadline)
+    let bytes = Box::pin(read_limited(body, MAX_ERROR_BODY, deadline))
         .await
         .unwrap_or_default();
     let err = envelope::from_backend(status, &bytes);
@@ -848,7 +876,7 @@ async fn request_body(
             Body::boxed(Limited::new(timed, limit))
         });
     }
-    let bytes = match read_limited(Body::boxed(timed), limit, deadline).await {
+    let bytes = match Box::pin(read_limited(Body::boxed(timed), limit, deadline)).await {
         Ok(b) => b,
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(GatewayError::PayloadTooLarge)
@@ -934,7 +962,7 @@ fn backend_headers(
         t.set_sensitive(true);
         headers.insert(USER_TOKEN.clone(), t);
     }
-    headers.insert(CLIENT_IP.clone(), ip_header(ctx.client_ip));
+    headers.insert(CLIENT_IP.clone(), ctx.client_ip_header.clone());
     headers.insert(X_FORWARDED_FOR.clone(), ctx.forwarded_for.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), ctx.proto.clone());
     headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());

@@ -244,15 +244,20 @@ impl ConnContext {
         let metrics = Arc::clone(live.state().metrics());
         metrics.open_connections.inc();
         let activity = Arc::new(Activity::default());
+        let device = Arc::new(gateway::Peer::new(peer, tls));
         let service = {
             let activity = Arc::clone(&activity);
             tower::service_fn(move |req: Request<Incoming>| {
                 // Each request takes the state current when it arrives.
                 let state = live.state();
                 let activity = Arc::clone(&activity);
+                let device = Arc::clone(&device);
                 activity.in_flight.fetch_add(1, Ordering::Relaxed);
-                async move {
-                    let mut resp = gateway::handle(&state, req, peer, tls).await;
+                // Boxed: the request future is large, and hyper keeps the
+                // in-flight future inside the connection; boxing keeps idle
+                // connections small and avoids copying the state machine.
+                Box::pin(async move {
+                    let mut resp = gateway::handle(&state, req, &device).await;
                     if tls {
                         crate::tls::add_security_headers(resp.headers_mut());
                     }
@@ -261,7 +266,7 @@ impl ConnContext {
                         *last = Some(tokio::time::Instant::now());
                     }
                     Ok::<Response<Body>, Infallible>(resp)
-                }
+                })
             })
         };
         let conn = builder.serve_connection(io, TowerToHyperService::new(service));

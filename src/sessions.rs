@@ -190,13 +190,29 @@ impl Sessions {
                 self.hits.inc();
                 return Err(CheckError::Invalid);
             }
-            Some(Entry::Valid(s)) => {
-                // Past its freshness but kept for stale_if_error: revalidate.
-                self.cache.invalidate(&key).await;
-                Some(s)
-            }
+            // Past its freshness but kept for stale_if_error: revalidate.
+            Some(Entry::Valid(s)) => Some(s),
             None => None,
         };
+        // The miss path is boxed: its future (validation call included) is
+        // large, and the hit path should not carry it.
+        Box::pin(self.miss(key, token, stale, validate)).await
+    }
+
+    async fn miss<F, Fut>(
+        &self,
+        key: u128,
+        token: &str,
+        stale: Option<Session>,
+        validate: F,
+    ) -> Result<Session, CheckError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Validation, CheckError>>,
+    {
+        if stale.is_some() {
+            self.cache.invalidate(&key).await;
+        }
         self.misses.inc();
         let init = async {
             match validate().await? {

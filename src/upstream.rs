@@ -151,18 +151,18 @@ impl Upstream {
     ) -> Result<Response<Body>, UpstreamError> {
         let mut conn = match self.pop_idle() {
             Some(c) => c,
-            None => self.connect().await?,
+            None => Box::pin(self.connect()).await?,
         };
         for attempt in 0..2 {
             if conn.sender.ready().await.is_err() {
-                conn = self.connect().await?;
+                conn = Box::pin(self.connect()).await?;
             }
             match conn.sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(resp, conn)),
                 Err(mut e) => match e.take_message() {
                     Some(back) if attempt == 0 => {
                         req = back;
-                        conn = self.connect().await?;
+                        conn = Box::pin(self.connect()).await?;
                     }
                     _ => return Err(UpstreamError::Request(e.into_error())),
                 },
