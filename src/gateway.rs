@@ -633,11 +633,11 @@ async fn dispatch(
     let status = resp.status();
     if let (Some(device), false) = (&device_token, cfg.public) {
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            state.sessions.evict(device).await;
+            Box::pin(state.sessions.evict(device)).await;
         } else if let Some(new) = header_str(resp.headers(), &USER_TOKEN) {
             if Some(new) != forwarded_token {
                 let new = new.to_owned();
-                state.sessions.rotate(device, &new).await;
+                Box::pin(state.sessions.rotate(device, &new)).await;
             }
         }
     }
@@ -947,20 +947,32 @@ fn backend_headers(
     token: Option<&str>,
 ) {
     strip_hop_by_hop(headers);
-    for name in [&API_CLIENT, &USER_TOKEN, &CLIENT_IP, &FORWARDED, &X_REAL_IP] {
-        headers.remove(name);
+    // Identity headers only the gateway may set, and `Expect` (hyper's
+    // server side answered it already). Checked in one pass first: devices
+    // rarely send any of them.
+    let spoofable = |k: &HeaderName| {
+        k == API_CLIENT || k == CLIENT_IP || k == FORWARDED || k == X_REAL_IP || k == header::EXPECT
+    };
+    if headers.keys().any(spoofable) {
+        for name in [&API_CLIENT, &CLIENT_IP, &FORWARDED, &X_REAL_IP] {
+            headers.remove(name);
+        }
+        headers.remove(header::EXPECT);
     }
-    headers.remove(header::EXPECT);
     headers.insert(header::HOST, state.host_header.clone());
     match &state.backend_api_key {
         Some(k) => headers.insert(API_KEY.clone(), k.clone()),
         None => headers.remove(&API_KEY),
     };
     headers.insert(API_CLIENT.clone(), api_key.header_value.clone());
-    if let Some(t) = token.and_then(|t| HeaderValue::from_str(t).ok()) {
-        let mut t = t;
-        t.set_sensitive(true);
-        headers.insert(USER_TOKEN.clone(), t);
+    match token.and_then(|t| HeaderValue::from_str(t).ok()) {
+        Some(mut t) => {
+            t.set_sensitive(true);
+            headers.insert(USER_TOKEN.clone(), t);
+        }
+        None => {
+            headers.remove(&USER_TOKEN);
+        }
     }
     headers.insert(CLIENT_IP.clone(), ctx.client_ip_header.clone());
     headers.insert(X_FORWARDED_FOR.clone(), ctx.forwarded_for.clone());

@@ -12,7 +12,6 @@
 
 use crate::config::SessionsConfig;
 use moka::future::Cache;
-use moka::Expiry;
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -23,8 +22,8 @@ use std::time::{Duration, Instant, SystemTime};
 pub enum Entry {
     /// A valid session.
     Valid(Session),
-    /// Refused by the validation service (negative entry).
-    Invalid,
+    /// Refused by the validation service (negative entry), until then.
+    Invalid { until: Instant },
 }
 
 /// A valid session.
@@ -61,36 +60,6 @@ pub enum CheckError {
     BadResponse,
 }
 
-struct SessionExpiry {
-    negative_ttl: Duration,
-    stale_window: Duration,
-}
-
-impl SessionExpiry {
-    fn ttl(&self, value: &Entry, now: Instant) -> Option<Duration> {
-        Some(match value {
-            Entry::Valid(s) => s.fresh_until.saturating_duration_since(now) + self.stale_window,
-            Entry::Invalid => self.negative_ttl,
-        })
-    }
-}
-
-impl Expiry<u128, Entry> for SessionExpiry {
-    fn expire_after_create(&self, _: &u128, value: &Entry, now: Instant) -> Option<Duration> {
-        self.ttl(value, now)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &u128,
-        value: &Entry,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        self.ttl(value, now)
-    }
-}
-
 /// The session store.
 pub struct Sessions {
     cache: Cache<u128, Entry>,
@@ -121,12 +90,13 @@ impl Sessions {
             use aes_gcm::aead::rand_core::RngCore;
             aes_gcm::aead::OsRng.fill_bytes(&mut salt);
         }
+        // One time-to-live for the whole cache instead of per-entry expiry
+        // (which costs a timer-wheel node per entry): every entry carries its
+        // own deadline, checked on each read, and none can outlive this.
+        let stale_window = cfg.stale_if_error.unwrap_or(Duration::ZERO);
         let cache = Cache::builder()
             .max_capacity(cfg.max_entries)
-            .expire_after(SessionExpiry {
-                negative_ttl: cfg.negative_ttl,
-                stale_window: cfg.stale_if_error.unwrap_or(Duration::ZERO),
-            })
+            .time_to_live((cfg.max_ttl + stale_window).max(cfg.negative_ttl))
             .build();
         Sessions {
             cache,
@@ -164,7 +134,11 @@ impl Sessions {
             None => self.cfg.max_ttl,
             Some(at) => match at.duration_since(SystemTime::now()) {
                 Ok(left) => left.min(self.cfg.max_ttl),
-                Err(_) => return Entry::Invalid,
+                Err(_) => {
+                    return Entry::Invalid {
+                        until: now + self.cfg.negative_ttl,
+                    }
+                }
             },
         };
         Entry::Valid(Session {
@@ -186,12 +160,14 @@ impl Sessions {
                 self.hits.inc();
                 return Ok(s);
             }
-            Some(Entry::Invalid) => {
+            Some(Entry::Invalid { until }) if until > Instant::now() => {
                 self.hits.inc();
                 return Err(CheckError::Invalid);
             }
-            // Past its freshness but kept for stale_if_error: revalidate.
-            Some(Entry::Valid(s)) => Some(s),
+            // Past its freshness (kept for stale_if_error): revalidate.
+            Some(Entry::Valid(s)) => Some(Some(s)),
+            // A negative entry past its time: ask again.
+            Some(Entry::Invalid { .. }) => Some(None),
             None => None,
         };
         // The miss path is boxed: its future (validation call included) is
@@ -203,16 +179,18 @@ impl Sessions {
         &self,
         key: u128,
         token: &str,
-        stale: Option<Session>,
+        outdated: Option<Option<Session>>,
         validate: F,
     ) -> Result<Session, CheckError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Validation, CheckError>>,
     {
-        if stale.is_some() {
+        // An outdated entry would be returned as is by `try_get_with`.
+        if outdated.is_some() {
             self.cache.invalidate(&key).await;
         }
+        let stale = outdated.flatten();
         self.misses.inc();
         let init = async {
             match validate().await? {
@@ -230,12 +208,14 @@ impl Sessions {
                     }
                     Ok(entry)
                 }
-                Validation::Refused => Ok(Entry::Invalid),
+                Validation::Refused => Ok(Entry::Invalid {
+                    until: Instant::now() + self.cfg.negative_ttl,
+                }),
             }
         };
         match self.cache.try_get_with(key, init).await {
             Ok(Entry::Valid(s)) => Ok(s),
-            Ok(Entry::Invalid) => Err(CheckError::Invalid),
+            Ok(Entry::Invalid { .. }) => Err(CheckError::Invalid),
             Err(e) => match (stale, self.cfg.stale_if_error) {
                 (Some(s), Some(window)) if s.fresh_until + window > Instant::now() => {
                     tracing::warn!(
