@@ -67,6 +67,8 @@ struct RawServer {
     server_header: Option<String>,
     drain_timeout: Option<String>,
     access_log: Option<String>,
+    #[serde(default)]
+    h2c: bool,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +217,8 @@ pub struct ServerConfig {
     pub server_header: HeaderValue,
     pub drain_timeout: Duration,
     pub access_log: crate::access_log::Target,
+    /// Serve HTTP/2 with prior knowledge (h2c) on a plain listener.
+    pub h2c: bool,
 }
 
 /// `[backend]`: where exposed routes are forwarded.
@@ -639,6 +643,7 @@ fn validate_server(s: &RawServer, p: &mut Problems) -> Option<ServerConfig> {
         }
     };
     Some(ServerConfig {
+        h2c: s.h2c,
         access_log,
         listen: listen?,
         tls,

@@ -82,7 +82,12 @@ pub async fn serve_live(
     let limits = state.config.limits.clone();
     let drain_timeout = state.config.server.drain_timeout;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let builder = Arc::new(http_builder(&limits));
+    let builders = Builders {
+        http1: Arc::new(http_builder(&limits, Protocols::Http1)),
+        http2: Arc::new(http_builder(&limits, Protocols::Http2)),
+        both: Arc::new(http_builder(&limits, Protocols::Both)),
+    };
+    let h2c = live.state().config.server.h2c;
     // hyper's own answers to unparsable requests become envelopes too.
     let style = ErrorStyle {
         error_type: Arc::from(state.config.server.error_type.as_str()),
@@ -132,7 +137,14 @@ pub async fn serve_live(
         };
         let _ = stream.set_nodelay(true);
         let conn = ConnContext {
-            builder: Arc::clone(&builder),
+            // Plain connections: HTTP/1.1, plus HTTP/2 prior knowledge when
+            // `server.h2c` is on. TLS: switched to what ALPN chose below.
+            builder: Arc::clone(if h2c && tls.is_none() {
+                &builders.both
+            } else {
+                &builders.http1
+            }),
+            watch_idle: h2c && tls.is_none(),
             live: Arc::clone(&live),
             peer,
             tls: tls.is_some(),
@@ -152,9 +164,15 @@ pub async fn serve_live(
             Some(tls) => {
                 let acceptor = tls.acceptor.clone();
                 let handshake_timeout = limits.tls_handshake_timeout;
+                let http2 = Arc::clone(&builders.http2);
                 tokio::spawn(async move {
+                    let mut conn = conn;
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
+                            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                conn.builder = http2;
+                                conn.watch_idle = true;
+                            }
                             conn.serve(TokioIo::new(EnvelopeErrors::new(stream, style)))
                                 .await
                         }
@@ -184,13 +202,43 @@ pub async fn serve_live(
     Ok(())
 }
 
-/// The HTTP/1.1 + HTTP/2 connection builder, with the `[limits]` applied.
-fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+/// Which protocols a connection builder speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocols {
+    Http1,
+    Http2,
+    Both,
+}
+
+/// One builder per protocol choice: an HTTP/1.1-only connection skips the
+/// HTTP/2 preface detection and its buffers, which is most of an idle
+/// connection's memory beyond hyper's own.
+struct Builders {
+    http1: Arc<auto::Builder<TokioExecutor>>,
+    http2: Arc<auto::Builder<TokioExecutor>>,
+    both: Arc<auto::Builder<TokioExecutor>>,
+}
+
+/// A connection builder with the `[limits]` applied.
+fn http_builder(limits: &Limits, protocols: Protocols) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder = match protocols {
+        Protocols::Http1 => builder.http1_only(),
+        Protocols::Http2 => builder.http2_only(),
+        Protocols::Both => builder,
+    };
+    // HTTP/1.1: hyper arms its header deadline as soon as a keep-alive
+    // connection waits for its next request, so that deadline is also the
+    // idle timeout (no per-connection idle timer is needed).
+    let header_deadline = if protocols == Protocols::Http1 {
+        limits.header_read_timeout.min(limits.idle_timeout)
+    } else {
+        limits.header_read_timeout
+    };
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(header_deadline)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
     builder
@@ -209,6 +257,8 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// What one accepted connection needs.
 pub struct ConnContext {
     builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Whether this connection needs the idle watchdog (HTTP/2 may).
+    watch_idle: bool,
     live: Arc<Live>,
     peer: SocketAddr,
     tls: bool,
@@ -234,6 +284,7 @@ impl ConnContext {
     {
         let ConnContext {
             builder,
+            watch_idle,
             live,
             peer,
             tls,
@@ -243,16 +294,19 @@ impl ConnContext {
         } = self;
         let metrics = Arc::clone(live.state().metrics());
         metrics.open_connections.inc();
-        let activity = Arc::new(Activity::default());
+        // Only connections that need the idle watchdog track activity.
+        let activity = watch_idle.then(|| Arc::new(Activity::default()));
         let device = Arc::new(gateway::Peer::new(peer, tls));
         let service = {
-            let activity = Arc::clone(&activity);
+            let activity = activity.clone();
             tower::service_fn(move |req: Request<Incoming>| {
                 // Each request takes the state current when it arrives.
                 let state = live.state();
-                let activity = Arc::clone(&activity);
+                let activity = activity.clone();
                 let device = Arc::clone(&device);
-                activity.in_flight.fetch_add(1, Ordering::Relaxed);
+                if let Some(a) = &activity {
+                    a.in_flight.fetch_add(1, Ordering::Relaxed);
+                }
                 // Boxed: the request future is large, and hyper keeps the
                 // in-flight future inside the connection; boxing keeps idle
                 // connections small and avoids copying the state machine.
@@ -261,9 +315,11 @@ impl ConnContext {
                     if tls {
                         crate::tls::add_security_headers(resp.headers_mut());
                     }
-                    activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    if let Ok(mut last) = activity.last.lock() {
-                        *last = Some(tokio::time::Instant::now());
+                    if let Some(a) = &activity {
+                        a.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        if let Ok(mut last) = a.last.lock() {
+                            *last = Some(tokio::time::Instant::now());
+                        }
                     }
                     Ok::<Response<Body>, Infallible>(resp)
                 })
@@ -273,9 +329,21 @@ impl ConnContext {
         tokio::pin!(conn);
         let started = tokio::time::Instant::now();
         let mut closing = false;
-        let mut tick = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(50)));
-        tick.tick().await;
+        let mut tick = activity
+            .as_ref()
+            .map(|_| tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(50))));
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
         loop {
+            let next_tick = async {
+                match tick.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 result = conn.as_mut() => {
                     if let Err(e) = result {
@@ -287,7 +355,8 @@ impl ConnContext {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                _ = tick.tick(), if !closing => {
+                () = next_tick, if !closing => {
+                    let Some(activity) = &activity else { continue };
                     let idle_since = activity
                         .last
                         .lock()

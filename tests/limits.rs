@@ -191,10 +191,20 @@ async fn slow_request_bodies_get_408() {
 
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::start().await;
+    // HTTP/1.1 only (hyper's header deadline closes idle connections) and
+    // with h2c on (the per-connection idle watchdog does).
+    for h2c in ["h2c = false", "h2c = true"] {
+        idle_connection_closes(&backend, h2c).await;
+    }
+}
+
+async fn idle_connection_closes(backend: &Backend, h2c: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gw = start(
-        GatewayConfig::new(backend.url()).limits("idle_timeout = \"300ms\""),
+        GatewayConfig::new(backend.url())
+            .server(h2c)
+            .limits("idle_timeout = \"300ms\""),
         "",
     )
     .await;
@@ -214,5 +224,5 @@ async fn idle_keep_alive_connections_are_closed() {
         .expect("gateway closes the idle connection")
         .unwrap_or(0);
     assert_eq!(n, 0, "connection closed without data");
-    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert!(started.elapsed() >= Duration::from_millis(150), "{h2c}");
 }

@@ -620,6 +620,10 @@ impl GatewayConfig {
         if !self.server.iter().any(|l| l.starts_with("drain_timeout")) {
             t.push_str("drain_timeout = \"2s\"\n");
         }
+        // The tests exercise HTTP/2 prior knowledge on the plain listener too.
+        if !self.server.iter().any(|l| l.starts_with("h2c")) {
+            t.push_str("h2c = true\n");
+        }
         if !self.server.iter().any(|l| l.starts_with("access_log")) {
             t.push_str("access_log = \"off\"\n");
         }
