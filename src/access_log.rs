@@ -109,15 +109,28 @@ impl AccessLog {
 
 fn write_lines(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
+    // Block only while the log is quiet. Under load the thread drains in
+    // batches and sleeps between them, so request threads never pay for
+    // waking it (one wake-up per burst, not per line).
     while let Ok(line) = rx.recv() {
         let _ = out.write_all(&line);
-        // Drain what is queued, then flush once.
-        while let Ok(line) = rx.try_recv() {
-            let _ = out.write_all(&line);
+        loop {
+            let mut wrote = false;
+            while let Ok(line) = rx.try_recv() {
+                let _ = out.write_all(&line);
+                wrote = true;
+            }
+            let _ = out.flush();
+            if !wrote {
+                break;
+            }
+            std::thread::sleep(BATCH_PAUSE);
         }
-        let _ = out.flush();
     }
 }
+
+/// How long the writer waits between batches while lines keep coming.
+const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The current time as RFC 3339 with milliseconds.
 pub fn now_rfc3339() -> String {
