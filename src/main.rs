@@ -113,10 +113,21 @@ fn init_logging() {
         .init();
 }
 
+/// The async runtime: one worker per CPU this process may run on. With a
+/// single CPU (a pinned or CPU-limited container), the single-threaded
+/// scheduler does the same work without the work-stealing bookkeeping.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cpus)
+            .enable_all()
+            .build()
+    }
 }
 
 fn load(path: &std::path::Path) -> Result<std::sync::Arc<State>, ExitCode> {
