@@ -15,7 +15,39 @@ use moka::future::Cache;
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
+
+/// A point in time as milliseconds since the process's first use of it:
+/// 8 bytes per cached session instead of an `Instant`'s 16, which matters
+/// with a million sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Deadline(u64);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Deadline {
+    /// Now.
+    pub fn now() -> Deadline {
+        Deadline(u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// This deadline moved `d` later.
+    pub fn plus(self, d: Duration) -> Deadline {
+        Deadline(
+            self.0
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
+    }
+
+    /// Whether the deadline is reached.
+    pub fn passed(self) -> bool {
+        Deadline::now() >= self
+    }
+}
 
 /// A cached answer about one token.
 #[derive(Clone, Debug)]
@@ -23,14 +55,14 @@ pub enum Entry {
     /// A valid session.
     Valid(Session),
     /// Refused by the validation service (negative entry), until then.
-    Invalid { until: Instant },
+    Invalid { until: Deadline },
 }
 
 /// A valid session.
 #[derive(Clone, Debug)]
 pub struct Session {
     /// Served without a backend call until then.
-    pub fresh_until: Instant,
+    pub fresh_until: Deadline,
     /// The token to forward when the backend rotated it.
     pub rotated: Option<Arc<str>>,
 }
@@ -129,20 +161,20 @@ impl Sessions {
     }
 
     fn session_from(&self, expires: Option<SystemTime>, rotated: Option<String>) -> Entry {
-        let now = Instant::now();
+        let now = Deadline::now();
         let ttl = match expires {
             None => self.cfg.max_ttl,
             Some(at) => match at.duration_since(SystemTime::now()) {
                 Ok(left) => left.min(self.cfg.max_ttl),
                 Err(_) => {
                     return Entry::Invalid {
-                        until: now + self.cfg.negative_ttl,
+                        until: now.plus(self.cfg.negative_ttl),
                     }
                 }
             },
         };
         Entry::Valid(Session {
-            fresh_until: now + ttl,
+            fresh_until: now.plus(ttl),
             rotated: rotated.map(Arc::from),
         })
     }
@@ -156,11 +188,11 @@ impl Sessions {
     {
         let key = self.key(token.as_bytes());
         let stale = match self.cache.get(&key).await {
-            Some(Entry::Valid(s)) if s.fresh_until > Instant::now() => {
+            Some(Entry::Valid(s)) if !s.fresh_until.passed() => {
                 self.hits.inc();
                 return Ok(s);
             }
-            Some(Entry::Invalid { until }) if until > Instant::now() => {
+            Some(Entry::Invalid { until }) if !until.passed() => {
                 self.hits.inc();
                 return Err(CheckError::Invalid);
             }
@@ -209,7 +241,7 @@ impl Sessions {
                     Ok(entry)
                 }
                 Validation::Refused => Ok(Entry::Invalid {
-                    until: Instant::now() + self.cfg.negative_ttl,
+                    until: Deadline::now().plus(self.cfg.negative_ttl),
                 }),
             }
         };
@@ -217,7 +249,7 @@ impl Sessions {
             Ok(Entry::Valid(s)) => Ok(s),
             Ok(Entry::Invalid { .. }) => Err(CheckError::Invalid),
             Err(e) => match (stale, self.cfg.stale_if_error) {
-                (Some(s), Some(window)) if s.fresh_until + window > Instant::now() => {
+                (Some(s), Some(window)) if !s.fresh_until.plus(window).passed() => {
                     tracing::warn!(
                         "validation service failing ({e}); serving a recently valid session"
                     );
