@@ -79,11 +79,6 @@ impl AccessLog {
         })
     }
 
-    /// A log that writes nothing.
-    pub fn off(metrics: Arc<Metrics>) -> AccessLog {
-        AccessLog { tx: None, metrics }
-    }
-
     /// Whether lines are written at all.
     pub fn enabled(&self) -> bool {
         self.tx.is_some()
@@ -155,18 +150,16 @@ pub struct Pending {
 
 impl Pending {
     fn emit(&self, bytes: u64) {
-        let text = |v: &Option<http::HeaderValue>| {
-            v.as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_owned()
-        };
-        let api_client = text(&self.api_client);
+        let api_client = self
+            .api_client
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
         self.log.write(&Record {
             time: now_rfc3339(),
             request_id: self.request_id.to_str().unwrap_or("-"),
             client: self.client.to_string(),
-            api_client: &api_client,
+            api_client,
             route: &self.route.0,
             method: self.method.as_str(),
             path: &self.path,

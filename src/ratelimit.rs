@@ -60,16 +60,6 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
             .map(|_| ())
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
-
-    /// Keys currently tracked.
-    pub fn len(&self) -> usize {
-        self.inner.len()
-    }
-
-    /// Whether no key is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.inner.is_empty()
-    }
 }
 
 /// `Retry-After` seconds for a wait.

@@ -184,11 +184,6 @@ impl Upstream {
         };
         Response::from_parts(parts, Body::boxed(body))
     }
-
-    /// Idle connections currently pooled.
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|i| i.len()).unwrap_or(0)
-    }
 }
 
 /// HTTP/1.1 handshake on a fresh connection; the connection task runs detached.

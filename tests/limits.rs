@@ -4,45 +4,11 @@
 mod common;
 
 use common::*;
-use portcullis::config::Config;
-use portcullis::gateway::State;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
 
-/// A gateway whose config is the common one plus `extra` TOML at the end.
-struct Limited {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Limited {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-async fn start(cfg: GatewayConfig, extra: &str) -> Limited {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let text = format!("{}\n{extra}\n", cfg.toml(addr));
-    let config = Config::parse(&text).unwrap_or_else(|p| panic!("{p}\n{text}"));
-    let state = State::new(config).unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(portcullis::server::serve(
-        listener,
-        Arc::clone(&state),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    Limited {
-        addr,
-        stop: Some(tx),
-    }
+/// A gateway with the common config plus `extra` TOML at the end.
+async fn start(cfg: GatewayConfig, extra: &str) -> Gateway {
+    cfg.extra(extra).start().await
 }
 
 fn assert_429(resp: &Resp) {

@@ -525,6 +525,8 @@ pub struct GatewayConfig {
     pub limits: Vec<String>,
     pub routes: Vec<String>,
     pub default_routes: bool,
+    /// Raw TOML appended at the end (e.g. a `[rate_limits]` table).
+    pub extra: Vec<String>,
 }
 
 /// The routes most tests use. Backend paths differ from device paths so a
@@ -575,6 +577,7 @@ impl GatewayConfig {
             limits: Vec::new(),
             routes: Vec::new(),
             default_routes: true,
+            extra: Vec::new(),
         }
     }
 
@@ -605,6 +608,12 @@ impl GatewayConfig {
     /// Adds a `[[routes]]` entry (its body lines).
     pub fn route(mut self, body: &str) -> Self {
         self.routes.push(body.to_owned());
+        self
+    }
+
+    /// Appends raw TOML after everything else.
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push(toml.to_owned());
         self
     }
 
@@ -680,6 +689,11 @@ impl GatewayConfig {
         {
             t.push_str("\n[[routes]]\n");
             t.push_str(r);
+            t.push('\n');
+        }
+        for e in &self.extra {
+            t.push('\n');
+            t.push_str(e);
             t.push('\n');
         }
         t
