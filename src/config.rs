@@ -154,6 +154,7 @@ struct RawLimits {
     max_headers: Option<usize>,
     header_read_timeout: Option<String>,
     body_read_timeout: Option<String>,
+    send_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
     h2_max_concurrent_streams: Option<u32>,
@@ -307,6 +308,9 @@ pub struct Limits {
     pub max_headers: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// A device that accepts none of an answer's bytes for this long is
+    /// disconnected (a slow reader would otherwise hold a backend connection).
+    pub send_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub h2_max_concurrent_streams: u32,
@@ -971,6 +975,12 @@ impl RawLimits {
                 &l.body_read_timeout,
                 Duration::from_secs(30),
                 "limits.body_read_timeout",
+                p,
+            ),
+            send_timeout: duration(
+                &l.send_timeout,
+                Duration::from_secs(60),
+                "limits.send_timeout",
                 p,
             ),
             idle_timeout: duration(

@@ -8,22 +8,40 @@
 //! replaces exactly those answers (a bare status head with no body and no
 //! `x-request-id`, which every gateway response carries) with the JSON
 //! envelope of SPEC §2. Everything else passes through untouched.
+//!
+//! The same wrapper answers the whole-header deadline (slowloris) with a 408
+//! envelope: hyper's deadline ends the connection without a word, so the
+//! wrapper follows where the connection is in reading a request head (bytes
+//! read since the last answer, the blank line that ends a head not yet seen)
+//! and, when the connection is dropped with a head half read, writes the 408
+//! without waiting before the socket closes. An idle keep-alive connection
+//! that times out (no byte of a new head) is closed silently, as before.
+//!
+//! It also keeps `limits.send_timeout`, which hyper lacks: a device that
+//! accepts no byte of its answer for that long gets its connection failed,
+//! which drops the answer's body and with it the backend connection feeding
+//! it (a slow reader cannot hold the backend pool).
 
 use crate::envelope;
 use http::{HeaderValue, StatusCode};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
-/// What the replacement needs from the configuration.
+/// What the wrapper needs from the configuration.
 #[derive(Clone, Debug)]
 pub struct ErrorStyle {
     /// `server.error_type`.
     pub error_type: Arc<str>,
     /// `server.server_header`.
     pub server: HeaderValue,
+    /// `limits.send_timeout`.
+    pub send_timeout: Duration,
 }
 
 /// A replacement being written; `claimed` is the length of hyper's bytes
@@ -34,20 +52,178 @@ struct Pending {
     claimed: usize,
 }
 
-/// IO wrapper that turns hyper's bare HTTP/1 error answers into envelopes.
-pub struct EnvelopeErrors<T> {
+/// Where the connection is in reading a request head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Head {
+    /// The next byte read starts a new request head.
+    Awaiting,
+    /// Part of a head was read; the count is the line feeds seen in a row at
+    /// its end so far (carriage returns aside), two ending the head.
+    Partial(u8),
+    /// The head is complete; what is read next is its body.
+    Complete,
+    /// Not HTTP/1 (HTTP/2 or a protocol hyper refused): never a 408.
+    Off,
+}
+
+impl Head {
+    /// The state after reading `data` (not empty).
+    fn after(self, data: &[u8]) -> Head {
+        let mut feeds = match self {
+            Head::Complete | Head::Off => return self,
+            Head::Awaiting if data.starts_with(b"PRI * HTTP/2") => return Head::Off,
+            Head::Awaiting => 0,
+            Head::Partial(n) => n,
+        };
+        // The common case: a whole head (and no body) in one read.
+        if data.ends_with(b"\n\r\n") || data.ends_with(b"\n\n") {
+            return Head::Complete;
+        }
+        for &b in data {
+            match b {
+                b'\n' if feeds == 1 => return Head::Complete,
+                b'\n' => feeds = 1,
+                b'\r' => {}
+                _ => feeds = 0,
+            }
+        }
+        Head::Partial(feeds)
+    }
+}
+
+/// IO wrapper that turns hyper's bare HTTP/1 error answers into envelopes
+/// and a request head cut short by the header deadline into a 408.
+pub struct EnvelopeErrors<T: WriteNow> {
     inner: T,
     style: ErrorStyle,
     pending: Option<Pending>,
+    head: Head,
+    /// The send deadline, allocated at the first write that has to wait.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `stall` runs (from the first `Pending` since the last progress).
+    stalled: bool,
 }
 
-impl<T> EnvelopeErrors<T> {
-    /// Wraps a connection's (plaintext) IO.
+impl<T: WriteNow> EnvelopeErrors<T> {
+    /// Wraps a connection's (plaintext) IO carrying HTTP/1 (or, with
+    /// `server.h2c`, possibly HTTP/2 with prior knowledge).
     pub fn new(inner: T, style: ErrorStyle) -> EnvelopeErrors<T> {
         EnvelopeErrors {
             inner,
             style,
             pending: None,
+            head: Head::Awaiting,
+            stall: None,
+            stalled: false,
+        }
+    }
+
+    /// Wraps a connection that speaks HTTP/2 (ALPN `h2`): no 408 on drop.
+    pub fn http2(inner: T, style: ErrorStyle) -> EnvelopeErrors<T> {
+        let mut io = EnvelopeErrors::new(inner, style);
+        io.head = Head::Off;
+        io
+    }
+
+    /// Something was written: any answer ends the head being read.
+    fn wrote(&mut self, n: usize) {
+        self.stalled = false;
+        if n > 0 && self.head != Head::Off {
+            self.head = Head::Awaiting;
+        }
+    }
+
+    /// A write had to wait: runs the send deadline, an error once it passed.
+    fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        let deadline = tokio::time::Instant::now() + self.style.send_timeout;
+        let stall = match &mut self.stall {
+            Some(stall) => {
+                if !self.stalled {
+                    stall.as_mut().reset(deadline);
+                }
+                stall
+            }
+            None => self
+                .stall
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.stalled = true;
+        match stall.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                tracing::debug!("device stopped reading its answer: disconnected");
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "send timeout: the device stopped reading",
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: WriteNow> Drop for EnvelopeErrors<T> {
+    fn drop(&mut self) {
+        // Dropped with a head half read and nothing answered: the header
+        // deadline fired (or the device gave up; then nobody reads this).
+        if let Head::Partial(_) = self.head {
+            if self.pending.is_none() {
+                let id = crate::gateway::new_request_id();
+                let id = id.to_str().unwrap_or("-");
+                tracing::debug!(request_id = id, "request head not received in time: 408");
+                if let Some(bytes) = answer(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "Request timeout",
+                    id,
+                    &self.style,
+                ) {
+                    self.inner.write_now(&bytes);
+                }
+            }
+        }
+    }
+}
+
+/// A last write that must not wait: what fits in the socket's buffer goes,
+/// the rest is dropped with the connection.
+pub trait WriteNow {
+    /// Writes what `buf` can without blocking.
+    fn write_now(&mut self, buf: &[u8]);
+}
+
+impl WriteNow for TcpStream {
+    fn write_now(&mut self, mut buf: &[u8]) {
+        while !buf.is_empty() {
+            match self.try_write(buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf = &buf[n..],
+            }
+        }
+    }
+}
+
+impl WriteNow for tokio_rustls::server::TlsStream<TcpStream> {
+    fn write_now(&mut self, buf: &[u8]) {
+        use std::io::Write;
+        /// The socket as a `std::io::Write` that never blocks.
+        struct NoWait<'a>(&'a TcpStream);
+        impl Write for NoWait<'_> {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.try_write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (tcp, tls) = self.get_mut();
+        if tls.writer().write_all(buf).is_err() {
+            return;
+        }
+        tls.send_close_notify();
+        while tls.wants_write() {
+            match tls.write_tls(&mut NoWait(tcp)) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
         }
     }
 }
@@ -78,16 +254,21 @@ fn replacement(buf: &[u8], style: &ErrorStyle) -> Option<Vec<u8>> {
         StatusCode::BAD_REQUEST => "Malformed HTTP request",
         s => s.canonical_reason().unwrap_or("Malformed HTTP request"),
     };
-    let resp = envelope::response(status, &style.error_type, message, id);
-    let body = match resp.into_body() {
-        crate::body::Body::Full(Some(b)) => b,
-        _ => return None,
-    };
     tracing::debug!(
         request_id = id,
         status = status.as_u16(),
         "request refused by the HTTP parser"
     );
+    answer(status, message, id, style)
+}
+
+/// A whole HTTP/1.1 answer carrying the envelope; the connection closes after it.
+fn answer(status: StatusCode, message: &str, id: &str, style: &ErrorStyle) -> Option<Vec<u8>> {
+    let resp = envelope::response(status, &style.error_type, message, id);
+    let body = match resp.into_body() {
+        crate::body::Body::Full(Some(b)) => b,
+        _ => return None,
+    };
     let mut out = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nx-request-id: {id}\r\n",
         status.as_u16(),
@@ -102,7 +283,7 @@ fn replacement(buf: &[u8], style: &ErrorStyle) -> Option<Vec<u8>> {
     Some(out)
 }
 
-impl<T: AsyncWrite + Unpin> EnvelopeErrors<T> {
+impl<T: AsyncWrite + WriteNow + Unpin> EnvelopeErrors<T> {
     /// Writes the pending replacement; `Ready(Ok(claimed))` once it is out.
     fn drive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         while let Some(p) = self.pending.as_mut() {
@@ -111,27 +292,37 @@ impl<T: AsyncWrite + Unpin> EnvelopeErrors<T> {
                 self.pending = None;
                 return Poll::Ready(Ok(claimed));
             }
-            match ready!(Pin::new(&mut self.inner).poll_write(cx, &p.bytes[p.written..])) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => p.written += n,
-                Err(e) => return Poll::Ready(Err(e)),
+            match Pin::new(&mut self.inner).poll_write(cx, &p.bytes[p.written..]) {
+                Poll::Pending => return self.waiting(cx),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    p.written += n;
+                    self.stalled = false;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             }
         }
         Poll::Ready(Ok(0))
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for EnvelopeErrors<T> {
+impl<T: AsyncRead + WriteNow + Unpin> AsyncRead for EnvelopeErrors<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if let Some(read) = buf.filled().get(before..).filter(|r| !r.is_empty()) {
+            this.head = this.head.after(read);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for EnvelopeErrors<T> {
+impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -147,10 +338,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for EnvelopeErrors<T> {
                         claimed: buf.len(),
                     })
                 }
-                None => return Pin::new(&mut this.inner).poll_write(cx, buf),
+                None => {
+                    return match Pin::new(&mut this.inner).poll_write(cx, buf) {
+                        Poll::Pending => this.waiting(cx),
+                        Poll::Ready(result) => {
+                            let n = result?;
+                            this.wrote(n);
+                            Poll::Ready(Ok(n))
+                        }
+                    };
+                }
             }
         }
-        this.drive(cx)
+        let n = ready!(this.drive(cx))?;
+        this.wrote(n);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_write_vectored(
@@ -165,7 +367,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for EnvelopeErrors<T> {
                 && first.is_some_and(|b| replacement_candidate(b)));
         match first {
             Some(b) if intercept => Pin::new(this).poll_write(cx, b),
-            _ => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
+            _ => match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+                Poll::Pending => this.waiting(cx),
+                Poll::Ready(result) => {
+                    let n = result?;
+                    this.wrote(n);
+                    Poll::Ready(Ok(n))
+                }
+            },
         }
     }
 
@@ -175,7 +384,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for EnvelopeErrors<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.drive(cx))?;
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.waiting(cx),
+            Poll::Ready(result) => {
+                self.stalled = false;
+                Poll::Ready(result)
+            }
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -197,6 +412,7 @@ mod tests {
         ErrorStyle {
             error_type: Arc::from("ProxyServerError"),
             server: HeaderValue::from_static("portcullis"),
+            send_timeout: Duration::from_secs(60),
         }
     }
 
@@ -216,6 +432,37 @@ mod tests {
         assert!(text.contains(&format!("x-request-id: {id}\r\n")));
         let big = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
         assert!(replacement(big, &style()).is_some());
+    }
+
+    #[test]
+    fn head_tracking_finds_the_end_of_a_head() {
+        let whole = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(Head::Awaiting.after(whole), Head::Complete);
+        assert_eq!(
+            Head::Awaiting.after(b"GET / HTTP/1.1\nHost: x\n\n"),
+            Head::Complete
+        );
+        // Split anywhere, even inside the blank line.
+        for cut in 1..whole.len() {
+            let first = Head::Awaiting.after(&whole[..cut]);
+            assert!(matches!(first, Head::Partial(_)), "cut {cut}: {first:?}");
+            assert_eq!(first.after(&whole[cut..]), Head::Complete, "cut {cut}");
+        }
+        // A body after the head, in the same read or later, changes nothing.
+        let with_body = b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nab";
+        assert_eq!(Head::Awaiting.after(with_body), Head::Complete);
+        assert_eq!(Head::Complete.after(b"cd"), Head::Complete);
+        // HTTP/2 prior knowledge is never tracked.
+        assert_eq!(
+            Head::Awaiting.after(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Head::Off
+        );
+        assert_eq!(Head::Off.after(b"GET / HTTP/1.1\r\n"), Head::Off);
+        // A lone line feed in a header line is not the end.
+        assert_eq!(
+            Head::Awaiting.after(b"GET / HTTP/1.1\r\nA: b\r\n"),
+            Head::Partial(1)
+        );
     }
 
     #[test]

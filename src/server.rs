@@ -92,6 +92,7 @@ pub async fn serve_live(
     let style = ErrorStyle {
         error_type: Arc::from(state.config.server.error_type.as_str()),
         server: state.config.server.server_header.clone(),
+        send_timeout: limits.send_timeout,
     };
     let (drain_tx, drain_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -169,12 +170,14 @@ pub async fn serve_live(
                     let mut conn = conn;
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            let io = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                                 conn.builder = http2;
                                 conn.watch_idle = true;
-                            }
-                            conn.serve(TokioIo::new(EnvelopeErrors::new(stream, style)))
-                                .await
+                                EnvelopeErrors::http2(stream, style)
+                            } else {
+                                EnvelopeErrors::new(stream, style)
+                            };
+                            conn.serve(TokioIo::new(io)).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -276,3 +276,54 @@ async fn slow_large_bodies_are_cut_and_the_gateway_recovers() {
     gw.stop().await;
     assert_no_panics();
 }
+
+/// Devices that ask for a large answer and then stop reading are
+/// disconnected after `limits.send_timeout`, which frees the backend
+/// connections their answers held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_are_disconnected_and_free_the_backend_pool() {
+    watch_panics();
+    let backend = Backend::start().await;
+    backend.on("/download", Reply::pattern(64 << 20));
+    let gw = GatewayConfig::new(backend.url())
+        .limits("send_timeout = \"1s\"")
+        .backend("max_connections = 2")
+        .route(DOWNLOAD_ROUTE)
+        .start()
+        .await;
+    // Two readers that never read take both backend connections.
+    let request = format!("GET /api/download HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\n\r\n");
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        readers.push(s);
+    }
+    let started = Instant::now();
+    // While they hold the pool, a normal request waits; once the send
+    // deadline disconnects them it is answered.
+    let r = gw.get("/api/status").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(8), "answered after {waited:?}");
+    // The stalled readers' connections were closed by the gateway: after
+    // draining what the kernel buffered, each read ends.
+    for mut s in readers {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0usize;
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "connection closed by the gateway");
+        assert!(total < 64 << 20, "the whole answer was not sent: {total}");
+    }
+    gw.stop().await;
+    assert_no_panics();
+}

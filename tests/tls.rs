@@ -104,6 +104,25 @@ async fn get_http2_with_key(
     collect(send.send_request(req).await.unwrap()).await
 }
 
+/// A gateway serving HTTPS for `localhost` (a fresh dev CA) in front of
+/// `backend`, with one `[limits]` line; the CA and the files' directory too.
+async fn https_gateway(
+    backend: &Backend,
+    limits: &str,
+) -> (common::Gateway, DevCa, tempfile::TempDir) {
+    let ca = DevCa::new("test CA").unwrap();
+    let server = ca.issue_server(&["localhost"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write(dir.path(), "server.crt", &server.cert_pem);
+    let key = write(dir.path(), "server.key", &server.key_pem);
+    let gw = GatewayConfig::new(backend.url())
+        .server(&format!("tls = {{ cert = {cert:?}, key = {key:?} }}"))
+        .limits(limits)
+        .start()
+        .await;
+    (gw, ca, dir)
+}
+
 /// A gateway serving HTTPS with `server` (issued by some CA) in front of `backend`.
 struct TlsGateway {
     gw: common::Gateway,
@@ -651,16 +670,7 @@ fn dev_certs_command_writes_a_usable_ca_and_server_certificate() {
 #[tokio::test]
 async fn a_client_that_never_finishes_its_handshake_is_dropped() {
     let backend = Backend::start().await;
-    let ca = DevCa::new("test CA").unwrap();
-    let server = ca.issue_server(&["localhost"]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = write(dir.path(), "server.crt", &server.cert_pem);
-    let key = write(dir.path(), "server.key", &server.key_pem);
-    let gw = GatewayConfig::new(backend.url())
-        .server(&format!("tls = {{ cert = {cert:?}, key = {key:?} }}"))
-        .limits("tls_handshake_timeout = \"300ms\"")
-        .start()
-        .await;
+    let (gw, ca, _dir) = https_gateway(&backend, "tls_handshake_timeout = \"300ms\"").await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let started = std::time::Instant::now();
     let mut silent = TcpStream::connect(gw.addr).await.unwrap();
@@ -780,16 +790,7 @@ async fn returning_clients_resume_their_session() {
 #[tokio::test]
 async fn over_the_connection_cap_a_tls_client_gets_the_503_envelope() {
     let backend = Backend::start().await;
-    let ca = DevCa::new("test CA").unwrap();
-    let server = ca.issue_server(&["localhost"]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = write(dir.path(), "server.crt", &server.cert_pem);
-    let key = write(dir.path(), "server.key", &server.key_pem);
-    let gw = GatewayConfig::new(backend.url())
-        .server(&format!("tls = {{ cert = {cert:?}, key = {key:?} }}"))
-        .limits("max_connections = 1")
-        .start()
-        .await;
+    let (gw, ca, _dir) = https_gateway(&backend, "max_connections = 1").await;
     let first = tls_connect(gw.addr, "localhost", &ca.ca.cert_pem, &[b"http/1.1"])
         .await
         .unwrap();
@@ -817,4 +818,25 @@ async fn over_the_connection_cap_a_tls_client_gets_the_503_envelope() {
     let (kind, _) = resp.assert_envelope(503);
     assert_eq!(kind, "ProxyServerError");
     assert_eq!(first.send_request(req()).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_head_cut_short_over_tls_gets_the_408_envelope() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start().await;
+    let (gw, ca, _dir) = https_gateway(&backend, "header_read_timeout = \"1s\"").await;
+    let mut s = tls_connect(gw.addr, "localhost", &ca.ca.cert_pem, &[b"http/1.1"])
+        .await
+        .unwrap();
+    s.write_all(b"GET /api/status HTTP/1.1\r\nHost: localhost\r\nApi-")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // The gateway closes after its answer; a missing close_notify is fine here.
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("closed by the header deadline");
+    let (responses, _) = common::parse_responses(&buf);
+    assert_eq!(responses.len(), 1, "{}", String::from_utf8_lossy(&buf));
+    responses[0].assert_envelope(408);
 }

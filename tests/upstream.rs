@@ -665,12 +665,7 @@ async fn devices_going_away_do_not_leak_backend_connections() {
     backend.on("/download", Reply::pattern(8 << 20));
     let gw = GatewayConfig::new(backend.url())
         .backend("max_connections = 1")
-        .route(
-            r#"path = "/api/download"
-methods = ["GET"]
-backend_path = "/download"
-public = true"#,
-        )
+        .route(DOWNLOAD_ROUTE)
         .start()
         .await;
 

@@ -1102,6 +1102,12 @@ pub fn vm_hwm_kib(pid: u32) -> u64 {
         .expect("VmHWM in /proc/<pid>/status")
 }
 
+/// A public route to the backend's `/download`, for large answers.
+pub const DOWNLOAD_ROUTE: &str = r#"path = "/api/download"
+methods = ["GET"]
+backend_path = "/download"
+public = true"#;
+
 // ------------------------------------------------------------------ adversarial helpers
 
 /// What came back on a raw connection: every complete response, and whether
