@@ -306,6 +306,9 @@ async fn slow_readers_are_disconnected_and_free_the_backend_pool() {
     assert_eq!(r.status, 200, "{}", r.text());
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(8), "answered after {waited:?}");
+    // A reader whose answer started late (after the normal request) stalls
+    // too; give it its send deadline before reading.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     // The stalled readers' connections were closed by the gateway: after
     // draining what the kernel buffered, each read ends.
     for mut s in readers {
