@@ -295,8 +295,13 @@ async fn slow_readers_are_disconnected_and_free_the_backend_pool() {
     let request = format!("GET /api/download HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\n\r\n");
     let mut readers = Vec::new();
     for _ in 0..2 {
+        use tokio::io::AsyncReadExt;
         let mut s = TcpStream::connect(gw.addr).await.unwrap();
         s.write_all(request.as_bytes()).await.unwrap();
+        // The answer has started (so this reader holds a backend connection).
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
         readers.push(s);
     }
     let started = Instant::now();
@@ -324,6 +329,7 @@ async fn slow_readers_are_disconnected_and_free_the_backend_pool() {
             }
         })
         .await;
+        eprintln!("reader: {total} bytes, closed: {}", closed.is_ok());
         assert!(closed.is_ok(), "connection closed by the gateway");
         assert!(total < 64 << 20, "the whole answer was not sent: {total}");
     }
