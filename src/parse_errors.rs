@@ -95,7 +95,8 @@ impl Head {
 /// and a request head cut short by the header deadline into a 408.
 pub struct EnvelopeErrors<T: WriteNow> {
     inner: T,
-    style: ErrorStyle,
+    /// Shared by every connection (one pointer each, not a copy).
+    style: Arc<ErrorStyle>,
     pending: Option<Pending>,
     head: Head,
     /// The send deadline, allocated at the first write that has to wait.
@@ -107,7 +108,7 @@ pub struct EnvelopeErrors<T: WriteNow> {
 impl<T: WriteNow> EnvelopeErrors<T> {
     /// Wraps a connection's (plaintext) IO carrying HTTP/1 (or, with
     /// `server.h2c`, possibly HTTP/2 with prior knowledge).
-    pub fn new(inner: T, style: ErrorStyle) -> EnvelopeErrors<T> {
+    pub fn new(inner: T, style: Arc<ErrorStyle>) -> EnvelopeErrors<T> {
         EnvelopeErrors {
             inner,
             style,
@@ -119,7 +120,7 @@ impl<T: WriteNow> EnvelopeErrors<T> {
     }
 
     /// Wraps a connection that speaks HTTP/2 (ALPN `h2`): no 408 on drop.
-    pub fn http2(inner: T, style: ErrorStyle) -> EnvelopeErrors<T> {
+    pub fn http2(inner: T, style: Arc<ErrorStyle>) -> EnvelopeErrors<T> {
         let mut io = EnvelopeErrors::new(inner, style);
         io.head = Head::Off;
         io

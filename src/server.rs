@@ -89,11 +89,11 @@ pub async fn serve_live(
     };
     let h2c = live.state().config.server.h2c;
     // hyper's own answers to unparsable requests become envelopes too.
-    let style = ErrorStyle {
+    let style = Arc::new(ErrorStyle {
         error_type: Arc::from(state.config.server.error_type.as_str()),
         server: state.config.server.server_header.clone(),
         send_timeout: limits.send_timeout,
-    };
+    });
     let (drain_tx, drain_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     // HTTPS: the certificate is loaded (and its files watched) while we serve.
@@ -153,7 +153,7 @@ pub async fn serve_live(
             drain: drain_rx.clone(),
             done: done_tx.clone(),
         };
-        let style = style.clone();
+        let style = Arc::clone(&style);
         match &tls {
             None => {
                 tokio::spawn(async move {
