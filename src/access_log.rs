@@ -160,7 +160,7 @@ impl Pending {
             request_id: self.request_id.to_str().unwrap_or("-"),
             client: self.client.to_string(),
             api_client,
-            route: &self.route.0,
+            route: self.route.as_str(),
             method: self.method.as_str(),
             path: &self.path,
             status: self.status,

@@ -309,6 +309,8 @@ struct ApiKey {
 
 /// Per-request facts gathered before routing.
 struct Ctx {
+    /// When the request arrived (route deadlines run from here).
+    start: Instant,
     request_id: HeaderValue,
     client_ip: IpAddr,
     client_ip_header: HeaderValue,
@@ -326,7 +328,7 @@ impl Ctx {
 /// Handles one device request. Never fails: every error is an envelope.
 pub async fn handle(state: &State, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
     let start = Instant::now();
-    let ctx = context(state, req.headers(), peer);
+    let ctx = context(state, req.headers(), peer, start);
     let method = req.method().clone();
     let log_path = state
         .access_log
@@ -398,7 +400,7 @@ impl Peer {
     }
 }
 
-fn context(state: &State, headers: &HeaderMap, peer: &Peer) -> Ctx {
+fn context(state: &State, headers: &HeaderMap, peer: &Peer, start: Instant) -> Ctx {
     let request_id = headers
         .get(&X_REQUEST_ID)
         .filter(|v| {
@@ -448,6 +450,7 @@ fn context(state: &State, headers: &HeaderMap, peer: &Peer) -> Ctx {
         ip_header(client_ip)
     };
     Ctx {
+        start,
         request_id,
         client_ip,
         client_ip_header,
@@ -565,7 +568,7 @@ async fn dispatch(
         limited(state, limit, &api_key.name, "route")?;
     }
     let cfg = &route.config;
-    let deadline = Instant::now() + cfg.timeout.unwrap_or(state.backend_timeout);
+    let deadline = ctx.start + cfg.timeout.unwrap_or(state.backend_timeout);
 
     let device_token = header_str(req.headers(), &USER_TOKEN).map(str::to_owned);
     let session = match (cfg.public, &device_token) {

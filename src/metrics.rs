@@ -11,23 +11,60 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::fmt::Write;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A route label: the configured path template, or a fixed name such as
-/// `/login` or `unmatched`. Cheap to clone (shared string).
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct RouteName(pub Arc<str>);
+/// `/login` or `unmatched`. Cheap to clone (shared). It also keeps the
+/// route's latency histograms once first used, so recording a request does
+/// not hash the label to find them again.
+#[derive(Clone, Debug)]
+pub struct RouteName(Arc<RouteLabel>);
+
+#[derive(Debug)]
+struct RouteLabel {
+    name: Box<str>,
+    latency: OnceLock<Histogram>,
+    upstream: OnceLock<Histogram>,
+}
 
 impl RouteName {
+    /// A label for `name`.
+    pub fn new(name: &str) -> RouteName {
+        RouteName(Arc::new(RouteLabel {
+            name: name.into(),
+            latency: OnceLock::new(),
+            upstream: OnceLock::new(),
+        }))
+    }
+
     /// A label for a fixed name.
     pub fn fixed(name: &'static str) -> RouteName {
-        RouteName(Arc::from(name))
+        RouteName::new(name)
+    }
+
+    /// The label's text.
+    pub fn as_str(&self) -> &str {
+        &self.0.name
+    }
+}
+
+impl PartialEq for RouteName {
+    fn eq(&self, other: &RouteName) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for RouteName {}
+
+impl std::hash::Hash for RouteName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name.hash(state);
     }
 }
 
 impl EncodeLabelValue for RouteName {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        encoder.write_str(&self.0)
+        encoder.write_str(&self.0.name)
     }
 }
 
@@ -203,19 +240,32 @@ impl Metrics {
                 status,
             })
             .inc();
-        self.latency
+        route
+            .0
+            .latency
+            .get_or_init(|| self.route_histogram(&self.latency, route))
+            .observe(seconds);
+    }
+
+    /// The series of `family` for `route` (a handle sharing the series).
+    fn route_histogram(
+        &self,
+        family: &Family<RouteLabels, Histogram>,
+        route: &RouteName,
+    ) -> Histogram {
+        family
             .get_or_create(&RouteLabels {
                 route: route.clone(),
             })
-            .observe(seconds);
+            .clone()
     }
 
     /// Records how long the backend took.
     pub fn upstream(&self, route: &RouteName, seconds: f64) {
-        self.upstream_latency
-            .get_or_create(&RouteLabels {
-                route: route.clone(),
-            })
+        route
+            .0
+            .upstream
+            .get_or_init(|| self.route_histogram(&self.upstream_latency, route))
             .observe(seconds);
     }
 
@@ -260,5 +310,27 @@ mod tests {
         assert!(text.contains(r#"portcullis_upstream_errors_total{kind="connect"} 1"#));
         assert!(text.contains("portcullis_validation_calls_total 1"));
         assert!(text.contains("portcullis_request_duration_seconds_bucket"));
+    }
+
+    #[test]
+    fn labels_with_the_same_name_share_their_series() {
+        let m = Metrics::new();
+        // A reload builds new labels for the same routes.
+        for label in [RouteName::new("/api/x"), RouteName::new("/api/x")] {
+            for _ in 0..2 {
+                m.request(&label, &http::Method::GET, 200, 0.001);
+                m.upstream(&label, 0.001);
+            }
+        }
+        let text = m.encode();
+        assert!(
+            text.contains(r#"portcullis_request_duration_seconds_count{route="/api/x"} 4"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"_count{route="/api/x"} 4"#)
+                && text.matches(r#"_count{route="/api/x"} 4"#).count() == 2,
+            "{text}"
+        );
     }
 }

@@ -209,7 +209,7 @@ impl Router {
                 }
             }
             let route = Arc::new(Route {
-                label: crate::metrics::RouteName(Arc::from(cfg.path.as_str())),
+                label: crate::metrics::RouteName::new(&cfg.path),
                 allow: cfg.methods.clone(),
                 rate_limit: cfg.rate_limit.map(crate::ratelimit::Limiter::new),
                 config: cfg.clone(),

@@ -263,23 +263,38 @@ pub const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) headers present instead of a hashed removal
-    // per hop-by-hop name: most messages carry none of them.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass over the (few) headers present, noting which hop-by-hop
+    // names occur: most messages carry none, or only `Connection`.
+    let mut present = 0u8;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // `Connection` (bit 0) may name more headers; its usual tokens
+    // (`keep-alive`, `close`) name none that is present otherwise.
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|name| !name.eq_ignore_ascii_case("close"))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .filter(|name| !HOP_BY_HOP.contains(name))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -298,6 +313,23 @@ mod tests {
         h.insert("x-kept", "1".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+
+        // `Connection: keep-alive` alone; a named header listed in a second value.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, "close".parse().unwrap());
+        h.append(header::CONNECTION, "X-Hop , keep-alive".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
     }
 }
