@@ -23,6 +23,9 @@ pub enum Body {
     Full(Option<Bytes>),
     /// A body streamed from a peer (device request, backend response).
     Incoming(Incoming),
+    /// A backend response body on a pooled connection (with its own
+    /// between-reads deadline, so the hot path boxes nothing).
+    Pooled(crate::upstream::PooledBody),
     /// Anything else (streams produced by other modules).
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -61,6 +64,7 @@ impl HttpBody for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Incoming(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            Body::Pooled(inner) => Pin::new(inner).poll_frame(cx),
             Body::Boxed(inner) => Pin::new(inner).poll_frame(cx),
         }
     }
@@ -70,6 +74,7 @@ impl HttpBody for Body {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
             Body::Incoming(inner) => inner.is_end_stream(),
+            Body::Pooled(inner) => inner.is_end_stream(),
             Body::Boxed(inner) => inner.is_end_stream(),
         }
     }
@@ -79,6 +84,7 @@ impl HttpBody for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Incoming(inner) => inner.size_hint(),
+            Body::Pooled(inner) => inner.size_hint(),
             Body::Boxed(inner) => inner.size_hint(),
         }
     }
@@ -108,12 +114,7 @@ pub fn is_body_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 /// for the inner body counts, not time the reader took to ask again.
 pub struct TimedBody {
     inner: Body,
-    timeout: std::time::Duration,
-    /// Allocated on the first `Pending` only: bodies that are ready when
-    /// polled (the common case for small answers) never touch the timer.
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The deadline runs from the first `Pending` since the last frame.
-    armed: bool,
+    deadline: ReadDeadline,
 }
 
 impl TimedBody {
@@ -121,9 +122,59 @@ impl TimedBody {
     pub fn new(inner: Body, timeout: std::time::Duration) -> TimedBody {
         TimedBody {
             inner,
+            deadline: ReadDeadline::new(timeout),
+        }
+    }
+}
+
+/// A between-reads deadline: it runs from the first `Pending` since the
+/// last frame, and only while the reader waits.
+pub struct ReadDeadline {
+    timeout: std::time::Duration,
+    /// Allocated on the first `Pending` only: bodies that are ready when
+    /// polled (the common case for small answers) never touch the timer.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl ReadDeadline {
+    /// A deadline of `timeout` between frames.
+    pub fn new(timeout: std::time::Duration) -> ReadDeadline {
+        ReadDeadline {
             timeout,
             sleep: None,
             armed: false,
+        }
+    }
+
+    /// What to answer for an inner poll: a frame disarms the deadline; a
+    /// `Pending` arms it, and becomes a [`BodyTimeout`] once it has passed.
+    pub fn check<E: From<BodyTimeout>>(
+        &mut self,
+        polled: Poll<Option<Result<Frame<Bytes>, E>>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, E>>> {
+        if polled.is_ready() {
+            self.armed = false;
+            return polled;
+        }
+        let sleep = match &mut self.sleep {
+            Some(sleep) => {
+                if !self.armed {
+                    sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.timeout);
+                }
+                sleep
+            }
+            None => self
+                .sleep
+                .insert(Box::pin(tokio::time::sleep(self.timeout))),
+        };
+        self.armed = true;
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout.into()))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -137,32 +188,8 @@ impl HttpBody for TimedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.armed = false;
-                Poll::Ready(frame)
-            }
-            Poll::Pending => {
-                let sleep = match &mut this.sleep {
-                    Some(sleep) => {
-                        if !this.armed {
-                            sleep
-                                .as_mut()
-                                .reset(tokio::time::Instant::now() + this.timeout);
-                        }
-                        sleep
-                    }
-                    None => this
-                        .sleep
-                        .insert(Box::pin(tokio::time::sleep(this.timeout))),
-                };
-                this.armed = true;
-                match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.deadline.check(polled, cx)
     }
 
     fn is_end_stream(&self) -> bool {

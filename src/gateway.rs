@@ -808,10 +808,13 @@ async fn backend_answer(
     if status.is_success() || status == StatusCode::NOT_MODIFIED {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = if body.is_end_stream() {
-            body
-        } else {
-            Body::boxed(TimedBody::new(body, idle))
+        let body = match body {
+            Body::Pooled(mut pooled) => {
+                pooled.read_timeout(idle);
+                Body::Pooled(pooled)
+            }
+            body if body.is_end_stream() => body,
+            body => Body::boxed(TimedBody::new(body, idle)),
         };
         return Ok(Response::from_parts(parts, body));
     }

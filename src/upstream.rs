@@ -9,7 +9,7 @@
 //! For an `https://` backend each new connection is TLS (rustls, ALPN
 //! `http/1.1`, SNI from the URL's host); the pool logic is the same.
 
-use crate::body::Body;
+use crate::body::{Body, BoxError, ReadDeadline};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response};
@@ -181,8 +181,9 @@ impl Upstream {
         let body = PooledBody {
             inner: incoming,
             conn: Some((conn, Arc::clone(self))),
+            deadline: None,
         };
-        Response::from_parts(parts, Body::boxed(body))
+        Response::from_parts(parts, Body::Pooled(body))
     }
 }
 
@@ -204,22 +205,40 @@ where
 }
 
 /// A backend response body that hands its connection back to the pool once
-/// read to the end. Dropped early, the connection is closed instead.
-struct PooledBody {
+/// read to the end. Dropped early, the connection is closed instead. It can
+/// keep a between-reads deadline itself (see [`PooledBody::read_timeout`]),
+/// so a streamed answer needs no further wrapper.
+pub struct PooledBody {
     inner: Incoming,
     conn: Option<(Conn, Arc<Upstream>)>,
+    deadline: Option<ReadDeadline>,
+}
+
+impl PooledBody {
+    /// Each frame must arrive within `timeout` of the previous one (time
+    /// spent waiting on the backend only); past it the body fails with
+    /// [`crate::body::BodyTimeout`].
+    pub fn read_timeout(&mut self, timeout: Duration) {
+        self.deadline = Some(ReadDeadline::new(timeout));
+    }
 }
 
 impl HttpBody for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map_err(BoxError::from);
+        let polled = match &mut this.deadline {
+            Some(deadline) => deadline.check(polled, cx),
+            None => polled,
+        };
         match &polled {
             Poll::Ready(None) => {
                 if let Some((conn, pool)) = this.conn.take() {
