@@ -17,6 +17,15 @@
 //! without waiting before the socket closes. An idle keep-alive connection
 //! that times out (no byte of a new head) is closed silently, as before.
 //!
+//! The wrapper keeps HTTP/1's read deadlines itself (hyper's header timer is
+//! off): `limits.idle_timeout` from the last byte written until a new head
+//! starts, `limits.header_read_timeout` from a head's first byte until its
+//! end. One timer per connection, re-armed lazily: a deadline that moved
+//! later only re-arms the timer when the earlier one fires, so a busy
+//! keep-alive connection costs one clock read per answer, not a timer per
+//! request. When a deadline passes the read fails and hyper drops the
+//! connection (with the 408 above if a head was half read).
+//!
 //! It also keeps `limits.send_timeout`, which hyper lacks: a device that
 //! accepts no byte of its answer for that long gets its connection failed,
 //! which drops the answer's body and with it the backend connection feeding
@@ -29,7 +38,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -42,6 +51,10 @@ pub struct ErrorStyle {
     pub server: HeaderValue,
     /// `limits.send_timeout`.
     pub send_timeout: Duration,
+    /// `limits.header_read_timeout`.
+    pub header_timeout: Duration,
+    /// `limits.idle_timeout`.
+    pub idle_timeout: Duration,
 }
 
 /// A replacement being written; `claimed` is the length of hyper's bytes
@@ -57,6 +70,8 @@ struct Pending {
 enum Head {
     /// The next byte read starts a new request head.
     Awaiting,
+    /// Only empty lines so far (which hyper skips before a request line).
+    Blank,
     /// Part of a head was read; the count is the line feeds seen in a row at
     /// its end so far (carriage returns aside), two ending the head.
     Partial(u8),
@@ -69,11 +84,17 @@ enum Head {
 impl Head {
     /// The state after reading `data` (not empty).
     fn after(self, data: &[u8]) -> Head {
-        let mut feeds = match self {
+        let (data, mut feeds) = match self {
             Head::Complete | Head::Off => return self,
             Head::Awaiting if data.starts_with(b"PRI * HTTP/2") => return Head::Off,
-            Head::Awaiting => 0,
-            Head::Partial(n) => n,
+            Head::Awaiting | Head::Blank => {
+                let start = data.iter().position(|b| !matches!(b, b'\r' | b'\n'));
+                match start {
+                    None => return Head::Blank,
+                    Some(i) => (&data[i..], 0),
+                }
+            }
+            Head::Partial(n) => (data, n),
         };
         // The common case: a whole head (and no body) in one read.
         if data.ends_with(b"\n\r\n") || data.ends_with(b"\n\n") {
@@ -103,6 +124,12 @@ pub struct EnvelopeErrors<T: WriteNow> {
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether `stall` runs (from the first `Pending` since the last progress).
     stalled: bool,
+    /// When the current read wait began: the last write (idle), or the
+    /// first byte of a head.
+    since: Instant,
+    /// The read deadline timer (allocated at the first wait) and the
+    /// deadline it is set to.
+    wait: Option<(Pin<Box<tokio::time::Sleep>>, Instant)>,
 }
 
 impl<T: WriteNow> EnvelopeErrors<T> {
@@ -116,6 +143,8 @@ impl<T: WriteNow> EnvelopeErrors<T> {
             head: Head::Awaiting,
             stall: None,
             stalled: false,
+            since: Instant::now(),
+            wait: None,
         }
     }
 
@@ -126,11 +155,57 @@ impl<T: WriteNow> EnvelopeErrors<T> {
         io
     }
 
-    /// Something was written: any answer ends the head being read.
-    fn wrote(&mut self, n: usize) {
+    /// Something was written: any answer ends the head being read, and the
+    /// idle deadline runs from here. hyper may not read again before the
+    /// device sends something, so the timer is armed from here too: when it
+    /// fires, hyper's next read sees the error.
+    fn wrote(&mut self, n: usize, cx: &mut Context<'_>) {
         self.stalled = false;
         if n > 0 && self.head != Head::Off {
             self.head = Head::Awaiting;
+            self.since = Instant::now();
+            if self.read_deadline(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+    }
+
+    /// A read has to wait: runs the idle or header deadline, an error once
+    /// it passed. Bodies (and HTTP/2) have deadlines of their own elsewhere.
+    fn read_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let limit = match self.head {
+            Head::Awaiting => self.style.idle_timeout,
+            Head::Blank | Head::Partial(_) => self.style.header_timeout,
+            Head::Complete | Head::Off => return Poll::Pending,
+        };
+        let deadline = self.since + limit;
+        let (timer, at) = self.wait.get_or_insert_with(|| {
+            (
+                Box::pin(tokio::time::sleep_until(deadline.into())),
+                deadline,
+            )
+        });
+        // Only an earlier deadline re-arms now; a later one waits for the
+        // timer to fire at the old one.
+        if *at > deadline {
+            timer.as_mut().reset(deadline.into());
+            *at = deadline;
+        }
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if *at >= deadline {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    match self.head {
+                        Head::Awaiting => "idle keep-alive connection timed out",
+                        _ => "request head not received in time",
+                    },
+                )));
+            }
+            timer.as_mut().reset(deadline.into());
+            *at = deadline;
         }
     }
 
@@ -166,7 +241,7 @@ impl<T: WriteNow> Drop for EnvelopeErrors<T> {
     fn drop(&mut self) {
         // Dropped with a head half read and nothing answered: the header
         // deadline fired (or the device gave up; then nobody reads this).
-        if let Head::Partial(_) = self.head {
+        if let Head::Blank | Head::Partial(_) = self.head {
             if self.pending.is_none() {
                 let id = crate::gateway::new_request_id();
                 let id = id.to_str().unwrap_or("-");
@@ -315,11 +390,22 @@ impl<T: AsyncRead + WriteNow + Unpin> AsyncRead for EnvelopeErrors<T> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        if let Some(read) = buf.filled().get(before..).filter(|r| !r.is_empty()) {
-            this.head = this.head.after(read);
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending => this.read_deadline(cx),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                if let Some(read) = buf.filled().get(before..).filter(|r| !r.is_empty()) {
+                    let was = this.head;
+                    this.head = was.after(read);
+                    if was == Head::Awaiting && matches!(this.head, Head::Blank | Head::Partial(_))
+                    {
+                        // The header deadline runs from a head's first byte.
+                        this.since = Instant::now();
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
         }
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -344,7 +430,7 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
                         Poll::Pending => this.waiting(cx),
                         Poll::Ready(result) => {
                             let n = result?;
-                            this.wrote(n);
+                            this.wrote(n, cx);
                             Poll::Ready(Ok(n))
                         }
                     };
@@ -352,7 +438,7 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
             }
         }
         let n = ready!(this.drive(cx))?;
-        this.wrote(n);
+        this.wrote(n, cx);
         Poll::Ready(Ok(n))
     }
 
@@ -372,7 +458,7 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
                 Poll::Pending => this.waiting(cx),
                 Poll::Ready(result) => {
                     let n = result?;
-                    this.wrote(n);
+                    this.wrote(n, cx);
                     Poll::Ready(Ok(n))
                 }
             },
@@ -414,6 +500,8 @@ mod tests {
             error_type: Arc::from("ProxyServerError"),
             server: HeaderValue::from_static("portcullis"),
             send_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 
@@ -459,6 +547,14 @@ mod tests {
             Head::Off
         );
         assert_eq!(Head::Off.after(b"GET / HTTP/1.1\r\n"), Head::Off);
+        // Empty lines before a request line are skipped, not a head's end.
+        assert_eq!(Head::Awaiting.after(b"\r\n\r\n\r\n"), Head::Blank);
+        assert_eq!(Head::Blank.after(b"\r\n"), Head::Blank);
+        assert_eq!(Head::Blank.after(b"GET / HTTP/1.1\r\n\r\n"), Head::Complete);
+        assert_eq!(
+            Head::Awaiting.after(b"\r\nGET / HTTP/1.1\r\n"),
+            Head::Partial(1)
+        );
         // A lone line feed in a header line is not the end.
         assert_eq!(
             Head::Awaiting.after(b"GET / HTTP/1.1\r\nA: b\r\n"),

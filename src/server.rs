@@ -93,6 +93,8 @@ pub async fn serve_live(
         error_type: Arc::from(state.config.server.error_type.as_str()),
         server: state.config.server.server_header.clone(),
         send_timeout: limits.send_timeout,
+        header_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
     });
     let (drain_tx, drain_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -230,18 +232,13 @@ fn http_builder(limits: &Limits, protocols: Protocols) -> auto::Builder<TokioExe
         Protocols::Http2 => builder.http2_only(),
         Protocols::Both => builder,
     };
-    // HTTP/1.1: hyper arms its header deadline as soon as a keep-alive
-    // connection waits for its next request, so that deadline is also the
-    // idle timeout (no per-connection idle timer is needed).
-    let header_deadline = if protocols == Protocols::Http1 {
-        limits.header_read_timeout.min(limits.idle_timeout)
-    } else {
-        limits.header_read_timeout
-    };
+    // HTTP/1.1's idle and header deadlines are kept by the IO wrapper under
+    // hyper (`parse_errors`): one lazily re-armed timer per connection
+    // instead of hyper's timer per request, and the two limits apart.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_deadline)
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
     builder

@@ -539,6 +539,7 @@ async fn truncated_requests_are_dropped() {
     let gw = GatewayConfig::new(backend.url())
         .limits("header_read_timeout = \"1s\"")
         .limits("body_read_timeout = \"1s\"")
+        .limits("idle_timeout = \"2s\"")
         .start()
         .await;
     // Head cut in the middle, then nothing: a 408 envelope when the header

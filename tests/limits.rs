@@ -158,8 +158,8 @@ async fn slow_request_bodies_get_408() {
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
     let backend = Backend::start().await;
-    // HTTP/1.1 only (hyper's header deadline closes idle connections) and
-    // with h2c on (the per-connection idle watchdog does).
+    // HTTP/1.1 only (the IO wrapper's idle deadline closes idle connections)
+    // and with h2c on (the same, and the idle watchdog once HTTP/2).
     for h2c in ["h2c = false", "h2c = true"] {
         idle_connection_closes(&backend, h2c).await;
     }
@@ -191,4 +191,42 @@ async fn idle_connection_closes(backend: &Backend, h2c: &str) {
         .unwrap_or(0);
     assert_eq!(n, 0, "connection closed without data");
     assert!(started.elapsed() >= Duration::from_millis(150), "{h2c}");
+}
+
+/// The idle deadline and the header deadline are apart: a keep-alive
+/// connection may idle longer than `header_read_timeout`, and a head cut
+/// short still gets the 408 at `header_read_timeout`.
+#[tokio::test]
+async fn idle_and_header_deadlines_are_apart() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start().await;
+    let gw = start(
+        GatewayConfig::new(backend.url())
+            .limits("header_read_timeout = \"500ms\"")
+            .limits("idle_timeout = \"3s\""),
+        "",
+    )
+    .await;
+    let request = format!("GET /api/status HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\n\r\n");
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(read_raw_response(&mut s).await.status, 200);
+    // Idle for three header deadlines: still open.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(read_raw_response(&mut s).await.status, 200);
+    // Half a head: 408 after the header deadline, well before the idle one.
+    let started = Instant::now();
+    s.write_all(b"GET /api/sta").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("closed after the 408")
+        .unwrap();
+    let took = started.elapsed();
+    let (responses, _) = parse_responses(&buf);
+    assert_eq!(responses.len(), 1, "{}", String::from_utf8_lossy(&buf));
+    responses[0].assert_envelope(408);
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    assert!(took < Duration::from_millis(2500), "{took:?}");
 }
