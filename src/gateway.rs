@@ -335,7 +335,10 @@ pub async fn handle(state: &State, req: Request<Incoming>, peer: &Peer) -> Respo
         .enabled()
         .then(|| req.uri().path().to_owned());
     let mut info = Info::default();
-    let mut resp = match dispatch(state, req, &ctx, &mut info).await {
+    // Awaited through a pinned local: a plain `.await` would keep the
+    // (large) future twice in this one's state (rustc lays out the awaited
+    // temporary and the awaitee apart), doubling at every level.
+    let mut resp = match std::pin::pin!(dispatch(state, req, &ctx, &mut info)).await {
         Ok(resp) => resp,
         Err(err) => {
             if err.status().is_server_error() {
@@ -411,7 +414,7 @@ fn context(state: &State, headers: &HeaderMap, peer: &Peer, start: Instant) -> C
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
         })
         .cloned()
-        .unwrap_or_else(new_request_id);
+        .unwrap_or_else(|| request_id_at(start));
     let peer_ip = peer.ip;
     let trusted = |ip: &IpAddr| state.trusted_proxies.iter().any(|n| n.contains(ip));
     let peer_trusted = !state.trusted_proxies.is_empty() && trusted(&peer_ip);
@@ -467,11 +470,23 @@ fn ip_header(ip: IpAddr) -> HeaderValue {
 /// A 26-character, time-ordered request id (ULID layout: 48-bit milliseconds,
 /// 80 random bits, Crockford base32).
 pub fn new_request_id() -> HeaderValue {
+    request_id_at(Instant::now())
+}
+
+/// [`new_request_id`] for a request that arrived at `at`: the wall-clock
+/// milliseconds come from one reading at start-up plus the monotonic time
+/// since, so no second clock reading per request.
+fn request_id_at(at: Instant) -> HeaderValue {
     const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
+    static ANCHOR: std::sync::OnceLock<(u128, Instant)> = std::sync::OnceLock::new();
+    let (wall, mono) = *ANCHOR.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        (wall, Instant::now())
+    });
+    let ms = wall + at.saturating_duration_since(mono).as_millis();
     let value = (ms << 80) | (fastrand::u128(..) >> 48);
     let mut out = [0u8; 26];
     for (i, c) in out.iter_mut().enumerate() {
@@ -628,7 +643,7 @@ async fn dispatch(
         _ => None,
     };
     let sent = Instant::now();
-    let resp = send(state, Request::from_parts(parts, body), deadline).await?;
+    let resp = std::pin::pin!(send(state, Request::from_parts(parts, body), deadline)).await?;
     drop(upload);
     let took = sent.elapsed();
     info.upstream = Some(took);
@@ -745,7 +760,7 @@ async fn send(
     deadline: Instant,
 ) -> Result<Response<Body>, GatewayError> {
     let deadline = tokio::time::Instant::from_std(deadline);
-    match tokio::time::timeout_at(deadline, state.upstream.send(req)).await {
+    match std::pin::pin!(tokio::time::timeout_at(deadline, state.upstream.send(req))).await {
         Err(_) => {
             state.metrics.upstream_error("timeout");
             Err(GatewayError::BackendTimeout)
@@ -971,11 +986,28 @@ fn backend_headers(
         None => headers.remove(&API_KEY),
     };
     headers.insert(API_CLIENT.clone(), api_key.header_value.clone());
-    match token.and_then(|t| HeaderValue::from_str(t).ok()) {
-        Some(mut t) => {
-            t.set_sensitive(true);
-            headers.insert(USER_TOKEN.clone(), t);
+    match token {
+        // The device's own header already carries it (no rotation): keep
+        // that value instead of copying the token into a new one.
+        Some(t)
+            if {
+                let mut sent = headers.get_all(&USER_TOKEN).iter();
+                matches!((sent.next(), sent.next()), (Some(v), None) if v.as_bytes() == t.as_bytes())
+            } =>
+        {
+            if let Some(v) = headers.get_mut(&USER_TOKEN) {
+                v.set_sensitive(true);
+            }
         }
+        Some(t) => match HeaderValue::from_str(t) {
+            Ok(mut t) => {
+                t.set_sensitive(true);
+                headers.insert(USER_TOKEN.clone(), t);
+            }
+            Err(_) => {
+                headers.remove(&USER_TOKEN);
+            }
+        },
         None => {
             headers.remove(&USER_TOKEN);
         }
@@ -1181,6 +1213,19 @@ mod tests {
         let b = new_request_id();
         assert_eq!(a.len(), 26);
         assert_ne!(a, b);
+        // The first 10 characters are the wall-clock milliseconds.
+        let ms = a.as_bytes()[..10].iter().fold(0u128, |acc, c| {
+            let digit = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+                .iter()
+                .position(|x| x == c)
+                .unwrap() as u128;
+            (acc << 5) | digit
+        });
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        assert!(now.abs_diff(ms) < 5_000, "id time {ms}, now {now}");
     }
 
     #[test]

@@ -25,6 +25,8 @@ struct RouteLabel {
     name: Box<str>,
     latency: OnceLock<Histogram>,
     upstream: OnceLock<Histogram>,
+    /// The request counters of status 200, by method (see [`MethodLabel`]).
+    ok: [OnceLock<Counter>; METHODS],
 }
 
 impl RouteName {
@@ -34,6 +36,7 @@ impl RouteName {
             name: name.into(),
             latency: OnceLock::new(),
             upstream: OnceLock::new(),
+            ok: Default::default(),
         }))
     }
 
@@ -90,20 +93,28 @@ struct KindLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct MethodLabel(&'static str);
 
+/// How many method labels there are.
+const METHODS: usize = 8;
+
 impl MethodLabel {
     /// The label for `m`.
     pub fn of(m: &http::Method) -> MethodLabel {
+        MethodLabel(Self::indexed(m).1)
+    }
+
+    /// The label's index (below [`METHODS`]) and text.
+    fn indexed(m: &http::Method) -> (usize, &'static str) {
         use http::Method as M;
-        MethodLabel(match *m {
-            M::GET => "GET",
-            M::POST => "POST",
-            M::PUT => "PUT",
-            M::PATCH => "PATCH",
-            M::DELETE => "DELETE",
-            M::HEAD => "HEAD",
-            M::OPTIONS => "OPTIONS",
-            _ => "OTHER",
-        })
+        match *m {
+            M::GET => (0, "GET"),
+            M::POST => (1, "POST"),
+            M::PUT => (2, "PUT"),
+            M::PATCH => (3, "PATCH"),
+            M::DELETE => (4, "DELETE"),
+            M::HEAD => (5, "HEAD"),
+            M::OPTIONS => (6, "OPTIONS"),
+            _ => (7, "OTHER"),
+        }
     }
 }
 
@@ -233,13 +244,22 @@ impl Metrics {
 
     /// Records one answered request.
     pub fn request(&self, route: &RouteName, method: &http::Method, status: u16, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.clone(),
-                method: MethodLabel::of(method),
-                status,
-            })
-            .inc();
+        let (index, name) = MethodLabel::indexed(method);
+        let labels = || RequestLabels {
+            route: route.clone(),
+            method: MethodLabel(name),
+            status,
+        };
+        match route.0.ok.get(index) {
+            // The common series is kept by the label: no hashing per request.
+            Some(ok) if status == 200 => {
+                ok.get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                    .inc();
+            }
+            _ => {
+                self.requests.get_or_create(&labels()).inc();
+            }
+        }
         route
             .0
             .latency
@@ -327,6 +347,16 @@ mod tests {
             text.contains(r#"portcullis_request_duration_seconds_count{route="/api/x"} 4"#),
             "{text}"
         );
+        assert!(
+            text.contains(
+                r#"portcullis_requests_total{route="/api/x",method="GET",status="200"} 4"#
+            ),
+            "{text}"
+        );
+        m.request(&RouteName::new("/api/x"), &http::Method::GET, 404, 0.001);
+        assert!(m
+            .encode()
+            .contains(r#"portcullis_requests_total{route="/api/x",method="GET",status="404"} 1"#));
         assert!(
             text.contains(r#"_count{route="/api/x"} 4"#)
                 && text.matches(r#"_count{route="/api/x"} 4"#).count() == 2,

@@ -439,15 +439,22 @@ argv = ["sh", "-c", "for i in 1 2 3 4 5; do echo line$i; sleep 0.3; done"]
     let mut id = None;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        if let Some(line) = env.audit().first() {
-            id = line["job_id"].as_str().map(str::to_owned);
+        // The first audit line with the job's id (it may not be written yet).
+        id = env
+            .audit()
+            .iter()
+            .find_map(|line| line["job_id"].as_str().map(str::to_owned));
+        if id.is_some() {
             break;
         }
     }
     let sse = send(
         env.addr,
         Method::GET,
-        &format!("/__manage__/jobs/{}/output", id.unwrap()),
+        &format!(
+            "/__manage__/jobs/{}/output",
+            id.expect("job id in the audit log")
+        ),
         Some(ALICE),
         "",
         &[("accept", "text/event-stream")],

@@ -222,12 +222,14 @@ pub async fn wait_job(env: &Env, id: &str, secs: u64) -> Value {
     }
 }
 
-/// The audit log's lines, parsed.
+/// The audit log's complete lines, parsed (a line the gateway is writing
+/// right now, without its newline yet, is left out).
 pub fn audit_lines(path: &Path) -> Vec<Value> {
     match std::fs::read_to_string(path) {
         Ok(t) => t
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .map(|l| serde_json::from_str(l.trim_end()).unwrap())
             .collect(),
         Err(_) => Vec::new(),
     }
