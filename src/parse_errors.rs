@@ -159,9 +159,10 @@ impl<T: WriteNow> EnvelopeErrors<T> {
     /// idle deadline runs from here. hyper may not read again before the
     /// device sends something, so the timer is armed from here too: when it
     /// fires, hyper's next read sees the error.
-    fn wrote(&mut self, n: usize, cx: &mut Context<'_>) {
+    /// An interim answer (`100 Continue`) ends nothing: the body follows.
+    fn wrote(&mut self, n: usize, interim: bool, cx: &mut Context<'_>) {
         self.stalled = false;
-        if n > 0 && self.head != Head::Off {
+        if n > 0 && !interim && self.head != Head::Off {
             self.head = Head::Awaiting;
             self.since = Instant::now();
             if self.read_deadline(cx).is_ready() {
@@ -430,7 +431,7 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
                         Poll::Pending => this.waiting(cx),
                         Poll::Ready(result) => {
                             let n = result?;
-                            this.wrote(n, cx);
+                            this.wrote(n, is_interim(buf), cx);
                             Poll::Ready(Ok(n))
                         }
                     };
@@ -438,7 +439,7 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
             }
         }
         let n = ready!(this.drive(cx))?;
-        this.wrote(n, cx);
+        this.wrote(n, false, cx);
         Poll::Ready(Ok(n))
     }
 
@@ -458,7 +459,7 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
                 Poll::Pending => this.waiting(cx),
                 Poll::Ready(result) => {
                     let n = result?;
-                    this.wrote(n, cx);
+                    this.wrote(n, first.is_some_and(|b| is_interim(b)), cx);
                     Poll::Ready(Ok(n))
                 }
             },
@@ -484,6 +485,11 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
         ready!(self.drive(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// Whether a write is an interim (1xx) answer such as `100 Continue`.
+fn is_interim(buf: &[u8]) -> bool {
+    buf.starts_with(b"HTTP/1.1 1")
 }
 
 /// Cheap pre-check for the vectored path (the full check runs in `poll_write`).

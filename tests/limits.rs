@@ -230,3 +230,41 @@ async fn idle_and_header_deadlines_are_apart() {
     assert!(took >= Duration::from_millis(400), "{took:?}");
     assert!(took < Duration::from_millis(2500), "{took:?}");
 }
+
+/// `100 Continue` is not an answer: a body that takes longer than the
+/// header deadline to upload after it is not cut by that deadline.
+#[tokio::test]
+async fn a_slow_body_after_100_continue_is_not_cut_by_the_header_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start().await;
+    let gw = start(
+        GatewayConfig::new(backend.url())
+            .limits("header_read_timeout = \"500ms\"")
+            .limits("body_read_timeout = \"3s\""),
+        "",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /api/upload HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\nContent-Length: 3000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut interim))
+        .await
+        .expect("100 Continue in time")
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    // Six parts, 300 ms apart: 1.5 s in all, three header deadlines.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(&[b'a'; 500]).await.unwrap();
+    }
+    let resp = read_raw_response(&mut s).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(backend.count("/upload"), 1);
+}
