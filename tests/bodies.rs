@@ -316,21 +316,6 @@ timeout = "300ms""#,
     gw.stop().await;
 }
 
-/// Reads from `s` until `needle` has arrived (or the peer closes / 5 s pass).
-async fn read_until(s: &mut tokio::net::TcpStream, needle: &[u8]) -> Vec<u8> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !buf.windows(needle.len()).any(|w| w == needle) {
-        match tokio::time::timeout_at(deadline, s.read(&mut tmp)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&tmp[..n]),
-            _ => break,
-        }
-    }
-    buf
-}
-
 #[tokio::test]
 async fn expect_100_continue_uploads_work_and_oversized_ones_are_refused_first() {
     use tokio::io::AsyncWriteExt;
@@ -338,21 +323,7 @@ async fn expect_100_continue_uploads_work_and_oversized_ones_are_refused_first()
     let gw = Gateway::for_backend(&backend).await;
 
     // As curl sends a POST over 1 KiB: head, wait for 100 Continue, then the body.
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(
-        format!(
-            "POST /api/upload HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\nContent-Length: 3000\r\nExpect: 100-continue\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let interim = read_until(&mut s, b"\r\n\r\n").await;
-    assert!(
-        interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
-        "{:?}",
-        String::from_utf8_lossy(&interim)
-    );
+    let mut s = upload_after_100_continue(gw.addr, 3000).await;
     s.write_all(&[b'c'; 3000]).await.unwrap();
     let r = read_raw_response(&mut s).await;
     assert_eq!(r.status, 200, "{}", r.text());

@@ -235,7 +235,7 @@ async fn idle_and_header_deadlines_are_apart() {
 /// header deadline to upload after it is not cut by that deadline.
 #[tokio::test]
 async fn a_slow_body_after_100_continue_is_not_cut_by_the_header_deadline() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let backend = Backend::start().await;
     let gw = start(
         GatewayConfig::new(backend.url())
@@ -244,21 +244,7 @@ async fn a_slow_body_after_100_continue_is_not_cut_by_the_header_deadline() {
         "",
     )
     .await;
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(
-        format!(
-            "POST /api/upload HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\nContent-Length: 3000\r\nExpect: 100-continue\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut interim = [0u8; 25];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut interim))
-        .await
-        .expect("100 Continue in time")
-        .unwrap();
-    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let mut s = upload_after_100_continue(gw.addr, 3000).await;
     // Six parts, 300 ms apart: 1.5 s in all, three header deadlines.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(300)).await;

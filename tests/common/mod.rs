@@ -1102,6 +1102,28 @@ pub fn vm_hwm_kib(pid: u32) -> u64 {
         .expect("VmHWM in /proc/<pid>/status")
 }
 
+/// As curl sends a POST over 1 KiB: the head of a `len`-byte upload to
+/// `/api/upload` with `Expect: 100-continue`, then the `100 Continue` read
+/// back. The connection is returned for the body.
+pub async fn upload_after_100_continue(addr: SocketAddr, len: usize) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!(
+            "POST /api/upload HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\nContent-Length: {len}\r\nExpect: 100-continue\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write the head");
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut interim))
+        .await
+        .expect("100 Continue in time")
+        .expect("read 100 Continue");
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s
+}
+
 /// A public route to the backend's `/download`, for large answers.
 pub const DOWNLOAD_ROUTE: &str = r#"path = "/api/download"
 methods = ["GET"]
