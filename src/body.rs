@@ -127,14 +127,43 @@ impl TimedBody {
     }
 }
 
-/// A between-reads deadline: it runs from the first `Pending` since the
-/// last frame, and only while the reader waits.
-pub struct ReadDeadline {
-    timeout: std::time::Duration,
-    /// Allocated on the first `Pending` only: bodies that are ready when
-    /// polled (the common case for small answers) never touch the timer.
+/// "No progress for too long": the timer runs from the first wait since the
+/// last progress, and only while waiting. Its sleep is allocated at the
+/// first wait ever: what never waits (the common case for small bodies and
+/// answers) never touches the timer.
+#[derive(Default)]
+pub struct StallTimer {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
+}
+
+impl StallTimer {
+    /// Progress was made: the next wait starts a new period.
+    pub fn progress(&mut self) {
+        self.armed = false;
+    }
+
+    /// A wait: `Ready` once `timeout` has passed since the first wait after
+    /// the last progress.
+    pub fn poll_expired(&mut self, timeout: std::time::Duration, cx: &mut Context<'_>) -> Poll<()> {
+        let sleep = match &mut self.sleep {
+            Some(sleep) => {
+                if !self.armed {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + timeout);
+                }
+                sleep
+            }
+            None => self.sleep.insert(Box::pin(tokio::time::sleep(timeout))),
+        };
+        self.armed = true;
+        sleep.as_mut().poll(cx)
+    }
+}
+
+/// A between-reads deadline for a body.
+pub struct ReadDeadline {
+    timeout: std::time::Duration,
+    stall: StallTimer,
 }
 
 impl ReadDeadline {
@@ -142,8 +171,7 @@ impl ReadDeadline {
     pub fn new(timeout: std::time::Duration) -> ReadDeadline {
         ReadDeadline {
             timeout,
-            sleep: None,
-            armed: false,
+            stall: StallTimer::default(),
         }
     }
 
@@ -155,27 +183,12 @@ impl ReadDeadline {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, E>>> {
         if polled.is_ready() {
-            self.armed = false;
+            self.stall.progress();
             return polled;
         }
-        let sleep = match &mut self.sleep {
-            Some(sleep) => {
-                if !self.armed {
-                    sleep
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + self.timeout);
-                }
-                sleep
-            }
-            None => self
-                .sleep
-                .insert(Box::pin(tokio::time::sleep(self.timeout))),
-        };
-        self.armed = true;
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout.into()))),
-            Poll::Pending => Poll::Pending,
-        }
+        self.stall
+            .poll_expired(self.timeout, cx)
+            .map(|()| Some(Err(BodyTimeout.into())))
     }
 }
 

@@ -31,6 +31,7 @@
 //! which drops the answer's body and with it the backend connection feeding
 //! it (a slow reader cannot hold the backend pool).
 
+use crate::body::StallTimer;
 use crate::envelope;
 use http::{HeaderValue, StatusCode};
 use std::future::Future;
@@ -120,10 +121,9 @@ pub struct EnvelopeErrors<T: WriteNow> {
     style: Arc<ErrorStyle>,
     pending: Option<Pending>,
     head: Head,
-    /// The send deadline, allocated at the first write that has to wait.
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Whether `stall` runs (from the first `Pending` since the last progress).
-    stalled: bool,
+    /// The send deadline (from the first write that waits since the last
+    /// progress).
+    send: StallTimer,
     /// When the current read wait began: the last write (idle), or the
     /// first byte of a head.
     since: Instant,
@@ -141,8 +141,7 @@ impl<T: WriteNow> EnvelopeErrors<T> {
             style,
             pending: None,
             head: Head::Awaiting,
-            stall: None,
-            stalled: false,
+            send: StallTimer::default(),
             since: Instant::now(),
             wait: None,
         }
@@ -155,13 +154,13 @@ impl<T: WriteNow> EnvelopeErrors<T> {
         io
     }
 
-    /// Something was written: any answer ends the head being read, and the
-    /// idle deadline runs from here. hyper may not read again before the
-    /// device sends something, so the timer is armed from here too: when it
-    /// fires, hyper's next read sees the error.
-    /// An interim answer (`100 Continue`) ends nothing: the body follows.
+    /// Something was written: any answer but an interim one (`100
+    /// Continue`, after which the body follows) ends the head being read,
+    /// and the idle deadline runs from here. hyper may not read again before
+    /// the device sends something, so the timer is armed from here too: when
+    /// it fires, hyper's next read sees the error.
     fn wrote(&mut self, n: usize, interim: bool, cx: &mut Context<'_>) {
-        self.stalled = false;
+        self.send.progress();
         if n > 0 && !interim && self.head != Head::Off {
             self.head = Head::Awaiting;
             self.since = Instant::now();
@@ -212,29 +211,12 @@ impl<T: WriteNow> EnvelopeErrors<T> {
 
     /// A write had to wait: runs the send deadline, an error once it passed.
     fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
-        let deadline = tokio::time::Instant::now() + self.style.send_timeout;
-        let stall = match &mut self.stall {
-            Some(stall) => {
-                if !self.stalled {
-                    stall.as_mut().reset(deadline);
-                }
-                stall
-            }
-            None => self
-                .stall
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        self.stalled = true;
-        match stall.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                tracing::debug!("device stopped reading its answer: disconnected");
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "send timeout: the device stopped reading",
-                )))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        ready!(self.send.poll_expired(self.style.send_timeout, cx));
+        tracing::debug!("device stopped reading its answer: disconnected");
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "send timeout: the device stopped reading",
+        )))
     }
 }
 
@@ -374,7 +356,7 @@ impl<T: AsyncWrite + WriteNow + Unpin> EnvelopeErrors<T> {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => {
                     p.written += n;
-                    self.stalled = false;
+                    self.send.progress();
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             }
@@ -475,7 +457,7 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
         match Pin::new(&mut self.inner).poll_flush(cx) {
             Poll::Pending => self.waiting(cx),
             Poll::Ready(result) => {
-                self.stalled = false;
+                self.send.progress();
                 Poll::Ready(result)
             }
         }

@@ -293,8 +293,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    // `Connection` (bit 0) may name more headers; its usual tokens
-    // (`keep-alive`, `close`) name none that is present otherwise.
+    // `Connection` (bit 0) may name more headers.
     if present & 1 != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -302,9 +301,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|name| !name.eq_ignore_ascii_case("close"))
+            // The hop-by-hop names (`keep-alive`, …) go below anyway.
+            .filter(|name| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(name))
+            })
             .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-            .filter(|name| !HOP_BY_HOP.contains(name))
             .collect();
         for name in named {
             headers.remove(name);
