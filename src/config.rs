@@ -76,6 +76,7 @@ struct RawServer {
 struct RawTls {
     cert: String,
     key: String,
+    ocsp: Option<String>,
     reload_interval: Option<String>,
 }
 
@@ -672,9 +673,10 @@ fn validate_server_tls(t: &RawTls, p: &mut Problems) -> Option<crate::tls::TlsFi
     let files = crate::tls::TlsFiles {
         cert: t.cert.clone().into(),
         key: t.key.clone().into(),
+        ocsp: t.ocsp.clone().map(Into::into),
         reload_interval,
     };
-    match crate::tls::load_certified_key(&files.cert, &files.key) {
+    match crate::tls::load_server_key(&files) {
         Ok(_) => Some(files),
         Err(e) => {
             p.push("server.tls", e);

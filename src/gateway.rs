@@ -557,7 +557,7 @@ async fn dispatch(
         limited(state, limit, &api_key.name, "api_key")?;
     }
 
-    match path.as_str() {
+    match &*path {
         "/login" => {
             info.route = Some(state.labels.login.clone());
             // Rare paths are boxed so the common request future stays small.

@@ -9,6 +9,7 @@
 use crate::config::RouteConfig;
 use http::Method;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Why a device path was refused before matching.
@@ -23,10 +24,18 @@ pub enum PathError {
 /// Normalizes a request path: decodes percent-escapes, drops empty and `.`
 /// segments, resolves `..`, keeps a trailing slash. Encoded slashes and
 /// backslashes, NUL and control characters are refused outright.
-pub fn normalize(raw: &str) -> Result<String, PathError> {
+pub fn normalize(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::Malformed);
     }
+    if is_plain(raw) {
+        return Ok(Cow::Borrowed(raw));
+    }
+    resolve(raw).map(Cow::Owned)
+}
+
+/// The general case of [`normalize`], for a path starting with `/`.
+fn resolve(raw: &str) -> Result<String, PathError> {
     // Refuse escapes that would change the segment structure once decoded.
     let bytes = raw.as_bytes();
     let mut i = 0;
@@ -72,6 +81,17 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
         path.push('/');
     }
     Ok(path)
+}
+
+/// True for a path that normalization would leave as it is: no escapes,
+/// backslashes or control bytes, no empty, `.` or `..` segment. Most device
+/// requests are like this and need neither decoding nor a copy.
+fn is_plain(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    bytes
+        .iter()
+        .all(|&b| b > 0x20 && b != b'%' && b != b'\\' && b != 0x7f)
+        && !bytes.windows(2).any(|w| w == b"//" || w == b"/.")
 }
 
 /// Characters escaped when a parameter value is put back into a backend path.
@@ -265,6 +285,19 @@ mod tests {
             stream_request_body: false,
             json_body: false,
             rate_limit: None,
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+        /// The shortcut for plain paths answers what the general case would.
+        #[test]
+        fn plain_paths_need_no_rewrite(raw in "/[a-z./%2eE\\\\_~-]{0,12}") {
+            if is_plain(&raw) {
+                proptest::prop_assert_eq!(resolve(&raw), Ok(raw.clone()));
+            }
+            proptest::prop_assert_eq!(normalize(&raw).map(Cow::into_owned), resolve(&raw));
         }
     }
 

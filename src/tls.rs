@@ -7,7 +7,8 @@
 //!   ECDHE-{ECDSA,RSA} with AES-256-GCM, AES-128-GCM, ChaCha20-Poly1305. ALPN
 //!   offers `h2` and `http/1.1`; stateless session tickets allow resumption.
 //!   The certificate comes from [`CertReloader`],
-//!   which re-reads the PEM files when their contents change (polled, and on SIGHUP) and
+//!   which re-reads the PEM files (and the DER OCSP response stapled to
+//!   handshakes, `server.tls.ocsp`) when their contents change (polled, and on SIGHUP) and
 //!   keeps the old certificate when the new files do not load.
 //! - Backend side: [`BackendTls`] carries the client configuration for
 //!   `https://` backends: the trust roots (`backend.ca`, or the public
@@ -46,6 +47,9 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// DER OCSP response stapled to handshakes (`server.tls.ocsp`), kept
+    /// fresh by the operator's renewal job (e.g. `openssl ocsp -respout`).
+    pub ocsp: Option<PathBuf>,
     /// How often the files are checked for changes.
     pub reload_interval: Duration,
 }
@@ -91,6 +95,60 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Strin
     })
 }
 
+/// Largest OCSP response accepted for stapling (real ones are 1–4 KiB).
+const MAX_OCSP: usize = 64 << 10;
+
+/// Reads a DER OCSP response for stapling. Only the framing is checked (one
+/// complete DER `SEQUENCE`, as `openssl ocsp -respout` writes): a PEM or
+/// base64 file given by mistake is refused rather than sent to devices.
+pub fn read_ocsp(path: &Path) -> Result<Vec<u8>, String> {
+    let der = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if der.len() > MAX_OCSP {
+        return Err(format!(
+            "{}: OCSP response over {} KiB",
+            path.display(),
+            MAX_OCSP >> 10
+        ));
+    }
+    if der_sequence_len(&der) != Some(der.len()) {
+        return Err(format!(
+            "{}: not a DER OCSP response (expected `openssl ocsp -respout` output)",
+            path.display()
+        ));
+    }
+    Ok(der)
+}
+
+/// Total length (header included) of the DER `SEQUENCE` `der` starts with.
+fn der_sequence_len(der: &[u8]) -> Option<usize> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    if tag != 0x30 {
+        return None;
+    }
+    if first < 0x80 {
+        return Some(2 + usize::from(first));
+    }
+    let n = usize::from(first & 0x7f);
+    if n == 0 || n > 3 || rest.len() < n {
+        return None;
+    }
+    let len = rest[..n]
+        .iter()
+        .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+    Some(2 + n + len)
+}
+
+/// Loads the device-facing certificate of `files`: chain, key and, when
+/// configured, the OCSP response to staple.
+pub fn load_server_key(files: &TlsFiles) -> Result<CertifiedKey, String> {
+    let mut key = load_certified_key(&files.cert, &files.key)?;
+    if let Some(ocsp) = &files.ocsp {
+        key.ocsp = Some(read_ocsp(ocsp)?);
+    }
+    Ok(key)
+}
+
 /// What identifies one version of a file: the SHA-256 of its contents
 /// (`None` while unreadable). Contents, not modification times: renewal tools
 /// and Kubernetes secret volumes may keep or even move back a file's mtime, and
@@ -103,6 +161,14 @@ fn stamp(path: &Path) -> Stamp {
     Some(sha2::Sha256::digest(&bytes).into())
 }
 
+fn stamps(files: &TlsFiles) -> [Stamp; 3] {
+    [
+        stamp(&files.cert),
+        stamp(&files.key),
+        files.ocsp.as_deref().and_then(stamp),
+    ]
+}
+
 /// The device-facing certificate, swapped in place when its files change.
 ///
 /// Handshakes read the current certificate under a read lock (an `Arc`
@@ -112,7 +178,7 @@ fn stamp(path: &Path) -> Stamp {
 pub struct CertReloader {
     files: TlsFiles,
     current: RwLock<Arc<CertifiedKey>>,
-    seen: Mutex<(Stamp, Stamp)>,
+    seen: Mutex<[Stamp; 3]>,
 }
 
 impl std::fmt::Debug for CertReloader {
@@ -127,8 +193,8 @@ impl std::fmt::Debug for CertReloader {
 impl CertReloader {
     /// Loads the files once; fails when they do not load (start-up refuses).
     pub fn new(files: TlsFiles) -> Result<CertReloader, String> {
-        let seen = (stamp(&files.cert), stamp(&files.key));
-        let key = load_certified_key(&files.cert, &files.key)?;
+        let seen = stamps(&files);
+        let key = load_server_key(&files)?;
         Ok(CertReloader {
             files,
             current: RwLock::new(Arc::new(key)),
@@ -140,7 +206,7 @@ impl CertReloader {
     /// `Ok(true)` when a new certificate was swapped in; on `Err` the old
     /// one stays (and the same broken files are not retried until they change).
     pub fn reload_if_changed(&self) -> Result<bool, String> {
-        let now = (stamp(&self.files.cert), stamp(&self.files.key));
+        let now = stamps(&self.files);
         {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             if *seen == now {
@@ -148,7 +214,7 @@ impl CertReloader {
             }
             *seen = now;
         }
-        let key = load_certified_key(&self.files.cert, &self.files.key)?;
+        let key = load_server_key(&self.files)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
         Ok(true)
     }
@@ -341,6 +407,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ocsp_files_must_be_one_der_sequence() {
+        assert_eq!(der_sequence_len(&[0x30, 0x03, 0x0a, 0x01, 0x06]), Some(5));
+        assert_eq!(der_sequence_len(&[0x30, 0x82, 0x01, 0x00]), Some(260));
+        for bad in [
+            &b""[..],
+            &[0x30],
+            &[0x31, 0x00],
+            &[0x30, 0x80],
+            &[0x30, 0x84, 1, 0, 0, 0],
+            &[0x30, 0x82, 0x01],
+            b"-----BEGIN",
+        ] {
+            assert!(
+                der_sequence_len(bad).is_none_or(|n| n != bad.len()),
+                "{bad:?}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("ok.der");
+        std::fs::write(&good, [0x30, 0x03, 0x0a, 0x01, 0x06]).unwrap();
+        assert_eq!(read_ocsp(&good).unwrap().len(), 5);
+        let truncated = dir.path().join("cut.der");
+        std::fs::write(&truncated, [0x30, 0x05, 0x0a, 0x01]).unwrap();
+        assert!(read_ocsp(&truncated)
+            .unwrap_err()
+            .contains("not a DER OCSP response"));
+        assert!(read_ocsp(&dir.path().join("missing"))
+            .unwrap_err()
+            .contains("cannot read"));
+    }
+
+    #[test]
     fn a_replaced_pair_is_picked_up_even_with_the_old_mtime() {
         let dir = tempfile::tempdir().unwrap();
         let ca = crate::devcerts::DevCa::new("CA").unwrap();
@@ -351,6 +449,7 @@ mod tests {
         let files = TlsFiles {
             cert: dir.path().join("c.pem"),
             key: dir.path().join("k.pem"),
+            ocsp: None,
             reload_interval: Duration::from_secs(5),
         };
         std::fs::write(&files.cert, &a.cert_pem).unwrap();

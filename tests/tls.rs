@@ -624,6 +624,147 @@ fn tls_settings_are_validated_with_every_problem_reported() {
     )
     .unwrap_err();
     assert!(err.contains("no CERTIFICATE found"), "{err}");
+
+    // An OCSP response must be DER (a PEM/base64 file given by mistake is refused).
+    let err = config_with(
+        &format!("tls = {{ cert = {cert:?}, key = {key_a:?}, ocsp = {garbage:?} }}"),
+        "url = \"http://localhost\"",
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("server.tls") && err.contains("not a DER OCSP response"),
+        "{err}"
+    );
+}
+
+/// Records the OCSP response each handshake stapled, then verifies the
+/// certificate as usual.
+#[derive(Debug)]
+struct StapleRecorder {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    stapled: Mutex<Vec<Vec<u8>>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for StapleRecorder {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.stapled.lock().unwrap().push(ocsp_response.to_vec());
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// What the gateway stapled to one handshake with `version`.
+async fn stapled(
+    addr: SocketAddr,
+    ca_pem: &str,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Vec<u8> {
+    let recorder = Arc::new(StapleRecorder {
+        inner: rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots(ca_pem)),
+            portcullis::tls::provider(),
+        )
+        .build()
+        .unwrap(),
+        stapled: Mutex::new(Vec::new()),
+    });
+    let config = ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::clone(&recorder) as _)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(TIMEOUT, connector.connect(name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake succeeds");
+    let mut seen = recorder.stapled.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    seen.pop().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_ocsp_response_is_stapled_and_reloaded() {
+    // Two minimal, well-formed OCSPResponse values (responseStatus only).
+    const FIRST: [u8; 5] = [0x30, 0x03, 0x0a, 0x01, 0x06];
+    const SECOND: [u8; 5] = [0x30, 0x03, 0x0a, 0x01, 0x05];
+    let backend = Backend::start().await;
+    let ca = DevCa::new("OCSP CA").unwrap();
+    let server = ca.issue_server(&["localhost"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write(dir.path(), "server.crt", &server.cert_pem);
+    let key = write(dir.path(), "server.key", &server.key_pem);
+    let ocsp = dir.path().join("server.ocsp");
+    std::fs::write(&ocsp, FIRST).unwrap();
+    let gw = GatewayConfig::new(backend.url())
+        .server(&format!(
+            "tls = {{ cert = {cert:?}, key = {key:?}, ocsp = {ocsp:?}, reload_interval = \"100ms\" }}"
+        ))
+        .start()
+        .await;
+    let ca_pem = &ca.ca.cert_pem;
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        assert_eq!(stapled(gw.addr, ca_pem, version).await, FIRST);
+    }
+
+    // A renewed response is picked up by the next poll.
+    std::fs::write(&ocsp, SECOND).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stapled(gw.addr, ca_pem, &rustls::version::TLS13).await != SECOND {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new OCSP response not stapled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        stapled(gw.addr, ca_pem, &rustls::version::TLS12).await,
+        SECOND
+    );
+
+    // A broken one is refused: the last good response keeps being stapled.
+    std::fs::write(&ocsp, "-----BEGIN OCSP RESPONSE-----\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        stapled(gw.addr, ca_pem, &rustls::version::TLS13).await,
+        SECOND
+    );
+    let s = tls_connect(gw.addr, "localhost", ca_pem, &[b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(get_http1(s, "/api/status").await.status, 200);
 }
 
 #[test]

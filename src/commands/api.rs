@@ -96,7 +96,7 @@ where
 {
     // The same normalization the gateway routed on (dot segments, percent
     // decoding of unreserved characters), so both agree on the path.
-    let Ok(path) = crate::routes::normalize(req.uri().path()) else {
+    let Ok(path) = crate::routes::normalize(req.uri().path()).map(String::from) else {
         return error(
             core,
             StatusCode::BAD_REQUEST,
