@@ -39,8 +39,11 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 use percent_encoding::percent_decode;
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 static API_KEY: HeaderName = HeaderName::from_static("api-key");
@@ -326,7 +329,14 @@ impl Ctx {
 }
 
 /// Handles one device request. Never fails: every error is an envelope.
-pub async fn handle(state: &State, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+/// `guard` is held until the response (head) is ready.
+pub async fn handle<G>(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: Arc<Peer>,
+    _guard: G,
+) -> Response<Body> {
+    let (state, peer) = (&*state, &*peer);
     let start = Instant::now();
     let ctx = context(state, req.headers(), peer, start);
     let method = req.method().clone();
@@ -350,6 +360,9 @@ pub async fn handle(state: &State, req: Request<Incoming>, peer: &Peer) -> Respo
     let headers = resp.headers_mut();
     headers.insert(header::SERVER, state.server_header.clone());
     headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+    if peer.tls {
+        crate::tls::add_security_headers(headers);
+    }
     let route = info.route.unwrap_or_else(|| state.labels.unmatched.clone());
     let status = resp.status().as_u16();
     state
@@ -754,13 +767,50 @@ async fn validate_remote(
 }
 
 /// Sends a request upstream within `deadline` and maps failures.
-async fn send(
-    state: &State,
+///
+/// A plain future rather than an `async fn`: one more state machine around
+/// the upstream one would keep its own copy of the request, and this future
+/// is part of every request's state.
+fn send<'a>(
+    state: &'a State,
     req: Request<Body>,
     deadline: Instant,
-) -> Result<Response<Body>, GatewayError> {
+) -> Forward<'a, impl Future<Output = Result<Response<Body>, UpstreamError>> + 'a> {
     let deadline = tokio::time::Instant::from_std(deadline);
-    match std::pin::pin!(tokio::time::timeout_at(deadline, state.upstream.send(req))).await {
+    Forward {
+        state,
+        inner: tokio::time::timeout_at(deadline, state.upstream.send(req)),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`send`].
+    struct Forward<'a, F> {
+        state: &'a State,
+        #[pin]
+        inner: tokio::time::Timeout<F>,
+    }
+}
+
+impl<F> Future for Forward<'_, F>
+where
+    F: Future<Output = Result<Response<Body>, UpstreamError>>,
+{
+    type Output = Result<Response<Body>, GatewayError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let outcome = std::task::ready!(this.inner.poll(cx));
+        Poll::Ready(upstream_outcome(this.state, outcome))
+    }
+}
+
+/// Maps what the upstream pool answered (or its timeout) to the device's view.
+fn upstream_outcome(
+    state: &State,
+    outcome: Result<Result<Response<Body>, UpstreamError>, tokio::time::error::Elapsed>,
+) -> Result<Response<Body>, GatewayError> {
+    match outcome {
         Err(_) => {
             state.metrics.upstream_error("timeout");
             Err(GatewayError::BackendTimeout)

@@ -274,6 +274,51 @@ struct Activity {
     last: Mutex<Option<tokio::time::Instant>>,
 }
 
+/// One request in progress on a watched connection: counted while it runs,
+/// and its end marks the connection active.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.0.last.lock() {
+            *last = Some(tokio::time::Instant::now());
+        }
+    }
+}
+
+/// A response future as the `Result` hyper's services answer with.
+fn async_infallible<F: Future<Output = Response<Body>>>(
+    f: F,
+) -> impl Future<Output = Result<Response<Body>, Infallible>> {
+    InfallibleFuture { inner: f }
+}
+
+pin_project_lite::pin_project! {
+    struct InfallibleFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future<Output = Response<Body>>> Future for InfallibleFuture<F> {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.project().inner.poll(cx).map(Ok)
+    }
+}
+
 impl ConnContext {
     /// Serves HTTP/1.1 or HTTP/2 on `io` until the peer leaves, the
     /// connection stays idle past `limits.idle_timeout`, or the server drains
@@ -301,28 +346,14 @@ impl ConnContext {
             let activity = activity.clone();
             tower::service_fn(move |req: Request<Incoming>| {
                 // Each request takes the state current when it arrives.
-                let state = live.state();
-                let activity = activity.clone();
-                let device = Arc::clone(&device);
-                if let Some(a) = &activity {
-                    a.in_flight.fetch_add(1, Ordering::Relaxed);
-                }
+                let in_flight = activity.as_ref().map(|a| InFlight::new(Arc::clone(a)));
                 // Boxed: the request future is large, and hyper keeps the
                 // in-flight future inside the connection; boxing keeps idle
                 // connections small and avoids copying the state machine.
-                Box::pin(async move {
-                    let mut resp = gateway::handle(&state, req, &device).await;
-                    if tls {
-                        crate::tls::add_security_headers(resp.headers_mut());
-                    }
-                    if let Some(a) = &activity {
-                        a.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        if let Ok(mut last) = a.last.lock() {
-                            *last = Some(tokio::time::Instant::now());
-                        }
-                    }
-                    Ok::<Response<Body>, Infallible>(resp)
-                })
+                // `handle` is the whole future (no wrapping `async` block,
+                // which would hold its own copy of the request).
+                let answer = gateway::handle(live.state(), req, Arc::clone(&device), in_flight);
+                Box::pin(async_infallible(answer))
             })
         };
         let conn = builder.serve_connection(io, TowerToHyperService::new(service));

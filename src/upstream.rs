@@ -147,22 +147,47 @@ impl Upstream {
     /// fresh one, as long as the request was not written.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<Body>,
+        req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
+        // The common case, kept apart so the future every request carries
+        // stays small: an idle connection whose task is waiting for work.
         let mut conn = match self.pop_idle() {
-            Some(c) => c,
-            None => Box::pin(self.connect()).await?,
+            Some(conn) if conn.sender.is_ready() => conn,
+            conn => return Box::pin(self.send_slow(req, conn, 2)).await,
         };
-        for attempt in 0..2 {
+        let unsent = match conn.sender.try_send_request(req).await {
+            Ok(resp) => return Ok(self.wrap(resp, conn)),
+            Err(mut e) => match e.take_message() {
+                Some(req) => req,
+                None => return Err(UpstreamError::Request(e.into_error())),
+            },
+        };
+        drop(conn);
+        Box::pin(self.send_slow(unsent, None, 1)).await
+    }
+
+    /// [`Upstream::send`] when no connection is ready at once: waits for one
+    /// (or opens one) and makes up to `tries` attempts.
+    async fn send_slow(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+        conn: Option<Conn>,
+        tries: u32,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let mut conn = match conn {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        for attempt in 1..=tries {
             if conn.sender.ready().await.is_err() {
-                conn = Box::pin(self.connect()).await?;
+                conn = self.connect().await?;
             }
             match conn.sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(resp, conn)),
                 Err(mut e) => match e.take_message() {
-                    Some(back) if attempt == 0 => {
+                    Some(back) if attempt < tries => {
                         req = back;
-                        conn = Box::pin(self.connect()).await?;
+                        conn = self.connect().await?;
                     }
                     _ => return Err(UpstreamError::Request(e.into_error())),
                 },
