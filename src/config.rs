@@ -156,6 +156,8 @@ struct RawLimits {
     header_read_timeout: Option<String>,
     body_read_timeout: Option<String>,
     send_timeout: Option<String>,
+    response_buffer: Option<RawSize>,
+    response_buffer_total: Option<RawSize>,
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
     h2_max_concurrent_streams: Option<u32>,
@@ -312,6 +314,11 @@ pub struct Limits {
     /// A device that accepts none of an answer's bytes for this long is
     /// disconnected (a slow reader would otherwise hold a backend connection).
     pub send_timeout: Duration,
+    /// The most of one large backend answer read ahead of the device, so its
+    /// backend connection is freed before a slow device has read it (0: off).
+    pub response_buffer: u64,
+    /// The most read ahead for all answers together.
+    pub response_buffer_total: u64,
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub h2_max_concurrent_streams: u32,
@@ -964,6 +971,19 @@ impl RawLimits {
         if max_header_bytes < 8192 {
             p.push("limits.max_header_bytes", "must be at least 8KiB");
         }
+        let response_buffer = size(&l.response_buffer, 1 << 20, "limits.response_buffer", p);
+        let response_buffer_total = size(
+            &l.response_buffer_total,
+            64 << 20,
+            "limits.response_buffer_total",
+            p,
+        );
+        if response_buffer > response_buffer_total {
+            p.push(
+                "limits.response_buffer",
+                "larger than limits.response_buffer_total",
+            );
+        }
         Limits {
             max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
             max_headers: l.max_headers.unwrap_or(100),
@@ -985,6 +1005,8 @@ impl RawLimits {
                 "limits.send_timeout",
                 p,
             ),
+            response_buffer,
+            response_buffer_total,
             idle_timeout: duration(
                 &l.idle_timeout,
                 Duration::from_secs(60),
@@ -1079,5 +1101,22 @@ mod tests {
             }
         );
         assert!(parse_rate("0/s").is_err());
+    }
+
+    #[test]
+    fn response_read_ahead_limits() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.limits.response_buffer, 1 << 20);
+        assert_eq!(c.limits.response_buffer_total, 64 << 20);
+        let off = format!("{MINIMAL}\n[limits]\nresponse_buffer = 0\n");
+        assert_eq!(Config::parse(&off).unwrap().limits.response_buffer, 0);
+        let bad = format!(
+            "{MINIMAL}\n[limits]\nresponse_buffer = \"8MiB\"\nresponse_buffer_total = \"4MiB\"\n"
+        );
+        let e = Config::parse(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("limits.response_buffer") && e.contains("larger than"),
+            "{e}"
+        );
     }
 }

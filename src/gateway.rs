@@ -25,6 +25,7 @@ use crate::crypto::Keyring;
 use crate::envelope::{self, GatewayError};
 use crate::metrics::{Metrics, RouteName};
 use crate::ratelimit::{self, RateLimiters};
+use crate::readahead::ReadAhead;
 use crate::routes::{self, Match, Router};
 use crate::secret;
 use crate::secret::Matcher;
@@ -72,6 +73,8 @@ pub struct State {
     /// Streamed (unbuffered) uploads in flight: at most half the backend
     /// pool, so slow senders of large bodies cannot take every connection.
     uploads: Arc<tokio::sync::Semaphore>,
+    /// Read-ahead of large backend answers (`limits.response_buffer*`).
+    read_ahead: Option<Arc<ReadAhead>>,
     keyring: Option<Keyring>,
     error_type: String,
     server_header: HeaderValue,
@@ -165,6 +168,16 @@ impl State {
             Some(p) if same_backend => Arc::clone(&p.uploads),
             _ => Arc::new(tokio::sync::Semaphore::new((b.max_connections / 2).max(1))),
         };
+        let limits = &config.limits;
+        let read_ahead = match previous {
+            Some(p)
+                if p.config.limits.response_buffer == limits.response_buffer
+                    && p.config.limits.response_buffer_total == limits.response_buffer_total =>
+            {
+                p.read_ahead.clone()
+            }
+            _ => ReadAhead::new(limits.response_buffer, limits.response_buffer_total).map(Arc::new),
+        };
         let metrics = match previous {
             Some(p) => Arc::clone(&p.metrics),
             None => Metrics::new(),
@@ -241,6 +254,7 @@ impl State {
             sessions,
             upstream,
             uploads,
+            read_ahead,
             keyring,
             error_type: config.server.error_type.clone(),
             server_header: config.server.server_header.clone(),
@@ -269,6 +283,11 @@ impl State {
     /// The session store (for metrics and tests).
     pub fn sessions(&self) -> &Sessions {
         &self.sessions
+    }
+
+    /// Bytes of backend answers read ahead of devices now.
+    pub fn read_ahead_bytes(&self) -> usize {
+        self.read_ahead.as_ref().map_or(0, |r| r.buffered())
     }
 
     /// The metrics (for the admin listener).
@@ -673,7 +692,7 @@ async fn dispatch(
         }
     }
     let idle = cfg.timeout.unwrap_or(state.backend_timeout);
-    let mut resp = backend_answer(resp, ctx, deadline, idle).await?;
+    let mut resp = backend_answer(state, resp, ctx, deadline, idle).await?;
     if let (Some(new), Some(device)) = (forwarded_token, &device_token) {
         if new != device && !resp.headers().contains_key(&USER_TOKEN) {
             if let Ok(v) = HeaderValue::from_str(new) {
@@ -864,6 +883,7 @@ async fn read_limited(body: Body, limit: usize, deadline: Instant) -> Result<Byt
 /// that stalls mid-body cannot hold the device forever; anything else
 /// becomes an envelope.
 async fn backend_answer(
+    state: &State,
     resp: Response<Body>,
     ctx: &Ctx,
     deadline: Instant,
@@ -876,7 +896,10 @@ async fn backend_answer(
         let body = match body {
             Body::Pooled(mut pooled) => {
                 pooled.read_timeout(idle);
-                Body::Pooled(pooled)
+                match &state.read_ahead {
+                    Some(read_ahead) => read_ahead.wrap(Body::Pooled(pooled)),
+                    None => Body::Pooled(pooled),
+                }
             }
             body if body.is_end_stream() => body,
             body => Body::boxed(TimedBody::new(body, idle)),
@@ -1170,7 +1193,7 @@ async fn login(
     let resp = send(state, Request::from_parts(parts, body), deadline).await?;
     info.upstream = Some(sent.elapsed());
     if !resp.status().is_success() {
-        return backend_answer(resp, ctx, deadline, state.backend_timeout).await;
+        return backend_answer(state, resp, ctx, deadline, state.backend_timeout).await;
     }
     let (mut parts, body) = resp.into_parts();
     let bytes = read_limited(body, MAX_LOGIN_ANSWER, deadline)

@@ -36,6 +36,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod parse_errors;
 pub mod ratelimit;
+pub mod readahead;
 pub mod routes;
 pub mod secret;
 pub mod server;

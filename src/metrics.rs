@@ -142,6 +142,8 @@ pub struct Metrics {
     pub session_entries: Gauge,
     /// Device connections open now.
     pub open_connections: Gauge,
+    /// Bytes of backend answers read ahead of devices (set when scraped).
+    pub response_buffer_bytes: Gauge,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
 }
@@ -176,6 +178,7 @@ impl Metrics {
             session_misses: Counter::default(),
             session_entries: Gauge::default(),
             open_connections: Gauge::default(),
+            response_buffer_bytes: Gauge::default(),
             access_log_dropped: Counter::default(),
             requests: requests.clone(),
             latency: latency.clone(),
@@ -233,6 +236,11 @@ impl Metrics {
             "open_connections",
             "Device connections open",
             m.open_connections.clone(),
+        );
+        registry.register(
+            "response_buffer_bytes",
+            "Bytes of backend answers read ahead of slow devices",
+            m.response_buffer_bytes.clone(),
         );
         registry.register(
             "access_log_dropped",

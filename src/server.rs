@@ -532,6 +532,9 @@ async fn admin(live: &Live, req: Request<Incoming>) -> Response<Body> {
             metrics
                 .session_entries
                 .set(i64::try_from(state.sessions().entry_count().await).unwrap_or(i64::MAX));
+            metrics
+                .response_buffer_bytes
+                .set(i64::try_from(state.read_ahead_bytes()).unwrap_or(i64::MAX));
             text(
                 http::StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -18,11 +18,12 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 /// Why a request could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,11 @@ pub struct Upstream {
     idle: Mutex<Vec<Conn>>,
     max_idle: usize,
     permits: Arc<Semaphore>,
+    /// Callers in [`Upstream::connect`] waiting for a permit while every
+    /// connection is taken; [`Upstream::release`] tells them through
+    /// `returned` when a connection comes back idle (it keeps its permit).
+    waiting: AtomicUsize,
+    returned: Notify,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -83,6 +89,8 @@ impl Upstream {
             idle: Mutex::new(Vec::with_capacity(max_idle.min(1024))),
             max_idle,
             permits: Arc::new(Semaphore::new(max_connections)),
+            waiting: AtomicUsize::new(0),
+            returned: Notify::new(),
         })
     }
 
@@ -100,19 +108,43 @@ impl Upstream {
         if conn.sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.max_idle {
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() >= self.max_idle {
+                // Dropped: its permit goes back to the semaphore.
+                return;
+            }
             idle.push(conn);
+        }
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.returned.notify_one();
         }
     }
 
     async fn connect(&self) -> Result<Conn, UpstreamError> {
-        // Waiting for a permit counts against the caller's route timeout.
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout)?;
-        // A connection may have come back while we waited.
+        // Waiting counts against the caller's route timeout. While every
+        // connection is taken, one coming back idle serves as well as a
+        // permit for a new one (idle connections keep their permits).
+        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(UpstreamError::ConnectTimeout),
+            Err(TryAcquireError::NoPermits) => {
+                self.waiting.fetch_add(1, Ordering::AcqRel);
+                let _waiting = Waiting(&self.waiting);
+                loop {
+                    if let Some(conn) = self.pop_idle() {
+                        return Ok(conn);
+                    }
+                    tokio::select! {
+                        permit = Arc::clone(&self.permits).acquire_owned() => {
+                            break permit.map_err(|_| UpstreamError::ConnectTimeout)?;
+                        }
+                        () = self.returned.notified() => {}
+                    }
+                }
+            }
+        };
+        // A connection may have come back meanwhile.
         if let Some(conn) = self.pop_idle() {
             return Ok(conn);
         }
@@ -209,6 +241,15 @@ impl Upstream {
             deadline: None,
         };
         Response::from_parts(parts, Body::Pooled(body))
+    }
+}
+
+/// Counts one caller in [`Upstream::connect`]'s wait while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

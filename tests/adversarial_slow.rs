@@ -336,3 +336,78 @@ async fn slow_readers_are_disconnected_and_free_the_backend_pool() {
     gw.stop().await;
     assert_no_panics();
 }
+
+/// A large answer within `limits.response_buffer` is read ahead of a device
+/// that reads slowly, so its backend connection is free for others at once
+/// and the device still gets every byte. With read-ahead off (the control),
+/// the same device holds the only backend connection and the next request
+/// times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_read_ahead_free_the_backend_from_slow_readers() {
+    use tokio::io::AsyncReadExt;
+    watch_panics();
+    const LEN: u64 = 16 << 20;
+    let backend = Backend::start().await;
+    backend.on("/download", Reply::pattern(LEN));
+    for (buffer, read_ahead) in [("\"32MiB\"", true), ("0", false)] {
+        let gw = GatewayConfig::new(backend.url())
+            .limits("send_timeout = \"60s\"")
+            .limits(&format!("response_buffer = {buffer}"))
+            .backend("max_connections = 1")
+            .backend("timeout = \"2s\"")
+            .route(DOWNLOAD_ROUTE)
+            .start()
+            .await;
+        // A device that reads the status line, then nothing for a while.
+        let mut slow = TcpStream::connect(gw.addr).await.unwrap();
+        let request =
+            format!("GET /api/download HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\n\r\n");
+        slow.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 12];
+        slow.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+
+        let started = Instant::now();
+        let r = gw.get("/api/status").send().await;
+        let waited = started.elapsed();
+        if read_ahead {
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert!(waited < Duration::from_secs(1), "answered after {waited:?}");
+            assert!(r.text().is_empty() || r.status == 200);
+        } else {
+            assert_eq!(r.status, 504, "{}", r.text());
+            assert!(waited >= Duration::from_millis(1900), "{waited:?}");
+        }
+
+        // The slow device still gets the whole answer, byte for byte.
+        let mut got = head;
+        let complete = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = slow.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return false;
+                }
+                got.extend_from_slice(&buf[..n]);
+                if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    if (got.len() - end - 4) as u64 >= LEN {
+                        return true;
+                    }
+                }
+            }
+        })
+        .await;
+        if read_ahead {
+            assert_eq!(complete, Ok(true), "{} bytes", got.len());
+            let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let body = &got[end..];
+            assert_eq!(body.len() as u64, LEN);
+            assert!(body
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == pattern_byte(i as u64)));
+        }
+        gw.stop().await;
+    }
+    assert_no_panics();
+}

@@ -692,6 +692,42 @@ async fn devices_going_away_do_not_leak_backend_connections() {
     gw.stop().await;
 }
 
+/// With every backend connection taken, waiting requests are served by
+/// connections coming back to the pool, not only by ones that close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_on_a_full_pool_get_returned_connections() {
+    let backend = Backend::start().await;
+    backend.on(
+        "/echo",
+        Reply::json(200, json!({"ok": true})).delay(Duration::from_millis(100)),
+    );
+    let gw = GatewayConfig::new(backend.url())
+        .backend("max_connections = 2")
+        .backend("timeout = \"5s\"")
+        .start()
+        .await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let req = gw.get("/api/echo");
+        tasks.push(tokio::spawn(async move { req.send().await }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Eight answers of 100 ms over two connections: about 400 ms, and the
+    // backend never saw more than the two connections.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert!(
+        backend.connections() <= 2,
+        "{} connections",
+        backend.connections()
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn backend_stalling_mid_body_cannot_hold_the_device() {
     use http_body_util::BodyExt;

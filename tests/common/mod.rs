@@ -199,6 +199,7 @@ type Handler = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
 struct BackendState {
     records: Mutex<Vec<Recorded>>,
     handlers: Mutex<HashMap<String, Handler>>,
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 /// A real HTTP/1.1 server on loopback that records every request and
@@ -263,6 +264,13 @@ impl Backend {
             .collect()
     }
 
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn count(&self, path: &str) -> usize {
         self.requests_to(path).len()
     }
@@ -298,6 +306,9 @@ async fn accept_loop(listener: TcpListener, state: Arc<BackendState>, stop: watc
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        state
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let state = Arc::clone(&state);
         let mut stop = stop.clone();
         tokio::spawn(async move {
