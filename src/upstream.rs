@@ -346,21 +346,44 @@ pub const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// The position of `name` in [`HOP_BY_HOP`]: one string match (lengths
+/// first) instead of a comparison with each entry.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-authenticate" => 2,
+        "proxy-authorization" => 3,
+        "te" => 4,
+        "trailer" => 5,
+        "transfer-encoding" => 6,
+        "upgrade" => 7,
+        _ => return None,
+    })
+}
+
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the (few) headers present, noting which hop-by-hop
     // names occur: most messages carry none, or only `Connection`.
     let mut present = 0u8;
     for k in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+        if let Some(i) = hop_by_hop_index(k) {
             present |= 1 << i;
         }
     }
     if present == 0 {
         return;
     }
-    // `Connection` (bit 0) may name more headers.
-    if present & 1 != 0 {
+    // `Connection` (bit 0) may name more headers; the usual
+    // `Connection: keep-alive` names only a hop-by-hop one (removed below).
+    let only_keep_alive = || {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .all(|v| v.as_bytes().eq_ignore_ascii_case(b"keep-alive"))
+    };
+    if present & 1 != 0 && !only_keep_alive() {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -389,6 +412,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_index_matches_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+        }
+        for other in [header::HOST, header::CONTENT_LENGTH, header::TE.clone()] {
+            assert_eq!(
+                hop_by_hop_index(&other),
+                HOP_BY_HOP.iter().position(|h| *h == other)
+            );
+        }
+        assert_eq!(hop_by_hop_index(&HeaderName::from_static("x-te")), None);
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
