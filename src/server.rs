@@ -375,7 +375,10 @@ impl ConnContext {
                     None => std::future::pending::<()>().await,
                 }
             };
+            // Biased: the connection (polled on every wake-up) first, and no
+            // random branch order to draw on each poll.
             tokio::select! {
+                biased;
                 result = conn.as_mut() => {
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
