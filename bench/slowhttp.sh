@@ -2,6 +2,9 @@
 # Slow attacks with standard tools against the release binary (default limits):
 #   1. slowhttptest -H (slow headers, "slowloris")
 #   2. slowhttptest -B (slow body, "R-U-Dead-Yet")
+#   2b. slowhttptest -X (slow read: tiny receive window, a few bytes read every
+#      few seconds) against a 256 KiB answer, which limits.response_buffer reads
+#      ahead so the attackers hold no backend connection (SLOW_READ_CONNS)
 #   3. bench/slowloris_p99.py: 500 slowloris connections while a legitimate client
 #      measures its p50/p99 (fresh connection per request)
 # During 1 and 2 a probe (curl every 0.5 s) must keep getting 200; the script exits
@@ -21,6 +24,7 @@ SLOW_DURATION="${SLOW_DURATION:-30}"
 SLOW_CONNS="${SLOW_CONNS:-1000}"
 SLOW_RATE="${SLOW_RATE:-200}"
 SLOW_INTERVAL="${SLOW_INTERVAL:-5}"
+SLOW_READ_CONNS="${SLOW_READ_CONNS:-200}"
 LORIS_ATTACKERS="${LORIS_ATTACKERS:-500}"
 LORIS_DURATION="${LORIS_DURATION:-20}"
 
@@ -36,6 +40,7 @@ alloc_port GW_PORT
 # Tiny backend: python3's http.server serving one JSON file.
 mkdir -p "$WORK/www"
 echo '{"ok": true}' >"$WORK/www/ping.json"
+head -c $((256 << 10)) /dev/zero | tr '\0' 'x' >"$WORK/www/big.txt"
 python3 -m http.server "$BACKEND_PORT" --bind 127.0.0.1 --directory "$WORK/www" \
     >"$WORK/backend.log" 2>&1 &
 STARTED_PIDS+=($!)
@@ -59,6 +64,12 @@ path = "/api/ping"
 methods = ["GET", "POST"]
 backend_path = "/ping.json"
 public = true
+
+[[routes]]
+path = "/api/big"
+methods = ["GET"]
+backend_path = "/big.txt"
+public = true
 EOF
 RUST_LOG="${PORTCULLIS_LOG:-warn}" "$PORTCULLIS_BIN" --config "$WORK/portcullis.toml" \
     >"$WORK/portcullis.out" 2>"$WORK/portcullis.err" &
@@ -81,17 +92,18 @@ probe_loop() {
 FAILED=0
 SUMMARY=()
 
-# run_slow NAME MODE-FLAGS...
+# run_slow NAME MODE-FLAGS... (SLOW_URL and SLOW_N override the target and count)
 run_slow() {
     local name=$1; shift
+    local target="${SLOW_URL:-$URL}" conns="${SLOW_N:-$SLOW_CONNS}"
     local probes="$WORK/probe-$name.txt" out="$WORK/slowhttptest-$name"
     : >"$probes"
     probe_loop "$probes" &
     local probe_pid=$!
     STARTED_PIDS+=("$probe_pid")
-    log "slowhttptest $name: $SLOW_CONNS connections, ${SLOW_DURATION}s"
-    slowhttptest "$@" -c "$SLOW_CONNS" -r "$SLOW_RATE" -i "$SLOW_INTERVAL" -l "$SLOW_DURATION" \
-        -p 3 -g -o "$out" -u "$URL" -j $'x=1\r\nApi-Key: '"$API_KEY" \
+    log "slowhttptest $name: $conns connections, ${SLOW_DURATION}s"
+    slowhttptest "$@" -c "$conns" -r "$SLOW_RATE" -l "$SLOW_DURATION" \
+        -p 3 -g -o "$out" -u "$target" -j $'x=1\r\nApi-Key: '"$API_KEY" \
         >"$out.log" 2>&1 || true
     kill "$probe_pid" 2>/dev/null || true
     wait "$probe_pid" 2>/dev/null || true
@@ -108,8 +120,10 @@ run_slow() {
     tail -n 25 "$out.log" | sed "s/^/[$name] /" >&2
 }
 
-run_slow slow-headers -H
-run_slow slow-body -B -s 8192
+run_slow slow-headers -H -i "$SLOW_INTERVAL"
+run_slow slow-body -B -s 8192 -i "$SLOW_INTERVAL"
+SLOW_URL="http://127.0.0.1:$GW_PORT/api/big" SLOW_N="$SLOW_READ_CONNS" \
+    run_slow slow-read -X -w 512 -y 1024 -n 5 -z 32 -k 1
 
 log "slowloris_p99.py: $LORIS_ATTACKERS attackers, ${LORIS_DURATION}s"
 LORIS_OUT="$(python3 "$BENCH_DIR/slowloris_p99.py" --port "$GW_PORT" --path /api/ping \
