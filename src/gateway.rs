@@ -1032,7 +1032,6 @@ fn json_depth_within(bytes: &[u8], max: usize) -> bool {
     true
 }
 
-/// Rewrites the device's headers for the backend (SPEC §4).
 /// Identity headers only the gateway may set, and `Expect` (hyper's server
 /// side answered it already): never forwarded as a device sent them. One
 /// string match (lengths first) rather than a comparison with each name.
@@ -1043,6 +1042,7 @@ fn gateway_only(name: &HeaderName) -> bool {
     )
 }
 
+/// Rewrites the device's headers for the backend (SPEC §4).
 fn backend_headers(
     state: &State,
     headers: &mut HeaderMap,

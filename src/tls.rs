@@ -130,10 +130,11 @@ fn der_sequence_len(der: &[u8]) -> Option<usize> {
         return Some(2 + usize::from(first));
     }
     let n = usize::from(first & 0x7f);
-    if n == 0 || n > 3 || rest.len() < n {
+    if n == 0 || n > 3 {
         return None;
     }
-    let len = rest[..n]
+    let len = rest
+        .get(..n)?
         .iter()
         .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
     Some(2 + n + len)

@@ -194,6 +194,7 @@ impl Upstream {
                 None => return Err(UpstreamError::Request(e.into_error())),
             },
         };
+        // The failed connection is not kept across the retry.
         drop(conn);
         Box::pin(self.send_slow(unsent, None, 1)).await
     }
