@@ -377,6 +377,8 @@ pub async fn handle<G>(
         }
     };
     let headers = resp.headers_mut();
+    // Room for what is added below at once, rather than a regrowth midway.
+    headers.reserve(if peer.tls { 4 } else { 2 });
     headers.insert(header::SERVER, state.server_header.clone());
     headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if peer.tls {
@@ -510,20 +512,35 @@ pub fn new_request_id() -> HeaderValue {
 /// since, so no second clock reading per request.
 fn request_id_at(at: Instant) -> HeaderValue {
     const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-    static ANCHOR: std::sync::OnceLock<(u128, Instant)> = std::sync::OnceLock::new();
+    static ANCHOR: std::sync::OnceLock<(u64, Instant)> = std::sync::OnceLock::new();
     let (wall, mono) = *ANCHOR.get_or_init(|| {
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(0))
             .unwrap_or(0);
         (wall, Instant::now())
     });
-    let ms = wall + at.saturating_duration_since(mono).as_millis();
-    let value = (ms << 80) | (fastrand::u128(..) >> 48);
+    let since = u64::try_from(at.saturating_duration_since(mono).as_millis()).unwrap_or(0);
+    let ms = wall.saturating_add(since);
     let mut out = [0u8; 26];
-    for (i, c) in out.iter_mut().enumerate() {
-        let shift = 125 - 5 * i as u32;
-        *c = ALPHABET[((value >> shift) & 31) as usize];
+    // 10 characters of milliseconds (the top two bits of the first are 0),
+    // then 16 of randomness: 12 from one 64-bit draw, 4 from a 32-bit one.
+    let (time, random) = out.split_at_mut(10);
+    for (i, c) in time.iter_mut().enumerate() {
+        *c = ALPHABET[((ms >> (45 - 5 * i)) & 31) as usize];
+    }
+    let (mut r1, mut r2) = (fastrand::u64(..), fastrand::u32(..));
+    for (i, c) in random.iter_mut().enumerate() {
+        let bits = if i < 12 {
+            let b = r1 & 31;
+            r1 >>= 5;
+            b
+        } else {
+            let b = u64::from(r2 & 31);
+            r2 >>= 5;
+            b
+        };
+        *c = ALPHABET[bits as usize];
     }
     // Base32 characters are always a valid header value.
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
@@ -617,21 +634,23 @@ async fn dispatch(
     let cfg = &route.config;
     let deadline = ctx.start + cfg.timeout.unwrap_or(state.backend_timeout);
 
-    let device_token = header_str(req.headers(), &USER_TOKEN).map(str::to_owned);
-    let session = match (cfg.public, &device_token) {
+    // The header value is kept (a reference count, not a copy of the token).
+    let device_value = req.headers().get(&USER_TOKEN).cloned();
+    let device_token = device_value
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    let session = match (cfg.public, device_token) {
         (true, Some(_)) => return Err(GatewayError::TokenOnPublic),
         (false, None) => return Err(GatewayError::TokenRequired),
         (true, None) => None,
         (false, Some(token)) => Some(check_token(state, token, ctx, api_key).await?),
     };
-    let forwarded_token: Option<&str> = match (&session, &device_token) {
-        (
-            Some(Session {
-                rotated: Some(new), ..
-            }),
-            _,
-        ) => Some(new),
-        (_, t) => t.as_deref(),
+    let forwarded_token: Option<&str> = match &session {
+        Some(Session {
+            rotated: Some(new), ..
+        }) => Some(new),
+        _ => device_token,
     };
 
     let mut path_and_query = route.backend_path(&params);
@@ -681,7 +700,7 @@ async fn dispatch(
     info.upstream = Some(took);
     state.metrics.upstream(&route.label, took.as_secs_f64());
     let status = resp.status();
-    if let (Some(device), false) = (&device_token, cfg.public) {
+    if let (Some(device), false) = (device_token, cfg.public) {
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             Box::pin(state.sessions.evict(device)).await;
         } else if let Some(new) = header_str(resp.headers(), &USER_TOKEN) {
@@ -693,7 +712,7 @@ async fn dispatch(
     }
     let idle = cfg.timeout.unwrap_or(state.backend_timeout);
     let mut resp = backend_answer(state, resp, ctx, deadline, idle).await?;
-    if let (Some(new), Some(device)) = (forwarded_token, &device_token) {
+    if let (Some(new), Some(device)) = (forwarded_token, device_token) {
         if new != device && !resp.headers().contains_key(&USER_TOKEN) {
             if let Ok(v) = HeaderValue::from_str(new) {
                 resp.headers_mut().insert(USER_TOKEN.clone(), v);
@@ -1051,6 +1070,8 @@ fn backend_headers(
     token: Option<&str>,
 ) {
     strip_hop_by_hop(headers);
+    // Up to seven headers are added below: one regrowth at most.
+    headers.reserve(7);
     // Checked in one pass first: devices rarely send any of them.
     if headers.keys().any(gateway_only) {
         for name in [&API_CLIENT, &CLIENT_IP, &FORWARDED, &X_REAL_IP] {
