@@ -26,6 +26,7 @@
 pub mod access_log;
 pub mod audit;
 pub mod body;
+pub mod coalesce;
 pub mod commands;
 pub mod config;
 pub mod crypto;

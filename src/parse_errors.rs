@@ -245,11 +245,17 @@ impl<T: WriteNow> Drop for EnvelopeErrors<T> {
 /// A last write that must not wait: what fits in the socket's buffer goes,
 /// the rest is dropped with the connection.
 pub trait WriteNow {
+    /// Whether small vectored writes are best joined into one before
+    /// reaching this stream ([`crate::coalesce`]); TLS joins them itself.
+    const COALESCE: bool;
+
     /// Writes what `buf` can without blocking.
     fn write_now(&mut self, buf: &[u8]);
 }
 
 impl WriteNow for TcpStream {
+    const COALESCE: bool = true;
+
     fn write_now(&mut self, mut buf: &[u8]) {
         while !buf.is_empty() {
             match self.try_write(buf) {
@@ -261,6 +267,8 @@ impl WriteNow for TcpStream {
 }
 
 impl WriteNow for tokio_rustls::server::TlsStream<TcpStream> {
+    const COALESCE: bool = false;
+
     fn write_now(&mut self, buf: &[u8]) {
         use std::io::Write;
         /// The socket as a `std::io::Write` that never blocks.
@@ -437,7 +445,11 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
                 && first.is_some_and(|b| replacement_candidate(b)));
         match first {
             Some(b) if intercept => Pin::new(this).poll_write(cx, b),
-            _ => match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            _ => match if T::COALESCE {
+                crate::coalesce::poll_write(Pin::new(&mut this.inner), cx, bufs)
+            } else {
+                Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+            } {
                 Poll::Pending => this.waiting(cx),
                 Poll::Ready(result) => {
                     let n = result?;

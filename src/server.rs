@@ -239,7 +239,6 @@ fn http_builder(limits: &Limits, protocols: Protocols) -> auto::Builder<TokioExe
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(None)
-        .writev(false)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
     builder

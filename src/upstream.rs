@@ -259,8 +259,14 @@ async fn handshake<T>(io: T) -> Result<SendRequest<Body>, UpstreamError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
+    // Requests are flattened into hyper's write buffer: one `send` for a
+    // head and a small body, cheaper than `writev` (and than coalescing
+    // below hyper). That buffer keeps the capacity of the largest request
+    // it carried, so it is capped, as is the read buffer: with
+    // `max_buf_size`, at most about 80 KiB per pooled connection.
     let (sender, connection) = http1::Builder::new()
         .writev(false)
+        .max_buf_size(64 << 10)
         .handshake(TokioIo::new(io))
         .await
         .map_err(UpstreamError::Handshake)?;
