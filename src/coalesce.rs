@@ -3,8 +3,8 @@
 //! hyper writes an answer's head and its (small) body as two buffers, which
 //! a plain socket turns into `writev`. Copied into one buffer on the stack
 //! they go out with a single `send`, which costs the kernel less. The copy
-//! is of at most [`MAX`] bytes; larger writes keep the vectored path, and
-//! nothing is kept per connection. (hyper's own `writev(false)` flattens
+//! is of at most [`MAX`] bytes, into one buffer per thread; larger writes
+//! keep the vectored path, and nothing is kept per connection. (hyper's own `writev(false)` flattens
 //! too, but into a per-connection buffer that keeps the capacity of the
 //! largest body it ever carried: fine for the bounded backend pool, not for
 //! thousands of device connections.) Used under hyper on plain device
@@ -29,15 +29,26 @@ pub fn poll_write<W: AsyncWrite + ?Sized>(
     if bufs.len() < 2 || total > MAX {
         return io.poll_write_vectored(cx, bufs);
     }
-    let mut one = [0u8; MAX];
-    let mut at = 0;
-    for b in bufs {
-        if let Some(dst) = one.get_mut(at..at + b.len()) {
-            dst.copy_from_slice(b);
-            at += b.len();
+    // A buffer kept per thread, not a fresh stack array: zeroing 4 KiB for
+    // every answer cost more than the copy itself. (Were it ever in use on
+    // this thread already, the buffers go as given.)
+    let mut io = io;
+    let coalesced = ONE.try_with(|one| {
+        let mut one = one.try_borrow_mut().ok()?;
+        one.clear();
+        for b in bufs {
+            one.extend_from_slice(b);
         }
+        Some(io.as_mut().poll_write(cx, &one))
+    });
+    match coalesced {
+        Ok(Some(written)) => written,
+        _ => io.poll_write_vectored(cx, bufs),
     }
-    io.poll_write(cx, &one[..at])
+}
+
+thread_local! {
+    static ONE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(MAX));
 }
 
 #[cfg(test)]

@@ -645,14 +645,21 @@ async fn dispatch(
         _ => device_token,
     };
 
-    let mut path_and_query = route.backend_path(&params);
-    if let Some(query) = req.uri().query() {
-        let query = rewrite_query(state.keyring.as_ref(), &cfg.encrypt_query, query)?;
-        if !query.is_empty() {
-            path_and_query.push('?');
-            path_and_query.push_str(&query);
+    let uri = match (route.fixed_path(), req.uri().query()) {
+        (Some(fixed), None) => Uri::from(fixed.clone()),
+        (_, query) => {
+            let mut path_and_query = route.backend_path(&params);
+            if let Some(query) = query {
+                let query = rewrite_query(state.keyring.as_ref(), &cfg.encrypt_query, query)?;
+                if !query.is_empty() {
+                    path_and_query.push('?');
+                    path_and_query.push_str(&query);
+                }
+            }
+            Uri::try_from(path_and_query)
+                .map_err(|_| GatewayError::BadRequest("Invalid request path"))?
         }
-    }
+    };
 
     let (mut parts, incoming) = req.into_parts();
     let limit = cfg.max_body.unwrap_or(state.max_body);
@@ -666,8 +673,7 @@ async fn dispatch(
         state.config.limits.body_read_timeout,
     )
     .await?;
-    parts.uri = Uri::try_from(path_and_query)
-        .map_err(|_| GatewayError::BadRequest("Invalid request path"))?;
+    parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     backend_headers(state, &mut parts.headers, ctx, api_key, forwarded_token);
 

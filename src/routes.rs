@@ -130,9 +130,17 @@ pub struct Route {
     /// The route's own rate limit, per API key name.
     pub rate_limit: Option<crate::ratelimit::Limiter<Arc<str>>>,
     template: Vec<Piece>,
+    /// The backend path ready made when the template has no parameters.
+    fixed: Option<http::uri::PathAndQuery>,
 }
 
 impl Route {
+    /// The backend path when it is the same for every request (no
+    /// parameters): a shared copy, neither built nor parsed per request.
+    pub fn fixed_path(&self) -> Option<&http::uri::PathAndQuery> {
+        self.fixed.as_ref()
+    }
+
     /// Builds the backend path (without query) for matched parameters.
     pub fn backend_path(&self, params: &matchit::Params<'_, '_>) -> String {
         let mut out = String::with_capacity(self.config.backend_path.len() + 16);
@@ -228,12 +236,27 @@ impl Router {
                     ));
                 }
             }
+            let fixed = if template.iter().all(|p| matches!(p, Piece::Literal(_))) {
+                match http::uri::PathAndQuery::try_from(cfg.backend_path.as_str()) {
+                    Ok(p) if p.query().is_none() => Some(p),
+                    _ => {
+                        problems.push(format!(
+                            "routes[{i}].backend_path: {:?} is not a valid URL path",
+                            cfg.backend_path
+                        ));
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             let route = Arc::new(Route {
                 label: crate::metrics::RouteName::new(&cfg.path),
                 allow: cfg.methods.clone(),
                 rate_limit: cfg.rate_limit.map(crate::ratelimit::Limiter::new),
                 config: cfg.clone(),
                 template,
+                fixed,
             });
             if let Err(e) = tree.insert(cfg.path.clone(), Arc::clone(&route)) {
                 problems.push(format!("routes[{i}].path: {:?}: {e}", cfg.path));
@@ -318,6 +341,33 @@ mod tests {
         assert_eq!(normalize("/caf%C3%A9").unwrap(), "/café");
         assert_eq!(normalize("/").unwrap(), "/");
         assert_eq!(normalize("//").unwrap(), "/");
+    }
+
+    #[test]
+    fn fixed_backend_paths_are_made_once() {
+        let r = Router::new(&[
+            route("/api/data", "/internal/data"),
+            route("/api/orders/{id}", "/orders/{id}"),
+        ])
+        .unwrap();
+        let fixed = |path: &str| match r.lookup(path, &Method::GET) {
+            Match::Found(route, params) => {
+                let made = route.fixed_path().map(|p| p.as_str().to_owned());
+                if let Some(made) = &made {
+                    assert_eq!(*made, route.backend_path(&params));
+                }
+                made
+            }
+            _ => panic!("{path} not found"),
+        };
+        assert_eq!(fixed("/api/data").as_deref(), Some("/internal/data"));
+        assert_eq!(fixed("/api/orders/7"), None);
+        // A literal backend path that is no URL path is a configuration error.
+        let problems = Router::new(&[route("/api/x", "/caf\u{e9}\u{7f}")]).unwrap_err();
+        assert!(
+            problems[0].contains("routes[0].backend_path"),
+            "{problems:?}"
+        );
     }
 
     #[test]
