@@ -14,7 +14,6 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -343,9 +342,13 @@ impl ConnContext {
         // Only connections that need the idle watchdog track activity.
         let activity = watch_idle.then(|| Arc::new(Activity::default()));
         let device = Arc::new(gateway::Peer::new(peer, tls));
+        // hyper's own `service_fn`: called by reference, so nothing is cloned
+        // per request, and hyper's per-connection slot for the in-flight
+        // future holds only the box below (tower's adapter kept a clone of
+        // the service and the request there: about 270 B more per connection).
         let service = {
             let activity = activity.clone();
-            tower::service_fn(move |req: Request<Incoming>| {
+            hyper::service::service_fn(move |req: Request<Incoming>| {
                 // Each request takes the state current when it arrives.
                 let in_flight = activity.as_ref().map(|a| InFlight::new(Arc::clone(a)));
                 // Boxed: the request future is large, and hyper keeps the
@@ -357,7 +360,7 @@ impl ConnContext {
                 Box::pin(async_infallible(answer))
             })
         };
-        let conn = builder.serve_connection(io, TowerToHyperService::new(service));
+        let conn = builder.serve_connection(io, service);
         tokio::pin!(conn);
         let started = tokio::time::Instant::now();
         let mut closing = false;
