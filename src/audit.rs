@@ -11,8 +11,10 @@
 //! [`verify`] therefore tells an edited line (its `hash` does not match), a
 //! deleted or reordered line (`seq` or `prev` does not follow) apart, and
 //! reports the first line where the chain breaks. Deleting lines at the *end*
-//! of the log cannot be detected from the file alone; compare the last `seq`
-//! with a copy shipped elsewhere (syslog, a log collector).
+//! of the log cannot be detected from the file alone, so every append also
+//! goes to the process log (an `audit record written` line with the record's
+//! `seq` and `head`, the hash of the whole line): with the last anchor seen
+//! there, [`verify`] tells a log cut short (or its last lines replaced).
 
 use crate::secret::{hex, sha256};
 use serde::Serialize;
@@ -228,7 +230,7 @@ impl AuditLog {
     /// Appends one line and flushes it to disk. On error nothing is
     /// acknowledged and the chain stays where it was (a partially written line
     /// is cut off at the next start).
-    pub fn append(&self, entry: &Entry) -> io::Result<()> {
+    pub fn append(&self, entry: &Entry) -> io::Result<Anchor> {
         let mut tail = self
             .tail
             .lock()
@@ -251,18 +253,62 @@ impl AuditLog {
         text.push(b'\n');
         tail.file.write_all(&text)?;
         tail.file.sync_data()?;
+        // The anchor leaves the file: the process log keeps a copy.
+        tracing::info!(
+            target: "portcullis::audit",
+            seq,
+            head = %line_hash,
+            event = ?entry.event,
+            "audit record written"
+        );
+        let anchor = Anchor {
+            seq,
+            head: line_hash.clone(),
+        };
         tail.seq = seq;
         tail.prev = line_hash;
-        Ok(())
+        Ok(anchor)
     }
 
     /// [`AuditLog::append`] on the blocking pool.
     pub async fn append_async(self: &Arc<Self>, entry: Entry) -> io::Result<()> {
         let log = Arc::clone(self);
         match tokio::task::spawn_blocking(move || log.append(&entry)).await {
-            Ok(r) => r,
+            Ok(r) => r.map(drop),
             Err(e) => Err(io::Error::other(e)),
         }
+    }
+}
+
+/// Where the log stood after one append: the record's `seq` and `head`, the
+/// SHA-256 (hex) of its whole line (what the next record's `prev` holds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    /// The record's line number.
+    pub seq: u64,
+    /// SHA-256 of the record's line, in hex.
+    pub head: String,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    /// `SEQ:HEAD`, as the process log's `seq` and `head` fields give them.
+    fn from_str(s: &str) -> Result<Anchor, String> {
+        let (seq, head) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected SEQ:HASH"))?;
+        let seq = seq
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{seq:?}: not a sequence number"))?;
+        let head = head.trim().to_ascii_lowercase();
+        if head.len() != 64 || !head.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{head:?}: not a SHA-256 in hex"));
+        }
+        Ok(Anchor { seq, head })
     }
 }
 
@@ -286,6 +332,13 @@ pub enum Verdict {
 /// Checks an audit log's hash chain and reports the first line that was
 /// edited, deleted or reordered.
 pub fn verify(path: &Path) -> io::Result<Verdict> {
+    verify_anchored(path, None)
+}
+
+/// [`verify`], and, with an `anchor` taken from the process log, that the
+/// log still holds that record unchanged: a log cut short after it, or whose
+/// last lines were replaced, is broken too.
+pub fn verify_anchored(path: &Path, anchor: Option<&Anchor>) -> io::Result<Verdict> {
     let reader = io::BufReader::new(File::open(path)?);
     let mut prev = GENESIS.to_owned();
     let mut n = 0u64;
@@ -333,14 +386,30 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
             ));
         }
         prev = hex(&sha256(&line));
+        if let Some(a) = anchor.filter(|a| a.seq == n) {
+            if prev != a.head {
+                return Ok(broken(
+                    "does not match the anchor from the process log: the record written as this line was replaced",
+                ));
+            }
+        }
+    }
+    if let Some(a) = anchor.filter(|a| a.seq > n) {
+        return Ok(Verdict::Broken {
+            line: n + 1,
+            problem: format!(
+                "missing: the log ends after line {n}, but record {} was written (anchor from the process log): lines at the end were deleted",
+                a.seq
+            ),
+        });
     }
     Ok(Verdict::Intact { lines: n })
 }
 
 /// `portcullis audit verify FILE`: prints the verdict; exit status 0 when
 /// intact, 1 when broken, 2 when the file cannot be read.
-pub fn verify_command(path: &Path) -> u8 {
-    match verify(path) {
+pub fn verify_command(path: &Path, anchor: Option<&Anchor>) -> u8 {
+    match verify_anchored(path, anchor) {
         Ok(Verdict::Intact { lines }) => {
             println!("{}: OK, {lines} lines, hash chain intact", path.display());
             0
@@ -386,6 +455,63 @@ mod tests {
 
     fn write_lines(path: &Path, lines: &[String]) {
         std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    }
+
+    #[test]
+    fn anchors_catch_a_cut_or_rewritten_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        let anchors: Vec<Anchor> = (0..4).map(|i| log.append(&entry(i)).unwrap()).collect();
+        drop(log);
+        assert_eq!(anchors[3].seq, 4);
+        let intact = Verdict::Intact { lines: 4 };
+        for a in &anchors {
+            assert_eq!(verify_anchored(&path, Some(a)).unwrap(), intact);
+        }
+        let orig = lines(&path);
+
+        // Cut after line 2: the chain alone cannot tell.
+        write_lines(&path, &orig[..2]);
+        assert_eq!(verify(&path).unwrap(), Verdict::Intact { lines: 2 });
+        match verify_anchored(&path, Some(&anchors[3])).unwrap() {
+            Verdict::Broken { line: 3, problem } => {
+                assert!(problem.contains("deleted"), "{problem}")
+            }
+            v => panic!("{v:?}"),
+        }
+        // An anchor within what is left still holds.
+        assert_eq!(
+            verify_anchored(&path, Some(&anchors[1])).unwrap(),
+            Verdict::Intact { lines: 2 }
+        );
+
+        // Cut, then two other records appended with a valid chain: the
+        // anchored record is not the one there now.
+        let log = AuditLog::open(&path).unwrap();
+        log.append(&entry(7)).unwrap();
+        log.append(&entry(8)).unwrap();
+        drop(log);
+        assert_eq!(verify(&path).unwrap(), intact);
+        match verify_anchored(&path, Some(&anchors[3])).unwrap() {
+            Verdict::Broken { line: 4, problem } => {
+                assert!(problem.contains("replaced"), "{problem}")
+            }
+            v => panic!("{v:?}"),
+        }
+
+        // The `SEQ:HASH` form of the process log.
+        let text = format!("4:{}", anchors[3].head.to_ascii_uppercase());
+        assert_eq!(text.parse::<Anchor>(), Ok(anchors[3].clone()));
+        for bad in [
+            "4",
+            "0:00",
+            "x:00",
+            "4:abc",
+            &format!("4:{}", "g".repeat(64)),
+        ] {
+            assert!(bad.parse::<Anchor>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -73,6 +73,11 @@ enum AuditCommand {
     Verify {
         /// The audit log (`commands.audit_log`).
         file: PathBuf,
+        /// The last `seq` and `head` of an `audit record written` line in the
+        /// process log, as SEQ:HASH: the log must still hold that record,
+        /// which also catches lines deleted at its end.
+        #[arg(long, value_name = "SEQ:HASH")]
+        anchor: Option<portcullis::audit::Anchor>,
     },
 }
 
@@ -97,14 +102,19 @@ fn main() -> ExitCode {
             value,
         } => decrypt(&key, key_id, &param, &value),
         Command::Audit {
-            command: AuditCommand::Verify { file },
-        } => ExitCode::from(portcullis::audit::verify_command(&file)),
+            command: AuditCommand::Verify { file, anchor },
+        } => ExitCode::from(portcullis::audit::verify_command(&file, anchor.as_ref())),
     }
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The audit log's anchors (one line per audit record) are part of its
+    // tamper evidence: a quieter `PORTCULLIS_LOG` does not drop them.
+    if let Ok(audit) = "portcullis::audit=info".parse() {
+        filter = filter.add_directive(audit);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

@@ -1,7 +1,8 @@
 //! The real `portcullis` binary: a crash (SIGKILL) in the middle of a run
 //! loses no acknowledged audit line and the interrupted job reads `failed`
 //! ("gateway restarted") after a restart; `portcullis audit verify` points at
-//! the first edited, deleted or reordered line.
+//! the first edited, deleted or reordered line, and with the anchor the
+//! process logged (`--anchor`) also at records deleted from the end.
 
 mod commands_support;
 
@@ -21,6 +22,19 @@ impl Drop for Gateway {
     }
 }
 
+/// A configuration file in `dir` with `commands`, listening on a free
+/// loopback port.
+fn binary_config(dir: &Path, commands: &str) -> (PathBuf, std::net::SocketAddr) {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let text = config_text(dir, commands).replace(
+        "[backend]",
+        &format!("[server]\nlisten = \"{addr}\"\n\n[backend]"),
+    );
+    let config = dir.join("portcullis.toml");
+    std::fs::write(&config, text).unwrap();
+    (config, addr)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -30,13 +44,18 @@ fn free_port() -> u16 {
 }
 
 async fn start_binary(config: &Path, addr: std::net::SocketAddr) -> Gateway {
+    start_binary_logging(config, addr, Stdio::inherit()).await
+}
+
+/// [`start_binary`] with its process log (at `PORTCULLIS_LOG=warn`) to `stderr`.
+async fn start_binary_logging(config: &Path, addr: std::net::SocketAddr, stderr: Stdio) -> Gateway {
     let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["run", "--config"])
         .arg(config)
         .env("PORTCULLIS_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let gw = Gateway(child);
@@ -52,9 +71,7 @@ async fn start_binary(config: &Path, addr: std::net::SocketAddr) -> Gateway {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_mid_run_then_restart_marks_the_job_failed() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let text = config_text(
+    let (config, addr) = binary_config(
         dir.path(),
         r#"
 sync_wait = "0s"
@@ -65,13 +82,7 @@ argv = ["echo", "hello"]
 name = "long"
 argv = ["sleep", "37.71"]
 "#,
-    )
-    .replace(
-        "[backend]",
-        &format!("[server]\nlisten = \"{addr}\"\n\n[backend]"),
     );
-    let config = dir.path().join("portcullis.toml");
-    std::fs::write(&config, text).unwrap();
     let audit_path = dir.path().join("audit.jsonl");
 
     let mut gw = start_binary(&config, addr).await;
@@ -140,6 +151,94 @@ argv = ["sleep", "37.71"]
     let out = verify_cli(&audit_path);
     assert_eq!(out.0, 0, "{}", out.1);
     assert!(out.1.contains("OK"), "{}", out.1);
+}
+
+/// The process log's audit anchors survive a quiet log level, and with the
+/// last one `audit verify --anchor` catches lines deleted at the end of the
+/// log, which the hash chain alone cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_log_anchor_catches_a_log_cut_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, addr) = binary_config(
+        dir.path(),
+        r#"
+[[commands.custom]]
+name = "echo"
+argv = ["echo", "hello"]
+"#,
+    );
+    let audit_path = dir.path().join("audit.jsonl");
+    let stderr_path = dir.path().join("stderr.log");
+
+    let log = std::fs::File::create(&stderr_path).unwrap();
+    let gw = start_binary_logging(&config, addr, log.into()).await;
+    for _ in 0..2 {
+        let r = send(addr, Method::POST, "/__manage__/echo", Some(ALICE), "", &[]).await;
+        assert!(r.status == 200 || r.status == 202, "{}", r.text());
+    }
+    // Two runs: accepted and finished each.
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = audit_lines(&audit_path);
+        if lines.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let mut anchor = None;
+    for _ in 0..100 {
+        let log = std::fs::read_to_string(&stderr_path).unwrap();
+        anchor = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("audit record written"))
+            .and_then(|l| {
+                let field = |name: &str| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix(name))
+                        .map(str::to_owned)
+                };
+                Some(format!("{}:{}", field("seq=")?, field("head=")?))
+            })
+            .filter(|a| a.starts_with("4:"));
+        if anchor.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(gw);
+    let anchor = anchor.expect("an anchor for record 4 in the process log");
+
+    let (code, out) = verify_anchored_cli(&audit_path, &anchor);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK, 4 lines"), "{out}");
+
+    // The last two records deleted: the chain alone still looks intact.
+    let text = std::fs::read_to_string(&audit_path).unwrap();
+    let kept: Vec<&str> = text.lines().take(2).collect();
+    std::fs::write(&audit_path, kept.join("\n") + "\n").unwrap();
+    let (code, out) = verify_cli(&audit_path);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = verify_anchored_cli(&audit_path, &anchor);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("line 3:") && out.contains("deleted"), "{out}");
+
+    // A malformed anchor is a usage error, not a verdict.
+    let (code, _) = verify_anchored_cli(&audit_path, "four:abc");
+    assert_eq!(code, 2);
+}
+
+fn verify_anchored_cli(path: &Path, anchor: &str) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["audit", "verify", "--anchor", anchor])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 fn verify_cli(path: &Path) -> (i32, String) {
