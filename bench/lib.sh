@@ -270,6 +270,17 @@ build_portcullis() {
     [ -x "$PORTCULLIS_BIN" ] || die "no binary at $PORTCULLIS_BIN after the build"
 }
 
+# build_bare_forwarder: sets BARE_BIN (examples/bare_forwarder.rs, release profile)
+build_bare_forwarder() {
+    command -v cargo >/dev/null 2>&1 || die "cargo not found: the bare target builds an example"
+    log "cargo build --release --example bare_forwarder in $REPO_ROOT"
+    (cd "$REPO_ROOT" && cargo build --release --quiet --example bare_forwarder) \
+        || die "cargo build --release --example bare_forwarder failed"
+    local target="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
+    BARE_BIN="$target/release/examples/bare_forwarder"
+    [ -x "$BARE_BIN" ] || die "no binary at $BARE_BIN after the build"
+}
+
 # bin_rev: the commit the portcullis binary was built from, as far as can be told
 bin_rev() {
     [ -n "${PORTCULLIS_BIN:-}" ] || { echo "not built"; return; }

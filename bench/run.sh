@@ -6,7 +6,9 @@
 #   PORTCULLIS_BIN=/path/to/portcullis bench/run.sh    # use a prebuilt binary
 #
 # Environment (all optional):
-#   BENCH_TARGETS="direct nginx portcullis"   which rows to measure
+#   BENCH_TARGETS="direct nginx portcullis"   which rows to measure; add `bare` for a bare
+#                                             hyper forwarder (examples/bare_forwarder.rs:
+#                                             no checks, the floor under portcullis's path)
 #   BENCH_CONNECTIONS="32 256"                wrk connection counts
 #   BENCH_WARMUP=2s  BENCH_DURATION=8s        wrk warm-up and measured run
 #   PROXY_CPU=1  BACKEND_CPU=0                cores (proxy alone; backend + wrk together)
@@ -51,10 +53,12 @@ fi
 
 bench_init
 case " $TARGETS " in *" portcullis "*) build_portcullis ;; esac
+case " $TARGETS " in *" bare "*) build_bare_forwarder ;; esac
 
 alloc_port BACKEND_PORT
 alloc_port NGINX_PORT
 alloc_port PORTCULLIS_PORT
+alloc_port BARE_PORT
 start_backend "$BACKEND_PORT" 1
 log "backend nginx pid $BACKEND_PID on 127.0.0.1:$BACKEND_PORT (CPU $BACKEND_CPU)"
 check_200 backend "http://127.0.0.1:$BACKEND_PORT/api/data" 0
@@ -76,7 +80,17 @@ for t in $TARGETS; do
         URL[portcullis]="http://127.0.0.1:$PORTCULLIS_PORT/api/data"
         check_200 portcullis "${URL[portcullis]}"
         ;;
-    *) die "unknown target $t (direct, nginx, portcullis)" ;;
+    bare)
+        taskset -c "$PROXY_CPU" "$BARE_BIN" "127.0.0.1:$BARE_PORT" "127.0.0.1:$BACKEND_PORT" \
+            >"$WORK/bare.log" 2>&1 &
+        BARE_PID=$!
+        STARTED_PIDS+=("$BARE_PID")
+        wait_port "$BARE_PORT" "bare forwarder" "$BARE_PID"
+        log "bare hyper forwarder pid $BARE_PID on 127.0.0.1:$BARE_PORT (CPU $PROXY_CPU): $BARE_BIN"
+        URL[bare]="http://127.0.0.1:$BARE_PORT/api/data"
+        check_200 "bare forwarder" "${URL[bare]}" 0
+        ;;
+    *) die "unknown target $t (direct, nginx, portcullis, bare)" ;;
     esac
 done
 
@@ -85,6 +99,7 @@ proxy_pids() {
     direct) echo "" ;;
     nginx) nginx_pids "$NGINX_GW_PID" ;;
     portcullis) echo "$PORTCULLIS_PID" ;;
+    bare) echo "$BARE_PID" ;;
     esac
 }
 
@@ -169,7 +184,7 @@ echo "| target | conns | req/s | p50 ms | p99 ms | proxy CPU µs/req | backend C
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for r in "${RESULTS[@]}"; do
     read -r t c rps p50 p99 pus bus other st se vc <<<"$r"
-    case $t in direct) name="direct to backend" ;; nginx) name="nginx gateway" ;; *) name=$t ;; esac
+    case $t in direct) name="direct to backend" ;; nginx) name="nginx gateway" ;; bare) name="bare hyper forwarder (no checks)" ;; *) name=$t ;; esac
     echo "| $name | $c | $rps | $p50 | $p99 | $pus | $bus | $other | $st | $se | $vc |"
 done
 echo
