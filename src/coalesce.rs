@@ -1,11 +1,11 @@
 //! Small vectored writes sent as one buffer.
 //!
 //! hyper writes an answer's head and its (small) body as two buffers, which
-//! a plain socket turns into `writev`. Copied into one buffer on the stack
-//! they go out with a single `send`, which costs the kernel less. The copy
-//! is of at most [`MAX`] bytes, into one buffer per thread; larger writes
-//! keep the vectored path, and nothing is kept per connection. (hyper's own `writev(false)` flattens
-//! too, but into a per-connection buffer that keeps the capacity of the
+//! a plain socket turns into `writev`. Copied into one buffer they go out
+//! with a single `send`, which costs the kernel less. The copy is of at most
+//! [`MAX`] bytes, into one buffer per thread; larger writes keep the vectored
+//! path, and nothing is kept per connection. (hyper's own `writev(false)`
+//! flattens too, but into a per-connection buffer that keeps the capacity of the
 //! largest body it ever carried: fine for the bounded backend pool, not for
 //! thousands of device connections.) Used under hyper on plain device
 //! connections ([`crate::parse_errors::EnvelopeErrors`]); TLS joins the
