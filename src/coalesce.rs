@@ -21,7 +21,7 @@ pub const MAX: usize = 4096;
 
 /// Writes `bufs` to `io`: several small buffers as one, others as given.
 pub fn poll_write<W: AsyncWrite + ?Sized>(
-    io: Pin<&mut W>,
+    mut io: Pin<&mut W>,
     cx: &mut Context<'_>,
     bufs: &[IoSlice<'_>],
 ) -> Poll<io::Result<usize>> {
@@ -32,7 +32,6 @@ pub fn poll_write<W: AsyncWrite + ?Sized>(
     // A buffer kept per thread, not a fresh stack array: zeroing 4 KiB for
     // every answer cost more than the copy itself. (Were it ever in use on
     // this thread already, the buffers go as given.)
-    let mut io = io;
     let coalesced = ONE.try_with(|one| {
         let mut one = one.try_borrow_mut().ok()?;
         one.clear();

@@ -230,20 +230,18 @@ argv = ["echo", "hello"]
 }
 
 fn verify_anchored_cli(path: &Path, anchor: &str) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["audit", "verify", "--anchor", anchor])
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    run_verify(path, &["--anchor", anchor])
 }
 
 fn verify_cli(path: &Path) -> (i32, String) {
+    run_verify(path, &[])
+}
+
+/// `portcullis audit verify [OPTIONS] FILE`: exit code and stdout.
+fn run_verify(path: &Path, options: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["audit", "verify"])
+        .args(options)
         .arg(path)
         .output()
         .unwrap();
