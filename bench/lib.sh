@@ -255,7 +255,9 @@ EOF
 }
 
 # ------------------------------------------------------------------ portcullis
-# build_portcullis: sets PORTCULLIS_BIN (builds with cargo unless PORTCULLIS_BIN is given)
+# build_portcullis: sets PORTCULLIS_BIN (builds unless PORTCULLIS_BIN is given): the
+# profile-guided build of scripts/build-pgo by default, a plain `cargo build --release`
+# with BENCH_PGO=0.
 build_portcullis() {
     if [ -n "${PORTCULLIS_BIN:-}" ]; then
         [ -x "$PORTCULLIS_BIN" ] || die "PORTCULLIS_BIN=$PORTCULLIS_BIN is not an executable"
@@ -263,6 +265,12 @@ build_portcullis() {
         return 0
     fi
     command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust, or set PORTCULLIS_BIN"
+    if [ "${BENCH_PGO:-1}" = 1 ]; then
+        log "profile-guided build: scripts/build-pgo (BENCH_PGO=0 for a plain release build)"
+        PORTCULLIS_BIN="$("$REPO_ROOT/scripts/build-pgo" | tail -1)" || die "scripts/build-pgo failed"
+        [ -x "$PORTCULLIS_BIN" ] || die "no binary at $PORTCULLIS_BIN after scripts/build-pgo"
+        return 0
+    fi
     log "cargo build --release in $REPO_ROOT"
     (cd "$REPO_ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
     local target="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"

@@ -19,7 +19,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ensure_tools testssl:testssl.sh openssl:openssl curl:curl taskset:util-linux getconf:libc-bin
 bench_init
-build_portcullis
+# A functional check: the plain release build will do (no profile-guided build).
+BENCH_PGO="${BENCH_PGO:-0}" build_portcullis
 
 "$PORTCULLIS_BIN" dev-certs --out "$WORK/certs" >/dev/null || die "dev-certs failed"
 alloc_port BACKEND_PORT   # nothing listens there: testssl's requests never reach a route

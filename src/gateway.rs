@@ -64,6 +64,8 @@ const MAX_LOGIN_ANSWER: usize = 1 << 20;
 
 /// Everything the request path needs, built once from a validated config.
 pub struct State {
+    /// Unique per built state: what a connection's [`AuthMemo`] was made under.
+    generation: u64,
     router: Router,
     api_keys: Vec<ApiKey>,
     rate_limits: Arc<RateLimiters>,
@@ -246,7 +248,9 @@ impl State {
                 restart_needed.push("[commands] / [[operators]]".to_owned());
             }
         }
+        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let state = Arc::new(State {
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             router,
             api_keys,
             rate_limits,
@@ -367,7 +371,7 @@ pub async fn handle<G>(
     // Awaited through a pinned local: a plain `.await` would keep the
     // (large) future twice in this one's state (rustc lays out the awaited
     // temporary and the awaitee apart), doubling at every level.
-    let mut resp = match std::pin::pin!(dispatch(state, req, &ctx, &mut info)).await {
+    let mut resp = match std::pin::pin!(dispatch(state, req, &ctx, peer, &mut info)).await {
         Ok(resp) => resp,
         Err(err) => {
             if err.status().is_server_error() {
@@ -418,11 +422,48 @@ struct Info {
 }
 
 /// The device end of a connection, worked out once per connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Peer {
     ip: IpAddr,
     ip_header: HeaderValue,
     tls: bool,
+    /// The credentials of the connection's last authenticated request.
+    memo: std::sync::Mutex<Option<AuthMemo>>,
+}
+
+/// What a connection remembers of its last authenticated request, so that
+/// the next one presenting the same API key and user token (a device's
+/// keep-alive connection nearly always does) skips hashing the key and the
+/// session-cache lookup.
+///
+/// Invariants: presented values are compared in constant time; the memo is
+/// used only under the configuration it was made with (API keys change with
+/// a reload) and, for the session, while [`Sessions::generation`] is
+/// unchanged (no logout, eviction or rotation anywhere since) and the
+/// session is fresh. It lives and dies with the connection, and never prints.
+struct AuthMemo {
+    /// [`State::generation`] it was made under.
+    config: u64,
+    /// The matched key's index in [`State::api_keys`].
+    api_key: usize,
+    /// The presented API key's bytes, then the presented token's.
+    secrets: Box<[u8]>,
+    key_len: usize,
+    /// The token's session and the sessions generation read before it was checked.
+    session: Option<(u64, Session)>,
+}
+
+impl std::fmt::Debug for AuthMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuthMemo(***)")
+    }
+}
+
+/// What [`Peer::recall`] found.
+#[derive(Default)]
+struct Recalled {
+    api_key: Option<usize>,
+    session: Option<Session>,
 }
 
 impl Peer {
@@ -433,7 +474,64 @@ impl Peer {
             ip,
             ip_header: ip_header(ip),
             tls,
+            memo: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The API key (and the session, for `token`) this connection's last
+    /// request established, if this one presents the same values. Under
+    /// HTTP/2 a concurrent stream holding the memo means no memo.
+    fn recall(&self, state: &State, key: &[u8], token: Option<&[u8]>) -> Recalled {
+        use subtle::ConstantTimeEq;
+        let Ok(memo) = self.memo.try_lock() else {
+            return Recalled::default();
+        };
+        let Some(m) = memo.as_ref() else {
+            return Recalled::default();
+        };
+        let (memo_key, memo_token) = m.secrets.split_at(m.key_len);
+        if m.config != state.generation || !bool::from(memo_key.ct_eq(key)) {
+            return Recalled::default();
+        }
+        let session = match (token, &m.session) {
+            (Some(t), Some((generation, s)))
+                if *generation == state.sessions.generation()
+                    && !s.fresh_until.passed()
+                    && bool::from(memo_token.ct_eq(t)) =>
+            {
+                Some(s.clone())
+            }
+            _ => None,
+        };
+        Recalled {
+            api_key: Some(m.api_key),
+            session,
+        }
+    }
+
+    /// Remembers the API key matched for `key`, and the session of `token`
+    /// checked at sessions generation `session.0`.
+    fn remember(
+        &self,
+        state: &State,
+        key: &[u8],
+        api_key: usize,
+        session: Option<(&[u8], u64, &Session)>,
+    ) {
+        let Ok(mut memo) = self.memo.try_lock() else {
+            return;
+        };
+        let token = session.map_or(&[][..], |(t, _, _)| t);
+        let mut secrets = Vec::with_capacity(key.len() + token.len());
+        secrets.extend_from_slice(key);
+        secrets.extend_from_slice(token);
+        *memo = Some(AuthMemo {
+            config: state.generation,
+            api_key,
+            secrets: secrets.into_boxed_slice(),
+            key_len: key.len(),
+            session: session.map(|(_, generation, s)| (generation, s.clone())),
+        });
     }
 }
 
@@ -552,6 +650,7 @@ async fn dispatch(
     state: &State,
     req: Request<Incoming>,
     ctx: &Ctx,
+    peer: &Peer,
     info: &mut Info,
 ) -> Result<Response<Body>, GatewayError> {
     if let Some(limit) = &state.rate_limits.per_client_ip {
@@ -586,16 +685,37 @@ async fn dispatch(
         };
     }
 
-    let api_key = req
+    // Header values are kept (a reference count, not a copy of the secret).
+    let presented_key = req
         .headers()
         .get(&API_KEY)
-        .and_then(|presented| {
-            secret::find_match(
-                state.api_keys.iter().map(|k| (&k.matcher, k)),
-                presented.as_bytes(),
-            )
-        })
+        .cloned()
         .ok_or(GatewayError::ApiKey)?;
+    let device_value = req.headers().get(&USER_TOKEN).cloned();
+    let recalled = peer.recall(
+        state,
+        presented_key.as_bytes(),
+        device_value.as_ref().map(HeaderValue::as_bytes),
+    );
+    let remembered_key = recalled
+        .api_key
+        .and_then(|i| Some((i, state.api_keys.get(i)?)));
+    let (key_index, api_key) = match remembered_key {
+        Some(found) => found,
+        None => {
+            let found = secret::find_match(
+                state
+                    .api_keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| (&k.matcher, (i, k))),
+                presented_key.as_bytes(),
+            )
+            .ok_or(GatewayError::ApiKey)?;
+            peer.remember(state, presented_key.as_bytes(), found.0, None);
+            found
+        }
+    };
     info.api_client = Some(api_key.header_value.clone());
     if let Some(limit) = &state.rate_limits.per_api_key {
         limited(state, limit, &api_key.name, "api_key")?;
@@ -629,14 +749,28 @@ async fn dispatch(
     let cfg = &route.config;
     let deadline = ctx.start + cfg.timeout.unwrap_or(state.backend_timeout);
 
-    // The header value is kept (a reference count, not a copy of the token).
-    let device_value = req.headers().get(&USER_TOKEN).cloned();
     let device_token = device_value.as_ref().and_then(value_str);
     let session = match (cfg.public, device_token) {
         (true, Some(_)) => return Err(GatewayError::TokenOnPublic),
         (false, None) => return Err(GatewayError::TokenRequired),
         (true, None) => None,
-        (false, Some(token)) => Some(check_token(state, token, ctx, api_key).await?),
+        (false, Some(token)) => Some(match recalled.session {
+            Some(session) => {
+                state.sessions.count_hit();
+                session
+            }
+            None => {
+                let generation = state.sessions.generation();
+                let session = check_token(state, token, ctx, api_key).await?;
+                peer.remember(
+                    state,
+                    presented_key.as_bytes(),
+                    key_index,
+                    Some((token.as_bytes(), generation, &session)),
+                );
+                session
+            }
+        }),
     };
     let forwarded_token: Option<&str> = match &session {
         Some(Session {
@@ -1303,6 +1437,74 @@ async fn logout(
 mod tests {
     use super::*;
     use crate::secret::Secret;
+
+    fn config_with_keys(keys: &[(&str, &str)]) -> Config {
+        let mut toml = String::from(
+            "[server]\nlisten = \"127.0.0.1:0\"\naccess_log = \"off\"\n\n[backend]\nurl = \"http://127.0.0.1:9\"\n",
+        );
+        for (name, key) in keys {
+            toml.push_str(&format!(
+                "\n[[api_keys]]\nname = \"{name}\"\nkey = \"{key}\"\n"
+            ));
+        }
+        Config::parse(&toml).unwrap_or_else(|p| panic!("{p}"))
+    }
+
+    #[tokio::test]
+    async fn connection_memo_holds_only_under_its_configuration_and_session() {
+        let keys = [("a", "key-a-0123456789"), ("b", "key-b-0123456789")];
+        let state = State::new(config_with_keys(&keys)).unwrap_or_else(|p| panic!("{p:?}"));
+        let peer = Peer::new(SocketAddr::from(([127, 0, 0, 1], 1)), false);
+        let remember_until = |fresh_until: sessions::Deadline| {
+            let session = Session {
+                fresh_until,
+                rotated: None,
+            };
+            let generation = state.sessions.generation();
+            let token: &[u8] = b"tok";
+            peer.remember(
+                &state,
+                b"key-b-0123456789",
+                1,
+                Some((token, generation, &session)),
+            );
+        };
+        remember_until(sessions::Deadline::now().plus(Duration::from_secs(60)));
+        assert!(!format!("{peer:?}").contains("key-b"), "memo never prints");
+
+        let same = peer.recall(&state, b"key-b-0123456789", Some(b"tok"));
+        assert_eq!(same.api_key, Some(1));
+        assert!(same.session.is_some());
+        let other_token = peer.recall(&state, b"key-b-0123456789", Some(b"tok2"));
+        assert_eq!(other_token.api_key, Some(1));
+        assert!(other_token.session.is_none());
+        assert!(peer
+            .recall(&state, b"key-a-0123456789", Some(b"tok"))
+            .api_key
+            .is_none());
+        assert!(peer
+            .recall(&state, b"key-b-012345678", None)
+            .api_key
+            .is_none());
+
+        // A reloaded configuration (key `b` may be gone) ignores the memo.
+        let (reloaded, _) = state
+            .reload(config_with_keys(&keys))
+            .unwrap_or_else(|p| panic!("{p:?}"));
+        let after = peer.recall(&reloaded, b"key-b-0123456789", Some(b"tok"));
+        assert!(after.api_key.is_none() && after.session.is_none());
+
+        // Any eviction ends remembered sessions; so does their freshness.
+        state.sessions.evict("unrelated").await;
+        let evicted = peer.recall(&state, b"key-b-0123456789", Some(b"tok"));
+        assert_eq!(evicted.api_key, Some(1));
+        assert!(evicted.session.is_none());
+        remember_until(sessions::Deadline::now());
+        assert!(peer
+            .recall(&state, b"key-b-0123456789", Some(b"tok"))
+            .session
+            .is_none());
+    }
 
     #[test]
     fn gateway_only_names_are_the_ones_removed() {

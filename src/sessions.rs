@@ -14,6 +14,7 @@ use crate::config::SessionsConfig;
 use moka::future::Cache;
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
@@ -99,6 +100,8 @@ pub struct Sessions {
     misses: Counter,
     salt: [u8; 32],
     cfg: SessionsConfig,
+    /// Bumped after every eviction and rotation (see [`Sessions::generation`]).
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -136,7 +139,26 @@ impl Sessions {
             misses,
             salt,
             cfg,
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// A number that changes whenever a session may have ended or been
+    /// rotated (logout, a backend's 401/403, a rotation): bumped *after* the
+    /// cache changed. A session read from [`Sessions::check`] after reading
+    /// the generation stays good to reuse for as long as the generation is
+    /// unchanged and the session is fresh; connections memoize on that.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Counts a session served from a connection's memo as a cache hit.
+    pub fn count_hit(&self) {
+        self.hits.inc();
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The cache key of a token: a keyed hash, so the token itself is never stored.
@@ -289,6 +311,7 @@ impl Sessions {
                     }),
                 )
                 .await;
+            self.changed();
         }
     }
 
@@ -300,6 +323,7 @@ impl Sessions {
                 self.cache.invalidate(&self.key(new.as_bytes())).await;
             }
         }
+        self.changed();
     }
 
     /// Entries currently cached (after applying pending cache maintenance).

@@ -612,3 +612,86 @@ async fn concurrent_requests_share_a_failed_validation_and_nothing_is_cached() {
     assert_eq!(backend.count("/renew_session"), 2);
     gw.stop().await;
 }
+
+/// A keep-alive connection remembers its last API key and session (so the
+/// next request skips the hashing and the cache lookup), but never past a
+/// logout elsewhere, a backend's 401, a different key or a different token.
+#[tokio::test]
+async fn keep_alive_connections_forget_ended_sessions() {
+    let backend = Backend::start().await;
+    backend.on("/renew_session", renewal(Duration::from_secs(600)));
+    backend.on("/profile", Reply::json(200, json!({})));
+    backend.on("/logout", Reply::status(204));
+    let gw = GatewayConfig::new(backend.url())
+        .sessions("logout_path = \"/logout\"")
+        .start()
+        .await;
+    let mut conn = KeepAlive::open(gw.addr).await;
+    let profile = |token: &str| gw.get("/api/profile").token(token);
+
+    for _ in 0..3 {
+        let r = profile("tok-k").send_on(&mut conn).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(backend.count("/renew_session"), 1, "validated once");
+    assert_eq!(backend.connections(), 1, "one backend connection reused");
+    let hits = gw.state.metrics().session_hits.get();
+    assert!(hits >= 2, "memo hits count as cache hits: {hits}");
+
+    // A wrong key on the same connection is refused; another valid key and
+    // another token are checked in full (the token validated once more).
+    let r = gw
+        .req("GET", "/api/profile")
+        .api_key("ios-key-0123456780")
+        .token("tok-k")
+        .send_on(&mut conn)
+        .await;
+    r.assert_gateway_error(403, "Received API KEY not found in server API KEYS set");
+    let r = gw
+        .req("GET", "/api/profile")
+        .api_key(ANDROID_KEY)
+        .token("tok-k")
+        .send_on(&mut conn)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        backend.last("/profile").header("api-client"),
+        Some("android-app")
+    );
+    let r = profile("tok-other").send_on(&mut conn).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(backend.count("/renew_session"), 2);
+    let r = profile("tok-k").send_on(&mut conn).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(backend.count("/renew_session"), 2, "tok-k still cached");
+
+    // Logout on another connection ends the session on this one too.
+    let r = gw.req("POST", "/logout").api_key(IOS_KEY).token("tok-k");
+    assert_eq!(r.send().await.status, 204);
+    backend.on("/renew_session", Reply::status(403));
+    let r = profile("tok-k").send_on(&mut conn).await;
+    r.assert_gateway_error(403, "Token invalid");
+    assert_eq!(
+        backend.count("/renew_session"),
+        3,
+        "asked again after logout"
+    );
+
+    // A backend 401 for the remembered token evicts it for this connection too.
+    backend.on("/renew_session", renewal(Duration::from_secs(600)));
+    let r = profile("tok-2").send_on(&mut conn).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(backend.count("/renew_session"), 4);
+    backend.on("/profile", Reply::status(401));
+    let r = profile("tok-2").send_on(&mut conn).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    backend.on("/profile", Reply::json(200, json!({})));
+    let r = profile("tok-2").send_on(&mut conn).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        backend.count("/renew_session"),
+        5,
+        "re-validated after the 401"
+    );
+    gw.stop().await;
+}

@@ -62,6 +62,14 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// An `expiration-date` in django-proxy-server's format, `d` from now.
+/// A validation service's 200: the session is good for `d`.
+pub fn renewal(d: Duration) -> Reply {
+    Reply::json(
+        200,
+        serde_json::json!({"expiration-date": expiration_in(d)}),
+    )
+}
+
 pub fn expiration_in(d: Duration) -> String {
     humantime::format_rfc3339_seconds(SystemTime::now() + d)
         .to_string()
@@ -929,24 +937,54 @@ impl Req {
 
     /// Sends on a fresh connection; returns the head and the streaming body.
     pub async fn send_streaming(self) -> Response<Incoming> {
-        let addr = self.addr;
+        let mut conn = KeepAlive::open(self.addr).await;
         let req = self.build();
-        tokio::time::timeout(TIMEOUT, async move {
-            let stream = TcpStream::connect(addr).await.expect("connect gateway");
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
-                    .await
-                    .expect("handshake");
-            tokio::spawn(conn);
-            sender.send_request(req).await.expect("send request")
-        })
-        .await
-        .expect("response head in time")
+        tokio::time::timeout(TIMEOUT, conn.0.send_request(req))
+            .await
+            .expect("response head in time")
+            .expect("send request")
     }
 
     /// Sends on a fresh connection and reads the whole response.
     pub async fn send(self) -> Resp {
-        let resp = self.send_streaming().await;
+        Resp::read(self.send_streaming().await).await
+    }
+
+    /// Sends on `conn` (an open keep-alive connection) and reads the whole response.
+    pub async fn send_on(self, conn: &mut KeepAlive) -> Resp {
+        let req = self.build();
+        let resp = tokio::time::timeout(TIMEOUT, async {
+            conn.0.ready().await.expect("connection still open");
+            conn.0.send_request(req).await.expect("send request")
+        })
+        .await
+        .expect("response head in time");
+        Resp::read(resp).await
+    }
+}
+
+/// One HTTP/1.1 keep-alive connection to the gateway, for requests in turn.
+pub struct KeepAlive(hyper::client::conn::http1::SendRequest<Body>);
+
+impl KeepAlive {
+    pub async fn open(addr: SocketAddr) -> KeepAlive {
+        tokio::time::timeout(TIMEOUT, async move {
+            let stream = TcpStream::connect(addr).await.expect("connect gateway");
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
+                    .await
+                    .expect("handshake");
+            tokio::spawn(conn);
+            KeepAlive(sender)
+        })
+        .await
+        .expect("connected in time")
+    }
+}
+
+impl Resp {
+    /// Reads the whole of `resp`.
+    pub async fn read(resp: Response<Incoming>) -> Resp {
         let (parts, body) = resp.into_parts();
         let body = tokio::time::timeout(TIMEOUT, body.collect())
             .await
