@@ -267,7 +267,8 @@ build_portcullis() {
     command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust, or set PORTCULLIS_BIN"
     if [ "${BENCH_PGO:-1}" = 1 ]; then
         log "profile-guided build: scripts/build-pgo (BENCH_PGO=0 for a plain release build)"
-        PORTCULLIS_BIN="$("$REPO_ROOT/scripts/build-pgo" | tail -1)" || die "scripts/build-pgo failed"
+        PORTCULLIS_BIN="$("$REPO_ROOT/scripts/build-pgo" | tail -1)" \
+            || die "scripts/build-pgo failed (BENCH_PGO=0 measures a plain release build instead)"
         [ -x "$PORTCULLIS_BIN" ] || die "no binary at $PORTCULLIS_BIN after scripts/build-pgo"
         return 0
     fi

@@ -2,7 +2,7 @@
 # Throughput / latency / CPU-per-request benchmark: direct backend vs nginx doing the
 # gateway job vs portcullis, side by side in one run, on loopback.
 #
-#   bench/run.sh                       # builds portcullis (cargo build --release), runs all
+#   bench/run.sh                       # builds portcullis (scripts/build-pgo; BENCH_PGO=0: cargo build --release), runs all
 #   PORTCULLIS_BIN=/path/to/portcullis bench/run.sh    # use a prebuilt binary
 #
 # Environment (all optional):

@@ -3,7 +3,7 @@
 # (API-key map, auth_request + proxy_cache on the token, keep-alive upstream), both
 # terminating TLS with the same certificate (ECDSA P-256 from `portcullis dev-certs`).
 #
-#   bench/tls.sh                          # builds portcullis (cargo build --release), runs all
+#   bench/tls.sh                          # builds portcullis (scripts/build-pgo; BENCH_PGO=0: cargo build --release), runs all
 #   PORTCULLIS_BIN=/path/to/portcullis bench/tls.sh
 #
 # Two parts:
