@@ -61,7 +61,6 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An `expiration-date` in django-proxy-server's format, `d` from now.
 /// A validation service's 200: the session is good for `d`.
 pub fn renewal(d: Duration) -> Reply {
     Reply::json(
@@ -70,6 +69,7 @@ pub fn renewal(d: Duration) -> Reply {
     )
 }
 
+/// An `expiration-date` in django-proxy-server's format, `d` from now.
 pub fn expiration_in(d: Duration) -> String {
     humantime::format_rfc3339_seconds(SystemTime::now() + d)
         .to_string()
@@ -938,11 +938,7 @@ impl Req {
     /// Sends on a fresh connection; returns the head and the streaming body.
     pub async fn send_streaming(self) -> Response<Incoming> {
         let mut conn = KeepAlive::open(self.addr).await;
-        let req = self.build();
-        tokio::time::timeout(TIMEOUT, conn.0.send_request(req))
-            .await
-            .expect("response head in time")
-            .expect("send request")
+        conn.head(self).await
     }
 
     /// Sends on a fresh connection and reads the whole response.
@@ -952,14 +948,7 @@ impl Req {
 
     /// Sends on `conn` (an open keep-alive connection) and reads the whole response.
     pub async fn send_on(self, conn: &mut KeepAlive) -> Resp {
-        let req = self.build();
-        let resp = tokio::time::timeout(TIMEOUT, async {
-            conn.0.ready().await.expect("connection still open");
-            conn.0.send_request(req).await.expect("send request")
-        })
-        .await
-        .expect("response head in time");
-        Resp::read(resp).await
+        Resp::read(conn.head(self).await).await
     }
 }
 
@@ -979,6 +968,17 @@ impl KeepAlive {
         })
         .await
         .expect("connected in time")
+    }
+
+    /// Sends `req` once the connection is ready; returns the head and the streaming body.
+    async fn head(&mut self, req: Req) -> Response<Incoming> {
+        let req = req.build();
+        tokio::time::timeout(TIMEOUT, async {
+            self.0.ready().await.expect("connection still open");
+            self.0.send_request(req).await.expect("send request")
+        })
+        .await
+        .expect("response head in time")
     }
 }
 
