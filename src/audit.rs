@@ -339,12 +339,27 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
 /// log still holds that record unchanged: a log cut short after it, or whose
 /// last lines were replaced, is broken too.
 pub fn verify_anchored(path: &Path, anchor: Option<&Anchor>) -> io::Result<Verdict> {
+    walk(path, anchor, u64::MAX, |_, _| {})
+}
+
+/// The verification of [`verify_anchored`] over the first `upto` lines,
+/// handing each line read (its number and bytes) to `each` as it goes.
+fn walk(
+    path: &Path,
+    anchor: Option<&Anchor>,
+    upto: u64,
+    mut each: impl FnMut(u64, &[u8]),
+) -> io::Result<Verdict> {
     let reader = io::BufReader::new(File::open(path)?);
     let mut prev = GENESIS.to_owned();
     let mut n = 0u64;
     for line in reader.split(b'\n') {
+        if n >= upto {
+            break;
+        }
         let line = line?;
         n += 1;
+        each(n, &line);
         let broken = |problem: &str| Verdict::Broken {
             line: n,
             problem: problem.to_owned(),
@@ -406,6 +421,62 @@ pub fn verify_anchored(path: &Path, anchor: Option<&Anchor>) -> io::Result<Verdi
     Ok(Verdict::Intact { lines: n })
 }
 
+/// Recent lines of the log and the verdict on its chain: what the operator
+/// console's audit view shows.
+#[derive(Debug)]
+pub struct Recent {
+    /// Up to the requested number of lines before the cursor, newest first,
+    /// as they are in the file (lossy UTF-8).
+    pub lines: Vec<String>,
+    /// The `seq` to ask for next (`before`), when older lines exist.
+    pub next: Option<u64>,
+    /// The chain over every line up to the newest record this process wrote.
+    pub verdict: Verdict,
+}
+
+impl AuditLog {
+    /// Where the chain stands now: the newest record's `seq` and line hash.
+    pub fn head(&self) -> io::Result<Anchor> {
+        let tail = self
+            .tail
+            .lock()
+            .map_err(|_| io::Error::other("audit log lock poisoned"))?;
+        Ok(Anchor {
+            seq: tail.seq,
+            head: tail.prev.clone(),
+        })
+    }
+
+    /// The `limit` lines before line `before` (1-based, exclusive; `None`:
+    /// the newest), newest first, and whether the whole chain up to the
+    /// current head verifies, the head itself included (so a log cut short or
+    /// rewritten under the running process is reported). Lines appended while
+    /// reading are left for the next call. Reads the whole file: run it on
+    /// the blocking pool.
+    pub fn recent(&self, before: Option<u64>, limit: usize) -> io::Result<Recent> {
+        let head = self.head()?;
+        let anchor = (head.seq > 0).then_some(&head);
+        let before = before.unwrap_or(u64::MAX);
+        let mut window = std::collections::VecDeque::with_capacity(limit.min(1024));
+        let mut older = false;
+        let verdict = walk(&self.path, anchor, head.seq, |n, line| {
+            if n < before && limit > 0 {
+                if window.len() == limit {
+                    window.pop_front();
+                    older = true;
+                }
+                window.push_back((n, String::from_utf8_lossy(line).into_owned()));
+            }
+        })?;
+        let next = window.front().map(|(n, _)| *n).filter(|_| older);
+        Ok(Recent {
+            lines: window.into_iter().rev().map(|(_, l)| l).collect(),
+            next,
+            verdict,
+        })
+    }
+}
+
 /// `portcullis audit verify FILE`: prints the verdict; exit status 0 when
 /// intact, 1 when broken, 2 when the file cannot be read.
 pub fn verify_command(path: &Path, anchor: Option<&Anchor>) -> u8 {
@@ -455,6 +526,35 @@ mod tests {
 
     fn write_lines(path: &Path, lines: &[String]) {
         std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    }
+
+    #[test]
+    fn recent_pages_newest_first_and_reports_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        for i in 0..5 {
+            log.append(&entry(i)).unwrap();
+        }
+        let file = lines(&path);
+        let page = log.recent(None, 2).unwrap();
+        assert_eq!(page.lines, [file[4].clone(), file[3].clone()]);
+        assert_eq!(page.next, Some(4));
+        assert_eq!(page.verdict, Verdict::Intact { lines: 5 });
+        let page = log.recent(page.next, 10).unwrap();
+        assert_eq!(page.lines.len(), 3);
+        assert_eq!(page.lines[0], file[2]);
+        assert_eq!(page.next, None);
+        // A log edited under the running process no longer verifies.
+        let mut edited = file.clone();
+        edited[1] = edited[1].replace("alice", "mallory");
+        write_lines(&path, &edited);
+        let page = log.recent(None, 10).unwrap();
+        assert!(matches!(page.verdict, Verdict::Broken { line: 2, .. }));
+        // And one cut short after the newest record is reported too.
+        write_lines(&path, &file[..4]);
+        let page = log.recent(None, 10).unwrap();
+        assert!(matches!(page.verdict, Verdict::Broken { line: 5, .. }));
     }
 
     #[test]

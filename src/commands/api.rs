@@ -27,7 +27,7 @@ const CHUNK: usize = 16 * 1024;
 /// SSE comment sent when a running job is quiet for this long.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
-fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+pub(super) fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     // Serializing a `Value` cannot fail.
     let bytes = serde_json::to_vec(value).unwrap_or_default();
     let mut resp = Response::new(Body::full(bytes));
@@ -53,7 +53,12 @@ fn refusal_response(core: &Core, r: &Refusal, request_id: &str) -> Response<Body
     resp
 }
 
-fn error(core: &Core, status: StatusCode, message: &str, request_id: &str) -> Response<Body> {
+pub(super) fn error(
+    core: &Core,
+    status: StatusCode,
+    message: &str,
+    request_id: &str,
+) -> Response<Body> {
     envelope::response(status, &core.error_type, message, request_id)
 }
 
@@ -79,7 +84,7 @@ fn bearer(req: &Request<impl Sized>) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
-fn valid_job_id(id: &str) -> bool {
+pub(super) fn valid_job_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
@@ -112,6 +117,10 @@ where
         .split('/')
         .filter(|s| !s.is_empty())
         .collect();
+    // The console's page and static files hold no data: served without a token.
+    if segments.first() == Some(&"console") && matches!(*req.method(), Method::GET | Method::HEAD) {
+        return super::console::serve(core, segments.get(1..).unwrap_or_default(), request_id);
+    }
     let mut ctx = Ctx {
         operator: None,
         request_id: request_id.to_owned(),
@@ -150,6 +159,21 @@ where
     match (segments.as_slice(), req.method()) {
         ([], &Method::GET) => list(core, &op),
         ([], _) => method_not_allowed(core, "GET", request_id),
+        (["jobs"], &Method::GET) => {
+            super::listing::jobs(core, &op, req.uri().query(), request_id).await
+        }
+        (["jobs"], _) => method_not_allowed(core, "GET", request_id),
+        (["audit"], &Method::GET) => match &op.commands {
+            // The log names every operator's runs: only operators who may
+            // run everything read it.
+            None => super::listing::audit(core, req.uri().query(), request_id).await,
+            Some(_) => error(
+                core,
+                StatusCode::FORBIDDEN,
+                "Reading the audit log needs an operator without a command list",
+                request_id,
+            ),
+        },
         (["jobs", id], &Method::GET) => job_status(core, &op, id, request_id).await,
         (["jobs", _], _) => method_not_allowed(core, "GET", request_id),
         (["jobs", id, "output"], &Method::GET) => {
@@ -177,7 +201,7 @@ where
 
 /// Command names from the URL are audited clipped, so a huge path cannot
 /// blow up the log.
-fn clip(s: &str) -> &str {
+pub(super) fn clip(s: &str) -> &str {
     match s.char_indices().nth(100) {
         Some((i, _)) => s.get(..i).unwrap_or(s),
         None => s,
@@ -186,26 +210,7 @@ fn clip(s: &str) -> &str {
 
 fn list(core: &Core, op: &super::Op) -> Response<Body> {
     let cfg = &core.cfg;
-    let describe = |name: &str, kind: &str| {
-        let rule = cfg.rules.get(name);
-        let options = rule.and_then(|r| r.options.as_ref()).map(|o| {
-            o.iter()
-                .map(|(k, spec)| {
-                    (
-                        k.clone(),
-                        Value::from(format!("{:?}", spec.kind).to_ascii_lowercase()),
-                    )
-                })
-                .collect::<Map<_, _>>()
-        });
-        json!({
-            "name": name,
-            "kind": kind,
-            "metadata_only": cfg.is_metadata_only(name),
-            "lock": rule.and_then(|r| r.lock.clone()),
-            "options": options,
-        })
-    };
+    let describe = |name: &str, kind: &str| super::describe::command(cfg, name, kind);
     let mut commands = Vec::new();
     for c in &cfg.custom {
         if core.may_see(op, &c.name) {
@@ -327,6 +332,13 @@ where
         let r = core.reject(ctx, Some(clip(command)), None, r).await;
         return refusal_response(core, &r, request_id);
     }
+    // `Prefer: respond-async` (RFC 7240; the console sends it to follow the
+    // output live): answer 202 at once instead of waiting `sync_wait`.
+    let sync_wait = if prefers_async(&req) {
+        Duration::ZERO
+    } else {
+        core.cfg.sync_wait
+    };
     let data = match read_data(req).await {
         Ok(d) => d,
         Err(r) => {
@@ -339,7 +351,7 @@ where
         Err(r) => return refusal_response(core, &r, request_id),
     };
     let location = format!("/__manage__/jobs/{}", job.id);
-    if job.wait_final(core.cfg.sync_wait).await {
+    if job.wait_final(sync_wait).await {
         if job.audit_failed.load(std::sync::atomic::Ordering::SeqCst) {
             return error(
                 core,
@@ -366,6 +378,16 @@ where
         }
         resp
     }
+}
+
+/// Whether the request carries `Prefer: respond-async`.
+fn prefers_async<B>(req: &Request<B>) -> bool {
+    req.headers().get_all("prefer").iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+        })
+    })
 }
 
 /// Reads `{"data": {...}}` (an empty body means no data).

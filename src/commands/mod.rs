@@ -5,7 +5,9 @@
 //! - [`args`]: `data` → argv, argument schemas, redaction.
 //! - [`runner`]: one process in its own group; timeout, cancel, output pipe.
 //! - [`store`]: the persistent job store (redb).
-//! - `api`: the `/__manage__` endpoints.
+//! - `api`: the `/__manage__` endpoints; `listing`: the job and audit
+//!   listings; `describe`: what `GET /__manage__/` says about a command;
+//!   `console`: the operator console's embedded page.
 //! - `scheduler`: cron schedules, run as operator `scheduler`.
 //!
 //! Invariants:
@@ -21,6 +23,9 @@
 mod api;
 pub mod args;
 pub mod config;
+mod console;
+mod describe;
+mod listing;
 pub mod runner;
 mod scheduler;
 pub mod store;

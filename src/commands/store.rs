@@ -198,6 +198,42 @@ impl Store {
         Ok(n)
     }
 
+    /// Up to `limit` records, newest first, with ids before `before` (all when
+    /// `None`) that `keep` accepts. Looks at most `scan` records; the second
+    /// value is where the next page starts (the last id looked at) when more
+    /// may follow.
+    pub fn list(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+        scan: usize,
+        mut keep: impl FnMut(&JobRecord) -> bool,
+    ) -> Result<(Vec<JobRecord>, Option<String>), StoreError> {
+        let txn = self.db.begin_read().map_err(e)?;
+        let jobs = txn.open_table(JOBS).map_err(e)?;
+        let range = match before {
+            Some(b) => jobs.range::<&str>(..b).map_err(e)?,
+            None => jobs.range::<&str>(..).map_err(e)?,
+        };
+        let mut out = Vec::new();
+        let mut last = None;
+        for (looked, item) in range.rev().enumerate() {
+            let (id, value) = item.map_err(e)?;
+            if out.len() >= limit || looked >= scan {
+                // Something older exists: the page ends at the last id seen.
+                return Ok((out, last));
+            }
+            last = Some(id.value().to_owned());
+            // A record this version cannot read is skipped, not fatal.
+            if let Ok(rec) = serde_json::from_slice::<JobRecord>(value.value()) {
+                if keep(&rec) {
+                    out.push(rec);
+                }
+            }
+        }
+        Ok((out, None))
+    }
+
     /// Jobs that were queued or running when the store was last written.
     pub fn active(&self) -> Result<Vec<JobRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(e)?;
@@ -285,5 +321,40 @@ mod tests {
         // Reopening finds the same state.
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.active().unwrap()[0].id, old_running);
+    }
+
+    #[test]
+    fn lists_newest_first_in_pages_with_a_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ids: Vec<String> = (1..=5u64)
+            .map(|i| format!("{}{:016x}", id_floor(i * 1_000), i))
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let status = if i % 2 == 0 {
+                Status::Succeeded
+            } else {
+                Status::Failed
+            };
+            store.put(&rec(id, status), None).unwrap();
+        }
+        let (page, next) = store.list(None, 2, 100, |_| true).unwrap();
+        let got: Vec<&str> = page.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(got, [ids[4].as_str(), ids[3].as_str()]);
+        assert_eq!(next.as_deref(), Some(ids[3].as_str()));
+        let (page, next) = store.list(next.as_deref(), 10, 100, |_| true).unwrap();
+        assert_eq!(page.len(), 3);
+        assert_eq!(next, None);
+        let (page, _) = store
+            .list(None, 10, 100, |r| r.status == Status::Failed)
+            .unwrap();
+        let got: Vec<&str> = page.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(got, [ids[3].as_str(), ids[1].as_str()]);
+        // The scan cap ends a page early and says where to go on.
+        let (page, next) = store
+            .list(None, 10, 2, |r| r.status == Status::Succeeded)
+            .unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(next.as_deref(), Some(ids[3].as_str()));
     }
 }
