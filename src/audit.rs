@@ -339,17 +339,11 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
 /// log still holds that record unchanged: a log cut short after it, or whose
 /// last lines were replaced, is broken too.
 pub fn verify_anchored(path: &Path, anchor: Option<&Anchor>) -> io::Result<Verdict> {
-    walk(path, anchor, u64::MAX, |_, _| {})
+    walk(path, anchor, u64::MAX)
 }
 
-/// The verification of [`verify_anchored`] over the first `upto` lines,
-/// handing each line read (its number and bytes) to `each` as it goes.
-fn walk(
-    path: &Path,
-    anchor: Option<&Anchor>,
-    upto: u64,
-    mut each: impl FnMut(u64, &[u8]),
-) -> io::Result<Verdict> {
+/// The verification of [`verify_anchored`] over the first `upto` lines.
+fn walk(path: &Path, anchor: Option<&Anchor>, upto: u64) -> io::Result<Verdict> {
     let reader = io::BufReader::new(File::open(path)?);
     let mut prev = GENESIS.to_owned();
     let mut n = 0u64;
@@ -359,7 +353,6 @@ fn walk(
         }
         let line = line?;
         n += 1;
-        each(n, &line);
         let broken = |problem: &str| Verdict::Broken {
             line: n,
             problem: problem.to_owned(),
@@ -459,15 +452,20 @@ impl AuditLog {
         let before = before.unwrap_or(u64::MAX);
         let mut window = std::collections::VecDeque::with_capacity(limit.min(1024));
         let mut older = false;
-        let verdict = walk(&self.path, anchor, head.seq, |n, line| {
-            if n < before && limit > 0 {
+        let verdict = walk(&self.path, anchor, head.seq)?;
+        // A second pass: the verdict stops at the first broken line, the
+        // listing goes on past it.
+        let reader = io::BufReader::new(File::open(&self.path)?);
+        for (n, line) in (1..=head.seq.min(before.saturating_sub(1))).zip(reader.split(b'\n')) {
+            let line = line?;
+            if limit > 0 {
                 if window.len() == limit {
                     window.pop_front();
                     older = true;
                 }
-                window.push_back((n, String::from_utf8_lossy(line).into_owned()));
+                window.push_back((n, String::from_utf8_lossy(&line).into_owned()));
             }
-        })?;
+        }
         let next = window.front().map(|(n, _)| *n).filter(|_| older);
         Ok(Recent {
             lines: window.into_iter().rev().map(|(_, l)| l).collect(),

@@ -7,7 +7,11 @@ use std::process::Command;
 #[test]
 fn shell_scripts_parse() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut scripts = vec![root.join("scripts/test"), root.join("scripts/build-pgo")];
+    let mut scripts = vec![
+        root.join("scripts/test"),
+        root.join("scripts/build-pgo"),
+        root.join("scripts/console-screenshots"),
+    ];
     for dir in ["bench", ".ci"] {
         for entry in std::fs::read_dir(root.join(dir)).expect("read script dir") {
             let path = entry.expect("dir entry").path();

@@ -66,18 +66,18 @@ def process_running(needle):
 
 def attacker_server(target):
     """A page on another local origin that tries to run the custom command
-    `hello` on the gateway: an auto-submitted form post, and a fetch()."""
+    `echo` on the gateway: an auto-submitted form post, and a fetch()."""
     page = f"""<!doctype html><html><body>
-<form id="f" method="post" action="{target}/__manage__/hello" enctype="text/plain">
+<form id="f" method="post" action="{target}/__manage__/echo" enctype="text/plain">
 <input name='{{"data": {{' value='}}}}'></form>
 <iframe name="sink" id="sink"></iframe>
 <script>
 window.results = [];
-fetch("{target}/__manage__/hello", {{method: "POST", mode: "no-cors", credentials: "include",
+fetch("{target}/__manage__/echo", {{method: "POST", mode: "no-cors", credentials: "include",
   headers: {{"Content-Type": "text/plain"}}, body: '{{"data": {{}}}}'}})
   .then(r => window.results.push("no-cors:" + r.type + ":" + r.status))
   .catch(e => window.results.push("no-cors:error"));
-fetch("{target}/__manage__/hello", {{method: "POST", credentials: "include",
+fetch("{target}/__manage__/echo", {{method: "POST", credentials: "include",
   headers: {{"Content-Type": "application/json", "Authorization": "Bearer guessed"}}, body: '{{"data": {{}}}}'}})
   .then(r => window.results.push("cors:" + r.status))
   .catch(e => window.results.push("cors:blocked"));
@@ -190,9 +190,9 @@ def drive(context):
     seen["cancel_button_hidden"] = page.locator("#run-result .job-cancel").is_hidden()
 
     # A custom command with the keyboard alone: focus it, Enter, Tab to Run, Enter.
-    page.locator('#command-list button[data-command="hello"]').focus()
+    page.locator('#command-list button[data-command="echo"]').focus()
     page.keyboard.press("Enter")
-    expect(page.locator("#command-title")).to_have_text("hello")
+    expect(page.locator("#command-title")).to_have_text("echo")
     page.locator("#run-button").focus()
     page.keyboard.press("Enter")
     expect(page.locator("#run-result .job-status")).to_have_text("succeeded")
@@ -234,7 +234,7 @@ def drive(context):
     shot(page, "console-phone.png")
     page.set_viewport_size({"width": 1280, "height": 860})
 
-    # Another origin, while the operator is signed in, tries to run `hello`.
+    # Another origin, while the operator is signed in, tries to run `echo`.
     attacker = attacker_server(BASE)
     try:
         other = context.new_page()
@@ -257,6 +257,7 @@ def drive(context):
     page.reload()
     expect(page.get_by_label("Operator token")).to_be_visible()
     seen["signed_in_after_reload"] = page.locator("#who").is_visible()
+    seen["nav_visible_after_reload"] = page.locator("#nav").is_visible()
 
 
 if __name__ == "__main__":
