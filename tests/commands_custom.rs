@@ -110,7 +110,7 @@ async fn echo_runs_inline_and_is_audited() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["output"], "hello\n");
     // Unknown endpoints and wrong methods.
-    let r = get(&env, "/__manage__/jobs").await;
+    let r = get(&env, "/__manage__/jobs/ab/unknown").await;
     assert_eq!(r.status, 404);
     let r = get(&env, "/__manage__/echo").await;
     assert_eq!(r.status, 405);
