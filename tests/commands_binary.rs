@@ -9,64 +9,8 @@ mod commands_support;
 use commands_support::*;
 use http::Method;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-/// The compiled binary, killed (SIGKILL) and reaped when dropped.
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A configuration file in `dir` with `commands`, listening on a free
-/// loopback port.
-fn binary_config(dir: &Path, commands: &str) -> (PathBuf, std::net::SocketAddr) {
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let text = config_text(dir, commands).replace(
-        "[backend]",
-        &format!("[server]\nlisten = \"{addr}\"\n\n[backend]"),
-    );
-    let config = dir.join("portcullis.toml");
-    std::fs::write(&config, text).unwrap();
-    (config, addr)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start_binary(config: &Path, addr: std::net::SocketAddr) -> Gateway {
-    start_binary_logging(config, addr, Stdio::inherit()).await
-}
-
-/// [`start_binary`] with its process log (at `PORTCULLIS_LOG=warn`) to `stderr`.
-async fn start_binary_logging(config: &Path, addr: std::net::SocketAddr, stderr: Stdio) -> Gateway {
-    let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("PORTCULLIS_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let gw = Gateway(child);
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return gw;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the gateway did not start listening on {addr}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_mid_run_then_restart_marks_the_job_failed() {

@@ -15,26 +15,8 @@ use commands_support::*;
 use http::Method;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-/// The compiled binary, killed and reaped when dropped.
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/django")
@@ -93,31 +75,9 @@ options = {{ name = "string", count = {{ type = "int", min = 0, max = 5 }}, loud
     )
 }
 
-async fn start_binary(dir: &Path) -> (Gateway, std::net::SocketAddr) {
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let text = config_text(dir, &console_commands()).replace(
-        "[backend]",
-        &format!("[server]\nlisten = \"{addr}\"\n\n[backend]"),
-    );
-    let config = dir.join("portcullis.toml");
-    std::fs::write(&config, text).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("PORTCULLIS_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let gw = Gateway(child);
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return (gw, addr);
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the gateway did not start listening on {addr}");
+async fn start_console_binary(dir: &Path) -> (Gateway, std::net::SocketAddr) {
+    let (config, addr) = binary_config(dir, &console_commands());
+    (start_binary(&config, addr).await, addr)
 }
 
 /// Runs the Playwright script against `base`; its observations.
@@ -160,7 +120,7 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (_gw, addr) = start_binary(dir.path()).await;
+    let (_gw, addr) = start_console_binary(dir.path()).await;
     let base = format!("http://{addr}");
     let needle = format!("console-long-{:016x}", fastrand::u64(..));
     let seen = drive(&base, &needle).await;

@@ -11,6 +11,7 @@ use portcullis::config::Config;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -300,4 +301,66 @@ pub async fn no_process_with(needle: &str) -> bool {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+// ------------------------------------------------ the compiled binary
+
+/// The compiled binary, killed (SIGKILL) and reaped when dropped.
+pub struct Gateway(pub Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A configuration file in `dir` with `commands`, listening on a free
+/// loopback port.
+pub fn binary_config(dir: &Path, commands: &str) -> (PathBuf, std::net::SocketAddr) {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let text = config_text(dir, commands).replace(
+        "[backend]",
+        &format!("[server]\nlisten = \"{addr}\"\n\n[backend]"),
+    );
+    let config = dir.join("portcullis.toml");
+    std::fs::write(&config, text).unwrap();
+    (config, addr)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub async fn start_binary(config: &Path, addr: std::net::SocketAddr) -> Gateway {
+    start_binary_logging(config, addr, Stdio::inherit()).await
+}
+
+/// [`start_binary`] with its process log (at `PORTCULLIS_LOG=warn`) to `stderr`.
+pub async fn start_binary_logging(
+    config: &Path,
+    addr: std::net::SocketAddr,
+    stderr: Stdio,
+) -> Gateway {
+    let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("PORTCULLIS_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let gw = Gateway(child);
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return gw;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the gateway did not start listening on {addr}");
 }
