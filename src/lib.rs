@@ -1,7 +1,9 @@
 //! portcullis: an API gateway for DMZs.
 //!
 //! Module map (the request path reads top to bottom in [`gateway`]):
-//! - [`server`]: listeners, connection cap, HTTP/1.1 + HTTP/2, graceful drain.
+//! - [`server`]: listeners, connection cap, HTTP/1.1 + HTTP/2, the connection IO
+//!   (read/send deadlines, hyper's bare error answers as envelopes), admin
+//!   listener, SIGHUP reload, graceful drain.
 //! - [`gateway`]: the request path: request id → path → API key → route →
 //!   session → body rules → upstream → response or envelope.
 //! - [`config`]: raw TOML → validated [`config::Config`], every problem reported.
@@ -12,7 +14,6 @@
 //! - [`upstream`]: bounded keep-alive connection pool to the backend; hop-by-hop rules.
 //! - [`envelope`]: the one place errors become `{"error": {...}}` responses.
 //! - [`request_id`]: time-ordered request ids (a leaf: the connection layer and the gateway use it).
-//! - [`parse_errors`]: hyper's bare answers to unparsable HTTP/1 requests, rewritten as envelopes.
 //! - [`crypto`]: AES-256-GCM encrypted query parameters.
 //! - [`body`]: the body type flowing both ways.
 //! - [`ratelimit`]: per API key, per client, per route and login rate limits (429).
@@ -36,7 +37,6 @@ pub mod devcerts;
 pub mod envelope;
 pub mod gateway;
 pub mod metrics;
-pub mod parse_errors;
 pub mod ratelimit;
 pub mod readahead;
 pub mod request_id;

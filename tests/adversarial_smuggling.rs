@@ -5,7 +5,7 @@
 //! The invariant, counted at the recording backend: the backend never sees
 //! two requests where the device sent one, never sees the hidden request, and
 //! the device gets a 400 envelope (hyper's own answers to heads it cannot
-//! parse are rewritten into envelopes by `parse_errors`) or a closed
+//! parse are rewritten into envelopes by `server::parse_errors`) or a closed
 //! connection.
 
 mod common;
@@ -303,7 +303,7 @@ async fn run_case(c: Case) -> Seen {
         out.responses.iter().map(|r| r.status).collect::<Vec<_>>()
     );
     // Every refusal is the envelope — hyper's own answers to heads it cannot
-    // parse included (rewritten by `parse_errors`).
+    // parse included (rewritten by `server::parse_errors`).
     for r in &out.responses {
         if r.status >= 400 {
             r.assert_envelope(r.status);

@@ -1,39 +1,33 @@
-//! hyper's automatic HTTP/1 error answers, rewritten as envelopes.
+//! The IO under hyper on every device connection: [`ConnIo`] keeps the
+//! connection deadlines hyper lacks or keeps per request, and lets
+//! [`super::parse_errors`] rewrite hyper's bare error answers.
 //!
-//! When hyper cannot parse a request head (bad method, header syntax,
-//! conflicting `Content-Length`, obfuscated `Transfer-Encoding`, headers too
-//! large…) it answers by itself — `400`/`431`/`414`/`505` with an empty body —
-//! and closes the connection, before the gateway sees a request. hyper offers
-//! no hook for this, so [`EnvelopeErrors`] wraps the connection's IO and
-//! replaces exactly those answers (a bare status head with no body and no
-//! `x-request-id`, which every gateway response carries) with the JSON
-//! envelope of SPEC §2. Everything else passes through untouched.
+//! Read deadlines (HTTP/1; hyper's header timer is off):
+//! `limits.idle_timeout` from the last byte written until a new head starts,
+//! `limits.header_read_timeout` from a head's first byte until its end. One
+//! timer per connection, re-armed lazily: a deadline that moved later only
+//! re-arms the timer when the earlier one fires, so a busy keep-alive
+//! connection costs one clock read per answer, not a timer per request. When
+//! a deadline passes the read fails and hyper drops the connection.
 //!
-//! The same wrapper answers the whole-header deadline (slowloris) with a 408
-//! envelope: hyper's deadline ends the connection without a word, so the
-//! wrapper follows where the connection is in reading a request head (bytes
-//! read since the last answer, the blank line that ends a head not yet seen)
-//! and, when the connection is dropped with a head half read, writes the 408
-//! without waiting before the socket closes. An idle keep-alive connection
-//! that times out (no byte of a new head) is closed silently, as before.
+//! The wrapper follows where the connection is in reading a request head
+//! (bytes read since the last answer, the blank line that ends a head not yet
+//! seen): when the connection is dropped with a head half read (the header
+//! deadline, a slowloris), it writes a 408 envelope without waiting before the
+//! socket closes. An idle keep-alive connection that times out (no byte of a
+//! new head) is closed silently. An interim `100 Continue` ends no head, so a
+//! slow body after it is not cut here (bodies have their own deadline).
 //!
-//! The wrapper keeps HTTP/1's read deadlines itself (hyper's header timer is
-//! off): `limits.idle_timeout` from the last byte written until a new head
-//! starts, `limits.header_read_timeout` from a head's first byte until its
-//! end. One timer per connection, re-armed lazily: a deadline that moved
-//! later only re-arms the timer when the earlier one fires, so a busy
-//! keep-alive connection costs one clock read per answer, not a timer per
-//! request. When a deadline passes the read fails and hyper drops the
-//! connection (with the 408 above if a head was half read).
-//!
-//! It also keeps `limits.send_timeout`, which hyper lacks: a device that
-//! accepts no byte of its answer for that long gets its connection failed,
-//! which drops the answer's body and with it the backend connection feeding
-//! it (a slow reader cannot hold the backend pool).
+//! The send deadline (`limits.send_timeout`): a device that accepts no byte
+//! of its answer for that long gets its connection failed, which drops the
+//! answer's body and with it the backend connection feeding it (a slow
+//! reader cannot hold the backend pool).
 
+use super::parse_errors::{
+    answer, is_interim, replacement, replacement_candidate, ErrorStyle, Replacement,
+};
 use crate::body::StallTimer;
-use crate::envelope;
-use http::{HeaderValue, StatusCode};
+use http::StatusCode;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -43,27 +37,25 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// What the wrapper needs from the configuration.
-#[derive(Clone, Debug)]
-pub struct ErrorStyle {
-    /// `server.error_type`.
-    pub error_type: Arc<str>,
-    /// `server.server_header`.
-    pub server: HeaderValue,
-    /// `limits.send_timeout`.
-    pub send_timeout: Duration,
-    /// `limits.header_read_timeout`.
-    pub header_timeout: Duration,
-    /// `limits.idle_timeout`.
-    pub idle_timeout: Duration,
+/// A device connection's deadlines (from `[limits]`).
+#[derive(Clone, Copy, Debug)]
+pub struct Deadlines {
+    /// `limits.idle_timeout`: from the last answer until a new request head starts.
+    pub idle: Duration,
+    /// `limits.header_read_timeout`: from a head's first byte until its end.
+    pub header_read: Duration,
+    /// `limits.send_timeout`: the longest a write may wait for the device.
+    pub send: Duration,
 }
 
-/// A replacement being written; `claimed` is the length of hyper's bytes
-/// that it stands for (reported written once the replacement is out).
-struct Pending {
-    bytes: Vec<u8>,
-    written: usize,
-    claimed: usize,
+/// What [`ConnIo`] needs from the configuration; one per server, shared by
+/// every connection (one pointer each, not a copy).
+#[derive(Clone, Debug)]
+pub struct ConnSettings {
+    /// How its own answers look.
+    pub errors: ErrorStyle,
+    /// Its deadlines.
+    pub deadlines: Deadlines,
 }
 
 /// Where the connection is in reading a request head.
@@ -113,13 +105,15 @@ impl Head {
     }
 }
 
-/// IO wrapper that turns hyper's bare HTTP/1 error answers into envelopes
-/// and a request head cut short by the header deadline into a 408.
-pub struct EnvelopeErrors<T: WriteNow> {
+/// A device connection's IO: read and send deadlines, hyper's bare HTTP/1
+/// error answers turned into envelopes, and a request head cut short by the
+/// header deadline answered with a 408.
+pub struct ConnIo<T: WriteNow> {
     inner: T,
     /// Shared by every connection (one pointer each, not a copy).
-    style: Arc<ErrorStyle>,
-    pending: Option<Pending>,
+    settings: Arc<ConnSettings>,
+    /// One of hyper's answers being replaced by [`super::parse_errors`].
+    pending: Option<Replacement>,
     head: Head,
     /// The send deadline (from the first write that waits since the last
     /// progress).
@@ -132,13 +126,13 @@ pub struct EnvelopeErrors<T: WriteNow> {
     wait: Option<(Pin<Box<tokio::time::Sleep>>, Instant)>,
 }
 
-impl<T: WriteNow> EnvelopeErrors<T> {
+impl<T: WriteNow> ConnIo<T> {
     /// Wraps a connection's (plaintext) IO carrying HTTP/1 (or, with
     /// `server.h2c`, possibly HTTP/2 with prior knowledge).
-    pub fn new(inner: T, style: Arc<ErrorStyle>) -> EnvelopeErrors<T> {
-        EnvelopeErrors {
+    pub fn new(inner: T, settings: Arc<ConnSettings>) -> ConnIo<T> {
+        ConnIo {
             inner,
-            style,
+            settings,
             pending: None,
             head: Head::Awaiting,
             send: StallTimer::default(),
@@ -148,8 +142,8 @@ impl<T: WriteNow> EnvelopeErrors<T> {
     }
 
     /// Wraps a connection that speaks HTTP/2 (ALPN `h2`): no 408 on drop.
-    pub fn http2(inner: T, style: Arc<ErrorStyle>) -> EnvelopeErrors<T> {
-        let mut io = EnvelopeErrors::new(inner, style);
+    pub fn http2(inner: T, settings: Arc<ConnSettings>) -> ConnIo<T> {
+        let mut io = ConnIo::new(inner, settings);
         io.head = Head::Off;
         io
     }
@@ -174,8 +168,8 @@ impl<T: WriteNow> EnvelopeErrors<T> {
     /// it passed. Bodies (and HTTP/2) have deadlines of their own elsewhere.
     fn read_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let limit = match self.head {
-            Head::Awaiting => self.style.idle_timeout,
-            Head::Blank | Head::Partial(_) => self.style.header_timeout,
+            Head::Awaiting => self.settings.deadlines.idle,
+            Head::Blank | Head::Partial(_) => self.settings.deadlines.header_read,
             Head::Complete | Head::Off => return Poll::Pending,
         };
         let deadline = self.since + limit;
@@ -211,7 +205,7 @@ impl<T: WriteNow> EnvelopeErrors<T> {
 
     /// A write had to wait: runs the send deadline, an error once it passed.
     fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
-        ready!(self.send.poll_expired(self.style.send_timeout, cx));
+        ready!(self.send.poll_expired(self.settings.deadlines.send, cx));
         tracing::debug!("device stopped reading its answer: disconnected");
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -220,7 +214,7 @@ impl<T: WriteNow> EnvelopeErrors<T> {
     }
 }
 
-impl<T: WriteNow> Drop for EnvelopeErrors<T> {
+impl<T: WriteNow> Drop for ConnIo<T> {
     fn drop(&mut self) {
         // Dropped with a head half read and nothing answered: the header
         // deadline fired (or the device gave up; then nobody reads this).
@@ -233,7 +227,7 @@ impl<T: WriteNow> Drop for EnvelopeErrors<T> {
                     StatusCode::REQUEST_TIMEOUT,
                     "Request timeout",
                     id,
-                    &self.style,
+                    &self.settings.errors,
                 ) {
                     self.inner.write_now(&bytes);
                 }
@@ -295,62 +289,7 @@ impl WriteNow for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
-/// The envelope for `buf` if it is one of hyper's automatic error answers.
-fn replacement(buf: &[u8], style: &ErrorStyle) -> Option<Vec<u8>> {
-    let rest = buf.strip_prefix(b"HTTP/1.1 ")?;
-    let code = rest.get(..3)?;
-    if !matches!(code[0], b'4' | b'5') {
-        return None;
-    }
-    // The whole write is one head with nothing after it.
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    if end != buf.len() {
-        return None;
-    }
-    let head = std::str::from_utf8(&buf[..end]).ok()?.to_ascii_lowercase();
-    if head.contains("\r\nx-request-id:")
-        || !head.contains("\r\ncontent-length: 0\r\n")
-        || head.contains("\r\ntransfer-encoding:")
-    {
-        return None;
-    }
-    let status = StatusCode::from_bytes(code).ok()?;
-    let id = crate::request_id::new_request_id();
-    let id = id.to_str().unwrap_or("-");
-    let message = match status {
-        StatusCode::BAD_REQUEST => "Malformed HTTP request",
-        s => s.canonical_reason().unwrap_or("Malformed HTTP request"),
-    };
-    tracing::debug!(
-        request_id = id,
-        status = status.as_u16(),
-        "request refused by the HTTP parser"
-    );
-    answer(status, message, id, style)
-}
-
-/// A whole HTTP/1.1 answer carrying the envelope; the connection closes after it.
-fn answer(status: StatusCode, message: &str, id: &str, style: &ErrorStyle) -> Option<Vec<u8>> {
-    let resp = envelope::response(status, &style.error_type, message, id);
-    let body = match resp.into_body() {
-        crate::body::Body::Full(Some(b)) => b,
-        _ => return None,
-    };
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nx-request-id: {id}\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        body.len(),
-    )
-    .into_bytes();
-    out.extend_from_slice(b"server: ");
-    out.extend_from_slice(style.server.as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(&body);
-    Some(out)
-}
-
-impl<T: AsyncWrite + WriteNow + Unpin> EnvelopeErrors<T> {
+impl<T: AsyncWrite + WriteNow + Unpin> ConnIo<T> {
     /// Passes a vectored write to the stream, small buffers joined into one
     /// where the stream gains from it ([`WriteNow::COALESCE`]).
     fn write_vectored_inner(
@@ -388,7 +327,7 @@ impl<T: AsyncWrite + WriteNow + Unpin> EnvelopeErrors<T> {
     }
 }
 
-impl<T: AsyncRead + WriteNow + Unpin> AsyncRead for EnvelopeErrors<T> {
+impl<T: AsyncRead + WriteNow + Unpin> AsyncRead for ConnIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -415,7 +354,7 @@ impl<T: AsyncRead + WriteNow + Unpin> AsyncRead for EnvelopeErrors<T> {
     }
 }
 
-impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
+impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for ConnIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -423,9 +362,9 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.pending.is_none() {
-            match replacement(buf, &this.style) {
+            match replacement(buf, &this.settings.errors) {
                 Some(bytes) => {
-                    this.pending = Some(Pending {
+                    this.pending = Some(Replacement {
                         bytes,
                         written: 0,
                         claimed: buf.len(),
@@ -492,47 +431,9 @@ impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for EnvelopeErrors<T> {
     }
 }
 
-/// Whether a write is an interim (1xx) answer such as `100 Continue`.
-fn is_interim(buf: &[u8]) -> bool {
-    buf.starts_with(b"HTTP/1.1 1")
-}
-
-/// Cheap pre-check for the vectored path (the full check runs in `poll_write`).
-fn replacement_candidate(buf: &[u8]) -> bool {
-    buf.starts_with(b"HTTP/1.1 4") || buf.starts_with(b"HTTP/1.1 5")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn style() -> ErrorStyle {
-        ErrorStyle {
-            error_type: Arc::from("ProxyServerError"),
-            server: HeaderValue::from_static("portcullis"),
-            send_timeout: Duration::from_secs(60),
-            header_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-        }
-    }
-
-    #[test]
-    fn hypers_bare_answers_become_envelopes() {
-        let bare = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: Tue, 24 Nov 2026 09:00:00 GMT\r\n\r\n";
-        let out = replacement(bare, &style()).expect("replaced");
-        let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
-        assert!(text.contains("content-type: application/json\r\n"));
-        assert!(text.contains("server: portcullis\r\n"));
-        let body = text.split("\r\n\r\n").nth(1).unwrap();
-        let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(v["error"]["code"], 400);
-        assert_eq!(v["error"]["type"], "ProxyServerError");
-        let id = v["error"]["request_id"].as_str().unwrap();
-        assert!(text.contains(&format!("x-request-id: {id}\r\n")));
-        let big = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
-        assert!(replacement(big, &style()).is_some());
-    }
 
     #[test]
     fn head_tracking_finds_the_end_of_a_head() {
@@ -571,19 +472,5 @@ mod tests {
             Head::Awaiting.after(b"GET / HTTP/1.1\r\nA: b\r\n"),
             Head::Partial(1)
         );
-    }
-
-    #[test]
-    fn gateway_answers_pass_untouched() {
-        for buf in [
-            &b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nx-request-id: 1\r\n\r\n"[..],
-            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
-            b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}",
-            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 10\r\n\r\n",
-            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n",
-            b"\x00\x00\x12\x04\x00\x00\x00\x00\x00",
-        ] {
-            assert!(replacement(buf, &style()).is_none(), "{buf:?}");
-        }
     }
 }
