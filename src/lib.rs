@@ -20,8 +20,7 @@
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`access_log`]: one JSON line per request, written off the request path.
 //! - [`tls`]: TLS termination (rustls, reloading certificates) and TLS to backends.
-//! - [`devcerts`]: a local CA and certificates for development and tests.
-//! - [`demo`]: `portcullis demo`, a gateway plus a demo backend on loopback.
+//! - [`dev`]: `portcullis demo` and `portcullis dev-certs` (development only).
 //! - [`commands`]: remote operations (`/__manage__`): allow-listed commands, jobs, schedules.
 //! - [`audit`]: the hash-chained audit log of remote operations and its verifier.
 
@@ -32,8 +31,7 @@ pub mod coalesce;
 pub mod commands;
 pub mod config;
 pub mod crypto;
-pub mod demo;
-pub mod devcerts;
+pub mod dev;
 pub mod envelope;
 pub mod gateway;
 pub mod metrics;
@@ -46,3 +44,6 @@ pub mod server;
 pub mod sessions;
 pub mod tls;
 pub mod upstream;
+
+/// The old paths of [`dev::demo`] and [`dev::devcerts`], kept for embedders and tests.
+pub use dev::{demo, devcerts};

@@ -1,4 +1,4 @@
-//! User sessions (SPEC §3): the token cache, validation of unknown tokens with
+//! User sessions: the token cache, validation of unknown tokens with
 //! single flight and negative caching, expiry, rotation and eviction.
 //!
 //! Invariants:

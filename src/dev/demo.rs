@@ -321,7 +321,7 @@ pub async fn run(tls: bool) -> std::io::Result<()> {
     let mut text = demo_config(gw_addr, backend_addr, &key);
     let cert_dir = if tls {
         let dir = std::env::temp_dir().join(format!("portcullis-demo-{}", std::process::id()));
-        let files = crate::devcerts::write_dev_certs(&dir)?;
+        let files = crate::dev::devcerts::write_dev_certs(&dir)?;
         text = text.replacen(
             "[server]\n",
             &format!(
