@@ -4,9 +4,11 @@
 //! - [`server`]: listeners, connection cap, HTTP/1.1 + HTTP/2, the connection IO
 //!   (read/send deadlines, hyper's bare error answers as envelopes), admin
 //!   listener, SIGHUP reload, graceful drain.
-//! - [`gateway`]: the request path: request id → path → API key → route →
-//!   session → body rules → upstream → response or envelope.
-//! - [`config`]: raw TOML → validated [`config::Config`], every problem reported.
+//! - [`gateway`]: state and reload, the request path (request id → path → API
+//!   key → route → session → body rules → upstream → response or envelope),
+//!   peer identity, login/logout, forwarding rules.
+//! - [`config`]: raw TOML → validated [`config::Config`], every problem reported;
+//!   every default value named in [`config::defaults`].
 //! - [`secret`]: secrets that never print; constant-time key matching.
 //! - [`routes`]: path normalization and exposed-route lookup (radix tree).
 //! - [`sessions`]: the token cache (moka): single-flight validation, negative
