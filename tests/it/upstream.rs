@@ -1,10 +1,8 @@
-//! SPEC §2 "Backend non-2xx answers" and §4 "Backend-facing contract":
+//! Backend non-2xx answers and the backend-facing contract:
 //! error normalization, headers the backend receives, hop-by-hop rules,
 //! request ids, path traversal, and graceful shutdown.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
 

@@ -3,9 +3,7 @@
 //! locks), cancel without orphans, streaming, metadata-only, redaction, and
 //! every bad input refused with nothing run and one audit line written.
 
-mod commands_support;
-
-use commands_support::*;
+use crate::support::commands::*;
 use http::Method;
 use serde_json::Value;
 use std::time::Duration;

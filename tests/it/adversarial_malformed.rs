@@ -5,9 +5,7 @@
 //! the backend, and no panic happens anywhere in the process (gateway tasks
 //! run in-process; a panic hook records them from every thread).
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::Duration;
 
 const QUIET: Duration = Duration::from_millis(1500);
@@ -235,7 +233,7 @@ async fn bad_paths_and_queries() {
         probe("query name %ff", get("/api/search?%ff=1", token), &[400]),
         probe("query name %zz", get("/api/search?%zz=1", token), &[400]),
     ];
-    // On a pass-through route, the query goes byte for byte (SPEC §4) or is refused.
+    // On a pass-through route, the query goes byte for byte or is refused.
     probes.push(probe(
         "pass-through query %zz",
         get("/api/public/q?a=%zz", ""),

@@ -1,9 +1,7 @@
-//! SPEC §2 "Status codes raised by the gateway": each row the core covers,
+//! The status codes the gateway raises itself: each one the core covers,
 //! asserting status, envelope, headers and that the backend was (not) called.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::{Duration, Instant};
 
 const API_KEY_MSG: &str = "Received API KEY not found in server API KEYS set";

@@ -1,9 +1,7 @@
 //! Rate limits (per client address, per API key, per route, login attempts)
 //! and the between-reads request body deadline.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::{Duration, Instant};
 
 /// A gateway with the common config plus `extra` TOML at the end.

@@ -2,9 +2,7 @@
 //! request bodies, while a normal client keeps asking. The normal client's
 //! p99 is printed (run with `--nocapture`) and must stay under a second.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,11 +1,9 @@
-//! SPEC §2 "Request bodies": chunked bodies are forwarded with a
+//! Request bodies: chunked bodies are forwarded with a
 //! Content-Length (a WSGI backend reading only CONTENT_LENGTH gets every
 //! byte), over the limit is a 413 and never an empty or truncated body.
 
-mod common;
-
+use crate::support::*;
 use bytes::Bytes;
-use common::*;
 use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

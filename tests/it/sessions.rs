@@ -1,9 +1,7 @@
-//! SPEC §3: /login, /logout, validation with single flight, negative
+//! Sessions: /login, /logout, validation with single flight, negative
 //! caching, rotation, eviction on backend 401/403.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

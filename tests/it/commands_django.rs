@@ -5,9 +5,7 @@
 //! Needs Django importable by `python3` (`scripts/test` installs it). Without
 //! it the tests say so and pass, unless `CI` is set, where they fail.
 
-mod commands_support;
-
-use commands_support::*;
+use crate::support::commands::*;
 use http::Method;
 use std::path::PathBuf;
 use std::time::Duration;
