@@ -273,8 +273,7 @@ async fn huge_and_deeply_nested_json_bodies() {
     let backend = token_backend().await;
     let gw = Gateway::for_backend(&backend).await;
     let post = |body: Vec<u8>| {
-        gw.req("POST", "/api/orders/1")
-            .api_key(IOS_KEY)
+        gw.post("/api/orders/1")
             .token("tok-json")
             .header("content-type", "application/json")
             .body(body)
@@ -316,8 +315,7 @@ async fn huge_and_deeply_nested_json_bodies() {
         .map(bytes::Bytes::copy_from_slice)
         .collect();
     let r = gw
-        .req("POST", "/api/orders/1")
-        .api_key(IOS_KEY)
+        .post("/api/orders/1")
         .token("tok-json")
         .header("content-type", "application/json")
         .body_stream(ChunkedBody::new(chunks))

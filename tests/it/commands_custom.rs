@@ -190,29 +190,10 @@ argv = ["sh", "-c", "sleep 33.31 & sleep 33.32 & echo started; wait"]
     )
     .await;
     // sync_wait is 5 s: ask for the job from another task and cancel it.
-    let addr = env.addr;
-    let post = tokio::spawn(async move {
-        send(addr, Method::POST, "/__manage__/tree", Some(ALICE), "", &[]).await
-    });
-    let mut id = None;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if let Some(line) = env.audit().first() {
-            id = line["job_id"].as_str().map(str::to_owned);
-            break;
-        }
-    }
-    let id = id.expect("run was not accepted");
+    let post = run_in_background(&env, "tree", "");
+    let id = accepted_job_id(&env).await;
     assert!(process_with("sleep 33.31"));
-    let c = send(
-        env.addr,
-        Method::POST,
-        &format!("/__manage__/jobs/{id}/cancel"),
-        Some(ALICE),
-        "",
-        &[],
-    )
-    .await;
+    let c = cancel(&env, &id).await;
     assert_eq!(c.status, 202, "{}", c.text());
     let r = post.await.unwrap();
     assert_eq!(r.status, 200);
@@ -224,15 +205,7 @@ argv = ["sh", "-c", "sleep 33.31 & sleep 33.32 & echo started; wait"]
     let events: Vec<Value> = env.audit().iter().map(|l| l["event"].clone()).collect();
     assert_eq!(events, ["accepted", "cancel_requested", "finished"]);
     // A second cancel: the job has ended.
-    let c = send(
-        env.addr,
-        Method::POST,
-        &format!("/__manage__/jobs/{id}/cancel"),
-        Some(ALICE),
-        "",
-        &[],
-    )
-    .await;
+    let c = cancel(&env, &id).await;
     assert_eq!(c.status, 409);
 }
 
@@ -270,10 +243,7 @@ argv = ["sleep", "1.27"]
     // sync_wait is 5 s in this config; post from tasks.
     let mut first = Vec::new();
     for _ in 0..2 {
-        let addr = env.addr;
-        first.push(tokio::spawn(async move {
-            send(addr, Method::POST, "/__manage__/nap", Some(ALICE), "", &[]).await
-        }));
+        first.push(run_in_background(&env, "nap", ""));
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     let third = run(&env, "nap", "").await;
@@ -337,27 +307,8 @@ argv = ["sh", "-c", "for i in 1 2 3 4; do echo line$i; sleep 0.3; done"]
 "#,
     )
     .await;
-    let addr = env.addr;
-    let post = tokio::spawn(async move {
-        send(
-            addr,
-            Method::POST,
-            "/__manage__/lines",
-            Some(ALICE),
-            "",
-            &[],
-        )
-        .await
-    });
-    let mut id = None;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if let Some(line) = env.audit().first() {
-            id = line["job_id"].as_str().map(str::to_owned);
-            break;
-        }
-    }
-    let id = id.unwrap();
+    let post = run_in_background(&env, "lines", "");
+    let id = accepted_job_id(&env).await;
 
     // Plain text, live: the first line arrives while the job still runs.
     let resp = open(
@@ -422,37 +373,12 @@ argv = ["sh", "-c", "for i in 1 2 3 4 5; do echo line$i; sleep 0.3; done"]
 "#,
     )
     .await;
-    let addr = env.addr;
-    tokio::spawn(async move {
-        send(
-            addr,
-            Method::POST,
-            "/__manage__/lines",
-            Some(ALICE),
-            "",
-            &[],
-        )
-        .await
-    });
-    let mut id = None;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        // The first audit line with the job's id (it may not be written yet).
-        id = env
-            .audit()
-            .iter()
-            .find_map(|line| line["job_id"].as_str().map(str::to_owned));
-        if id.is_some() {
-            break;
-        }
-    }
+    let _post = run_in_background(&env, "lines", "");
+    let id = accepted_job_id(&env).await;
     let sse = send(
         env.addr,
         Method::GET,
-        &format!(
-            "/__manage__/jobs/{}/output",
-            id.expect("job id in the audit log")
-        ),
+        &format!("/__manage__/jobs/{id}/output"),
         Some(ALICE),
         "",
         &[("accept", "text/event-stream")],
@@ -678,10 +604,7 @@ argv = ["sleep", "36.61"]
 "#,
     )
     .await;
-    let addr = env.addr;
-    let post = tokio::spawn(async move {
-        send(addr, Method::POST, "/__manage__/long", Some(ALICE), "", &[]).await
-    });
+    let post = run_in_background(&env, "long", "");
     for _ in 0..100 {
         if process_with("sleep 36.61") {
             break;

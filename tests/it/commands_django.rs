@@ -155,15 +155,7 @@ async fn long_run_is_cancelled_and_leaves_no_process() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(working);
-    let c = send(
-        env.addr,
-        Method::POST,
-        &format!("/__manage__/jobs/{id}/cancel"),
-        Some(ALICE),
-        "",
-        &[],
-    )
-    .await;
+    let c = cancel(&env, &id).await;
     assert_eq!(c.status, 202);
     let done = wait_job(&env, &id, 10).await;
     assert_eq!(done["status"], "cancelled");

@@ -44,12 +44,7 @@ async fn login_private_call_logout_then_token_refused() {
         .await;
 
     let creds = json!({"email": "ana@example.com", "password": "s3cret"});
-    let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
-        .json(creds.clone())
-        .send()
-        .await;
+    let r = gw.post("/login").json(creds.clone()).send().await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("server"), Some("portcullis"));
     let body = r.json();
@@ -72,12 +67,7 @@ async fn login_private_call_logout_then_token_refused() {
     );
 
     // Logout: 204, forwarded to the logout service with the token.
-    let r = gw
-        .req("POST", "/logout")
-        .api_key(IOS_KEY)
-        .token("tok-ana-1")
-        .send()
-        .await;
+    let r = gw.post("/logout").token("tok-ana-1").send().await;
     assert_eq!(r.status, 204, "{}", r.text());
     assert!(r.body.is_empty());
     assert_eq!(
@@ -97,11 +87,11 @@ async fn login_private_call_logout_then_token_refused() {
 async fn logout_without_token_is_400_and_needs_an_api_key() {
     let backend = Backend::start().await;
     let gw = Gateway::for_backend(&backend).await;
-    let r = gw.req("POST", "/logout").api_key(IOS_KEY).send().await;
+    let r = gw.post("/logout").send().await;
     r.assert_gateway_error(400, "A private service requires a user token");
     let r = gw.req("POST", "/logout").token("t").send().await;
     r.assert_gateway_error(403, "Received API KEY not found in server API KEYS set");
-    let r = gw.req("GET", "/login").api_key(IOS_KEY).send().await;
+    let r = gw.get("/login").send().await;
     r.assert_gateway_error(405, "Method Not Allowed");
     assert_eq!(r.header("allow"), Some("POST"));
     assert!(backend.requests().is_empty(), "{:?}", backend.paths());
@@ -126,8 +116,7 @@ async fn inactive_staff_and_superuser_are_refused_at_login() {
     for (token, user) in cases {
         backend.on("/login", login_reply(token, user.clone()));
         let r = gw
-            .req("POST", "/login")
-            .api_key(IOS_KEY)
+            .post("/login")
             .json(json!({"email": "x", "password": "y"}))
             .send()
             .await;
@@ -161,8 +150,7 @@ async fn login_failure_from_backend_is_an_envelope() {
     );
     let gw = Gateway::for_backend(&backend).await;
     let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
+        .post("/login")
         .json(json!({"email": "x", "password": "bad"}))
         .send()
         .await;
@@ -181,8 +169,7 @@ async fn custom_login_path_is_used() {
         .start()
         .await;
     let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
+        .post("/login")
         .json(json!({"email": "x", "password": "y"}))
         .send()
         .await;
@@ -344,8 +331,7 @@ async fn rotation_by_backend_answer_is_followed() {
     );
     let gw = Gateway::for_backend(&backend).await;
     let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
+        .post("/login")
         .json(json!({"email": "x", "password": "y"}))
         .send()
         .await;
@@ -382,8 +368,7 @@ async fn backend_401_or_403_on_private_route_evicts_the_token() {
         );
         let gw = Gateway::for_backend(&backend).await;
         let r = gw
-            .req("POST", "/login")
-            .api_key(IOS_KEY)
+            .post("/login")
             .json(json!({"email": "x", "password": "y"}))
             .send()
             .await;
@@ -523,12 +508,7 @@ async fn logout_of_a_rotated_token_ends_both() {
     let r = gw.get("/api/profile").token("tok-r1").send().await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("user-token"), Some("tok-r2"));
-    let r = gw
-        .req("POST", "/logout")
-        .api_key(IOS_KEY)
-        .token("tok-r1")
-        .send()
-        .await;
+    let r = gw.post("/logout").token("tok-r1").send().await;
     assert_eq!(r.status, 204);
     // Without a logout_path nothing is forwarded.
     assert_eq!(backend.count("/logout"), 0);
@@ -555,8 +535,7 @@ async fn unusable_login_answers_are_502_without_leaking_them() {
     for reply in cases {
         backend.on("/login", reply);
         let r = gw
-            .req("POST", "/login")
-            .api_key(IOS_KEY)
+            .post("/login")
             .json(json!({"email": "x", "password": "y"}))
             .send()
             .await;
@@ -565,12 +544,7 @@ async fn unusable_login_answers_are_502_without_leaking_them() {
     }
     // A login body that is not JSON never reaches the login service.
     let before = backend.count("/login");
-    let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
-        .body("email=x&password=y")
-        .send()
-        .await;
+    let r = gw.post("/login").body("email=x&password=y").send().await;
     r.assert_envelope(400);
     assert_eq!(backend.count("/login"), before);
     gw.stop().await;
@@ -664,7 +638,7 @@ async fn keep_alive_connections_forget_ended_sessions() {
     assert_eq!(backend.count("/renew_session"), 2, "tok-k still cached");
 
     // Logout on another connection ends the session on this one too.
-    let r = gw.req("POST", "/logout").api_key(IOS_KEY).token("tok-k");
+    let r = gw.post("/logout").token("tok-k");
     assert_eq!(r.send().await.status, 204);
     backend.on("/renew_session", Reply::status(403));
     let r = profile("tok-k").send_on(&mut conn).await;

@@ -67,8 +67,7 @@ async fn token_rules_on_public_and_private_routes() {
 
     // /login refuses a token too.
     let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
+        .post("/login")
         .token("t")
         .json(serde_json::json!({"email": "a@b.c", "password": "x"}))
         .send()
@@ -174,23 +173,13 @@ async fn body_over_limit_is_413_with_content_length_and_chunked() {
     let gw = Gateway::for_backend(&backend).await;
 
     // Declared length over the route's 4 KiB.
-    let r = gw
-        .req("POST", "/api/upload")
-        .api_key(IOS_KEY)
-        .body(vec![b'x'; 5000])
-        .send()
-        .await;
+    let r = gw.post("/api/upload").body(vec![b'x'; 5000]).send().await;
     let (kind, _) = r.assert_envelope(413);
     assert_eq!(kind, "ProxyServerError");
 
     // Chunked, over the limit.
     let (body, _) = ChunkedBody::sized(6000, 1000);
-    let r = gw
-        .req("POST", "/api/upload")
-        .api_key(IOS_KEY)
-        .body_stream(body)
-        .send()
-        .await;
+    let r = gw.post("/api/upload").body_stream(body).send().await;
     r.assert_envelope(413);
 
     // A Content-Length far over the limit is refused before any body is sent.
@@ -206,8 +195,7 @@ async fn body_over_limit_is_413_with_content_length_and_chunked() {
 
     // The server-wide max_body (default 1 MiB) applies to routes without their own.
     let r = gw
-        .req("POST", "/api/echo")
-        .api_key(IOS_KEY)
+        .post("/api/echo")
         .body(vec![b'y'; (1 << 20) + 1])
         .send()
         .await;
@@ -216,12 +204,7 @@ async fn body_over_limit_is_413_with_content_length_and_chunked() {
     assert!(backend.requests().is_empty(), "{:?}", backend.paths());
 
     // At the limit exactly, it goes through.
-    let r = gw
-        .req("POST", "/api/upload")
-        .api_key(IOS_KEY)
-        .body(vec![b'z'; 4096])
-        .send()
-        .await;
+    let r = gw.post("/api/upload").body(vec![b'z'; 4096]).send().await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(backend.last("/upload").body_len, 4096);
     gw.stop().await;

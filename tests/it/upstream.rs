@@ -118,8 +118,7 @@ async fn success_passes_through_status_body_and_headers() {
     backend.on_fn("/renew_session", |_| Reply::json(200, json!({})));
     let gw = Gateway::for_backend(&backend).await;
     let r = gw
-        .req("POST", "/api/orders/42?dry=1")
-        .api_key(IOS_KEY)
+        .post("/api/orders/42?dry=1")
         .token("t")
         .json(json!({"qty": 1}))
         .send()
@@ -240,8 +239,7 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     );
     let gw = Gateway::for_backend(&backend).await;
     let r = gw
-        .req("POST", "/api/echo")
-        .api_key(IOS_KEY)
+        .post("/api/echo")
         .header("Connection", "keep-alive, X-Device-Hop")
         .header("X-Device-Hop", "1")
         .header("Keep-Alive", "timeout=100")

@@ -4,6 +4,7 @@
 
 use super::client::Req;
 pub use super::client::Resp;
+use super::gateway::Gateway;
 pub use super::process::{no_process_with, process_with, zombie_children, ChildGuard};
 use http::Method;
 use portcullis::commands::Commands;
@@ -23,15 +24,13 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub commands: Arc<Commands>,
-    server: tokio::task::JoinHandle<()>,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _gateway: Gateway,
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
         // Nothing a test started may outlive it, even when it fails.
         self.commands.kill_all();
-        self.server.abort();
     }
 }
 
@@ -93,20 +92,12 @@ pub async fn start_in(dir: tempfile::TempDir, commands: &str) -> Env {
     state.start_commands().await.unwrap();
     let cmds = Arc::clone(state.commands().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        let _ = portcullis::server::serve(listener, state, async {
-            let _ = stopped.await;
-        })
-        .await;
-    });
+    let gateway = Gateway::serve(listener, state);
     Env {
         dir,
-        addr,
+        addr: gateway.addr,
         commands: cmds,
-        server,
-        _stop: stop,
+        _gateway: gateway,
     }
 }
 
@@ -168,6 +159,34 @@ pub async fn run(env: &Env, cmd: &str, body: &str) -> Resp {
         &[],
     )
     .await
+}
+
+/// [`run`] in a task of its own, for a job that outlives `sync_wait` or
+/// that the test acts on while the request is still open.
+pub fn run_in_background(env: &Env, cmd: &str, body: &str) -> tokio::task::JoinHandle<Resp> {
+    let (addr, path, body) = (env.addr, format!("/__manage__/{cmd}"), body.to_owned());
+    tokio::spawn(async move { send(addr, Method::POST, &path, Some(ALICE), &body, &[]).await })
+}
+
+/// The id of the first job the audit log shows accepted (waits up to 5 s).
+pub async fn accepted_job_id(env: &Env) -> String {
+    for _ in 0..250 {
+        // The line may not be written yet.
+        let id = env
+            .audit()
+            .iter()
+            .find_map(|line| line["job_id"].as_str().map(str::to_owned));
+        if let Some(id) = id {
+            return id;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no job was accepted");
+}
+
+/// `POST /__manage__/jobs/<id>/cancel` as alice.
+pub async fn cancel(env: &Env, id: &str) -> Resp {
+    run(env, &format!("jobs/{id}/cancel"), "").await
 }
 
 /// `GET path` as alice.

@@ -144,57 +144,29 @@ impl GatewayConfig {
     pub fn toml(&self, listen: SocketAddr) -> String {
         let android_digest = sha256_hex(ANDROID_KEY.as_bytes());
         let mut t = format!("[server]\nlisten = \"{listen}\"\n");
-        if !self.server.iter().any(|l| l.starts_with("drain_timeout")) {
-            t.push_str("drain_timeout = \"2s\"\n");
-        }
         // The tests exercise HTTP/2 prior knowledge on the plain listener too.
-        if !self.server.iter().any(|l| l.starts_with("h2c")) {
-            t.push_str("h2c = true\n");
-        }
-        if !self.server.iter().any(|l| l.starts_with("access_log")) {
-            t.push_str("access_log = \"off\"\n");
-        }
-        for l in &self.server {
-            t.push_str(l);
-            t.push('\n');
-        }
+        let server_defaults = [
+            ("drain_timeout", "\"2s\""),
+            ("h2c", "true"),
+            ("access_log", "\"off\""),
+        ];
+        push_lines(&mut t, &self.server, &server_defaults);
         t.push_str(&format!(
             "\n[backend]\nurl = \"{}\"\napi_key = \"{BACKEND_CREDENTIAL}\"\n",
             self.backend_url
         ));
-        if !self
-            .backend
-            .iter()
-            .any(|l| l.starts_with("connect_timeout"))
-        {
-            t.push_str("connect_timeout = \"300ms\"\n");
-        }
-        if !self.backend.iter().any(|l| l.starts_with("timeout")) {
-            t.push_str("timeout = \"5s\"\n");
-        }
-        for l in &self.backend {
-            t.push_str(l);
-            t.push('\n');
-        }
+        let backend_defaults = [("connect_timeout", "\"300ms\""), ("timeout", "\"5s\"")];
+        push_lines(&mut t, &self.backend, &backend_defaults);
         t.push_str(&format!(
             "\n[[api_keys]]\nname = \"ios-app\"\nkey = \"{IOS_KEY}\"\n\n[[api_keys]]\nname = \"android-app\"\nkey = \"sha256:{android_digest}\"\n"
         ));
         t.push_str("\n[sessions]\n");
-        if !self.sessions.iter().any(|l| l.starts_with("negative_ttl")) {
-            t.push_str("negative_ttl = \"10s\"\n");
-        }
-        for l in &self.sessions {
-            t.push_str(l);
-            t.push('\n');
-        }
+        push_lines(&mut t, &self.sessions, &[("negative_ttl", "\"10s\"")]);
         t.push_str(&format!(
             "\n[crypto]\nactive_key = 3\nkeys = [{{ id = 3, key = \"{ACTIVE_KEY_B64}\" }}, {{ id = 7, key = \"{OLD_KEY_B64}\" }}]\n"
         ));
         t.push_str("\n[limits]\n");
-        for l in &self.limits {
-            t.push_str(l);
-            t.push('\n');
-        }
+        push_lines(&mut t, &self.limits, &[]);
         let defaults = if self.default_routes {
             DEFAULT_ROUTES
         } else {
@@ -229,6 +201,36 @@ impl GatewayConfig {
             Err(p) => panic!("test config invalid:\n{p}\n{text}"),
         };
         let state = State::new(config).unwrap_or_else(|p| panic!("state: {p:?}"));
+        Gateway::serve(listener, state)
+    }
+}
+
+/// Appends `lines` to `t`, each `(key, value)` of `defaults` first unless a
+/// line sets that key.
+fn push_lines(t: &mut String, lines: &[String], defaults: &[(&str, &str)]) {
+    for (key, value) in defaults {
+        if !lines.iter().any(|l| l.starts_with(key)) {
+            t.push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    for l in lines {
+        t.push_str(l);
+        t.push('\n');
+    }
+}
+
+/// A gateway serving in this process.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub state: Arc<State>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Gateway {
+    /// Serves `state` on `listener` in this process until stopped or dropped.
+    pub fn serve(listener: TcpListener, state: Arc<State>) -> Gateway {
+        let addr = listener.local_addr().expect("gateway addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(portcullis::server::serve(
             listener,
@@ -244,17 +246,7 @@ impl GatewayConfig {
             task: Some(task),
         }
     }
-}
 
-/// A gateway serving in this process.
-pub struct Gateway {
-    pub addr: SocketAddr,
-    pub state: Arc<State>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-impl Gateway {
     /// Starts a gateway in front of `backend` with the default routes.
     pub async fn for_backend(backend: &Backend) -> Gateway {
         GatewayConfig::new(backend.url()).start().await
@@ -295,6 +287,11 @@ impl Gateway {
     /// A GET with the `ios-app` API key.
     pub fn get(&self, path: &str) -> Req {
         self.req("GET", path).api_key(IOS_KEY)
+    }
+
+    /// A POST with the `ios-app` API key.
+    pub fn post(&self, path: &str) -> Req {
+        self.req("POST", path).api_key(IOS_KEY)
     }
 }
 
