@@ -102,13 +102,7 @@ async fn run(gw: &Gateway, probes: Vec<Probe>) -> Vec<String> {
 
 async fn token_backend() -> Backend {
     let backend = Backend::start().await;
-    backend.on(
-        "/renew_session",
-        Reply::json(
-            200,
-            serde_json::json!({"expiration-date": expiration_in(Duration::from_secs(600))}),
-        ),
-    );
+    backend.on("/renew_session", renewal(Duration::from_secs(600)));
     backend
 }
 

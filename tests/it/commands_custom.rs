@@ -8,6 +8,31 @@ use http::Method;
 use serde_json::Value;
 use std::time::Duration;
 
+/// The service with a `lines` command that prints `line1` .. `line<count>`,
+/// one every 0.3 s.
+async fn start_lines(count: usize) -> Env {
+    let numbers: Vec<String> = (1..=count).map(|i| i.to_string()).collect();
+    start_show(&format!(
+        r#"
+[[commands.custom]]
+name = "lines"
+argv = ["sh", "-c", "for i in {}; do echo line$i; sleep 0.3; done"]
+"#,
+        numbers.join(" ")
+    ))
+    .await
+}
+
+/// A job's output as server-sent events, resumed after `last_event_id` if any.
+async fn job_events(env: &Env, id: &str, last_event_id: Option<&str>) -> Resp {
+    let mut headers = vec![("accept", "text/event-stream")];
+    if let Some(last) = last_event_id {
+        headers.push(("last-event-id", last));
+    }
+    let path = format!("/__manage__/jobs/{id}/output");
+    send(env.addr, Method::GET, &path, Some(ALICE), "", &headers).await
+}
+
 /// A config whose `show` command prints each argument on its own line and
 /// touches `<dir>/ran`, so a test can tell whether anything ran.
 fn show_config(dir: &std::path::Path, extra: &str) -> String {
@@ -299,14 +324,7 @@ argv = ["true"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_streams_live_and_sse_resumes() {
-    let env = start_show(
-        r#"
-[[commands.custom]]
-name = "lines"
-argv = ["sh", "-c", "for i in 1 2 3 4; do echo line$i; sleep 0.3; done"]
-"#,
-    )
-    .await;
+    let env = start_lines(4).await;
     let post = run_in_background(&env, "lines", "");
     let id = accepted_job_id(&env).await;
 
@@ -334,29 +352,13 @@ argv = ["sh", "-c", "for i in 1 2 3 4; do echo line$i; sleep 0.3; done"]
     assert_eq!(post.await.unwrap().json()["status"], "succeeded");
 
     // SSE from the start, then resumed after the first event.
-    let sse = send(
-        env.addr,
-        Method::GET,
-        &format!("/__manage__/jobs/{id}/output"),
-        Some(ALICE),
-        "",
-        &[("accept", "text/event-stream")],
-    )
-    .await;
+    let sse = job_events(&env, &id, None).await;
     assert_eq!(sse.headers["content-type"], "text/event-stream");
     let text = sse.text();
     assert!(text.starts_with("id: "), "{text}");
     assert!(text.contains("data: line4"), "{text}");
     assert!(text.contains("event: end"), "{text}");
-    let resumed = send(
-        env.addr,
-        Method::GET,
-        &format!("/__manage__/jobs/{id}/output"),
-        Some(ALICE),
-        "",
-        &[("accept", "text/event-stream"), ("last-event-id", "12")],
-    )
-    .await;
+    let resumed = job_events(&env, &id, Some("12")).await;
     let text = resumed.text();
     assert!(!text.contains("line1") && !text.contains("line2"), "{text}");
     assert!(text.contains("data: line3"), "{text}");
@@ -365,25 +367,10 @@ argv = ["sh", "-c", "for i in 1 2 3 4; do echo line$i; sleep 0.3; done"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_streams_a_running_job_with_increasing_ids() {
-    let env = start_show(
-        r#"
-[[commands.custom]]
-name = "lines"
-argv = ["sh", "-c", "for i in 1 2 3 4 5; do echo line$i; sleep 0.3; done"]
-"#,
-    )
-    .await;
+    let env = start_lines(5).await;
     let _post = run_in_background(&env, "lines", "");
     let id = accepted_job_id(&env).await;
-    let sse = send(
-        env.addr,
-        Method::GET,
-        &format!("/__manage__/jobs/{id}/output"),
-        Some(ALICE),
-        "",
-        &[("accept", "text/event-stream")],
-    )
-    .await;
+    let sse = job_events(&env, &id, None).await;
     let text = sse.text();
     let ids: Vec<u64> = text
         .lines()

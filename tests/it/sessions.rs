@@ -185,11 +185,7 @@ async fn concurrent_unknown_token_is_validated_once() {
     let backend = Backend::start().await;
     backend.on(
         "/renew_session",
-        Reply::json(
-            200,
-            json!({"expiration-date": expiration_in(Duration::from_secs(600))}),
-        )
-        .delay(Duration::from_millis(200)),
+        renewal(Duration::from_secs(600)).delay(Duration::from_millis(200)),
     );
     // 200 backend connections open at once on a busy 2-core test machine:
     // give connects the production default rather than the tests' 300ms.
@@ -252,10 +248,7 @@ async fn validated_token_is_cached_and_validation_errors_are_not() {
         if c.fetch_add(1, Ordering::SeqCst) == 0 {
             Reply::html(500, "<html>down</html>")
         } else {
-            Reply::json(
-                200,
-                json!({"expiration-date": expiration_in(Duration::from_secs(600))}),
-            )
+            renewal(Duration::from_secs(600))
         }
     });
     let gw = Gateway::for_backend(&backend).await;
@@ -263,10 +256,7 @@ async fn validated_token_is_cached_and_validation_errors_are_not() {
     let r = gw.get("/api/profile").token("t1").send().await;
     let (kind, _) = r.assert_envelope(502);
     assert_eq!(kind, "ProxyServerError");
-    for _ in 0..3 {
-        let r = gw.get("/api/profile").token("t1").send().await;
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
+    gw.assert_served("/api/profile", "t1", 3).await;
     assert_eq!(backend.count("/renew_session"), 2);
     gw.stop().await;
 }
@@ -359,13 +349,7 @@ async fn backend_401_or_403_on_private_route_evicts_the_token() {
     for status in [401u16, 403] {
         let backend = Backend::start().await;
         backend.on("/login", login_reply("tok-e", active_user()));
-        backend.on(
-            "/renew_session",
-            Reply::json(
-                200,
-                json!({"expiration-date": expiration_in(Duration::from_secs(600))}),
-            ),
-        );
+        backend.on("/renew_session", renewal(Duration::from_secs(600)));
         let gw = Gateway::for_backend(&backend).await;
         let r = gw
             .post("/login")
@@ -416,13 +400,7 @@ async fn backend_403_on_public_route_does_not_touch_sessions() {
 #[tokio::test]
 async fn max_ttl_caps_the_returned_expiration() {
     let backend = Backend::start().await;
-    backend.on(
-        "/renew_session",
-        Reply::json(
-            200,
-            json!({"expiration-date": expiration_in(Duration::from_secs(3600))}),
-        ),
-    );
+    backend.on("/renew_session", renewal(Duration::from_secs(3600)));
     let gw = GatewayConfig::new(backend.url())
         .sessions("max_ttl = \"300ms\"")
         .start()
@@ -454,10 +432,7 @@ async fn rfc3339_expiration_is_accepted() {
         Reply::json(200, json!({"expiration-date": in_an_hour})),
     );
     let gw = Gateway::for_backend(&backend).await;
-    for _ in 0..3 {
-        let r = gw.get("/api/profile").token("t-rfc").send().await;
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
+    gw.assert_served("/api/profile", "t-rfc", 3).await;
     assert_eq!(backend.count("/renew_session"), 1);
     gw.stop().await;
 }

@@ -143,13 +143,7 @@ async fn success_passes_through_status_body_and_headers() {
 #[tokio::test]
 async fn spoofed_identity_headers_never_reach_the_backend() {
     let backend = Backend::start().await;
-    backend.on(
-        "/renew_session",
-        Reply::json(
-            200,
-            json!({"expiration-date": expiration_in(Duration::from_secs(600))}),
-        ),
-    );
+    backend.on("/renew_session", renewal(Duration::from_secs(600)));
     let gw = Gateway::for_backend(&backend).await;
     let r = gw
         .get("/api/profile")

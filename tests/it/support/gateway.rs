@@ -289,6 +289,15 @@ impl Gateway {
         self.req("GET", path).api_key(IOS_KEY)
     }
 
+    /// Sends `times` GETs of `path` with the `ios-app` key and session
+    /// `token`, one after another, and asserts each is answered 200.
+    pub async fn assert_served(&self, path: &str, token: &str, times: usize) {
+        for i in 0..times {
+            let r = self.get(path).token(token).send().await;
+            assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        }
+    }
+
     /// A POST with the `ios-app` API key.
     pub fn post(&self, path: &str) -> Req {
         self.req("POST", path).api_key(IOS_KEY)
