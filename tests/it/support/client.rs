@@ -60,6 +60,12 @@ impl Resp {
         )
     }
 
+    /// Asserts the gateway's 405 envelope and its `Allow` header.
+    pub fn assert_method_not_allowed(&self, allow: &str) {
+        self.assert_gateway_error(405, "Method Not Allowed");
+        assert_eq!(self.header("allow"), Some(allow), "Allow of the 405");
+    }
+
     /// Asserts a gateway-raised envelope with `message` (type ProxyServerError).
     pub fn assert_gateway_error(&self, status: u16, message: &str) {
         let (kind, msg) = self.assert_envelope(status);
