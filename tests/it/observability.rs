@@ -2,11 +2,9 @@
 //! (`/metrics`, `/healthz`, `/readyz`), the JSON access log (and that it never
 //! carries a key, a token or a query value), and live reload on SIGHUP.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+
 use std::time::Duration;
 
 const TOKEN: &str = "tok-SECRET-0123456789";
@@ -31,36 +29,23 @@ where
     panic!("timed out waiting for {what}");
 }
 
-fn sighup(child: &ChildGuard) {
-    let pid = child.0.as_ref().expect("running").id();
-    let status = Command::new("kill")
-        .args(["-HUP", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_endpoints_access_log_and_reload() {
     let mut backend = Backend::start().await;
     let dir = tempfile::tempdir().unwrap();
     let access_log = dir.path().join("access.jsonl");
     let config_path = dir.path().join("portcullis.toml");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let listen: SocketAddr = free_addr();
+    let admin: SocketAddr = free_addr();
     let base = GatewayConfig::new(backend.url())
         .server(&format!("admin_listen = \"{admin}\""))
         .server(&format!("access_log = \"{}\"", access_log.display()));
     std::fs::write(&config_path, base.toml(listen)).unwrap();
 
     let stderr_path = dir.path().join("stderr.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .arg("--config")
-        .arg(&config_path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .expect("start portcullis");
+    let mut cmd = binary(&config_path);
+    cmd.stderr(std::fs::File::create(&stderr_path).unwrap());
+    let child = cmd.spawn().expect("start portcullis");
     let child = ChildGuard(Some(child));
     let log_so_far = stderr_path.clone();
     wait_until("admin listener", || {
@@ -171,7 +156,7 @@ backend_path = "/new"
 public = true"#,
     );
     std::fs::write(&config_path, with_new_route.toml(listen)).unwrap();
-    sighup(&child);
+    send_signal(&child, "-HUP");
     wait_until("new route after SIGHUP", || async {
         Req::new(listen, "GET", "/api/new")
             .api_key(IOS_KEY)
@@ -191,7 +176,7 @@ public = true"#,
 
     // An invalid config is refused and the running one keeps serving.
     std::fs::write(&config_path, "[server]\nlisten = \"nope\"\nbogus = 1\n").unwrap();
-    sighup(&child);
+    send_signal(&child, "-HUP");
     wait_until("reload refusal logged", || {
         let path = stderr_path.clone();
         async move {

@@ -1,10 +1,8 @@
-//! SPEC §2 "Backend non-2xx answers" and §4 "Backend-facing contract":
+//! Backend non-2xx answers and the backend-facing contract:
 //! error normalization, headers the backend receives, hop-by-hop rules,
 //! request ids, path traversal, and graceful shutdown.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -120,8 +118,7 @@ async fn success_passes_through_status_body_and_headers() {
     backend.on_fn("/renew_session", |_| Reply::json(200, json!({})));
     let gw = Gateway::for_backend(&backend).await;
     let r = gw
-        .req("POST", "/api/orders/42?dry=1")
-        .api_key(IOS_KEY)
+        .post("/api/orders/42?dry=1")
         .token("t")
         .json(json!({"qty": 1}))
         .send()
@@ -146,13 +143,7 @@ async fn success_passes_through_status_body_and_headers() {
 #[tokio::test]
 async fn spoofed_identity_headers_never_reach_the_backend() {
     let backend = Backend::start().await;
-    backend.on(
-        "/renew_session",
-        Reply::json(
-            200,
-            json!({"expiration-date": expiration_in(Duration::from_secs(600))}),
-        ),
-    );
+    backend.on("/renew_session", renewal(Duration::from_secs(600)));
     let gw = Gateway::for_backend(&backend).await;
     let r = gw
         .get("/api/profile")
@@ -242,8 +233,7 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     );
     let gw = Gateway::for_backend(&backend).await;
     let r = gw
-        .req("POST", "/api/echo")
-        .api_key(IOS_KEY)
+        .post("/api/echo")
         .header("Connection", "keep-alive, X-Device-Hop")
         .header("X-Device-Hop", "1")
         .header("Keep-Alive", "timeout=100")

@@ -1,10 +1,8 @@
-//! The compiled `portcullis` binary (SPEC §7): serving with a temp config,
+//! The compiled `portcullis` binary: serving with a temp config,
 //! SIGTERM, `check`, `hash-secret`, `keygen`, `decrypt`, and bounded memory
 //! while 100 MiB bodies stream through it both ways.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -12,28 +10,17 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
-
 /// Starts the binary with `toml` as its config file; returns the guard, the
 /// address it listens on and the temp dir holding the config and its log.
 async fn spawn_gateway(cfg: &GatewayConfig) -> (ChildGuard, SocketAddr, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let addr = free_addr();
     let path = dir.path().join("portcullis.toml");
     std::fs::write(&path, cfg.toml(addr)).unwrap();
     let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .env("PORTCULLIS_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("start portcullis");
-    let mut guard = ChildGuard(Some(child));
-    wait_listening(addr, &mut guard).await;
-    (guard, addr, dir)
+    let mut cmd = binary(&path);
+    cmd.env("PORTCULLIS_LOG", "warn").stderr(log);
+    (spawn_listening(cmd, addr).await, addr, dir)
 }
 
 fn run(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
@@ -80,11 +67,7 @@ async fn binary_serves_with_a_temp_config_and_stops_on_sigterm() {
     r.assert_gateway_error(403, "Received API KEY not found in server API KEYS set");
 
     // SIGTERM: a clean exit, promptly.
-    let status = Command::new("kill")
-        .args(["-TERM", &guard.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send_signal(&guard, "-TERM");
     let child = guard.child();
     let mut exited = None;
     for _ in 0..250 {
@@ -253,7 +236,7 @@ fn keygen_prints_fresh_usable_keys() {
 }
 
 #[test]
-fn decrypt_matches_the_spec_test_vector() {
+fn decrypt_matches_the_reference_test_vector() {
     const VALUE: &str = "AQcAAQIDBAUGBwgJCgs3cLljvLqxfv838vnuiBwA6rjbPbngMD-Da_BcG3bydRB7";
     let out = run(
         &[

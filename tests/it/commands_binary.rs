@@ -4,28 +4,18 @@
 //! the first edited, deleted or reordered line, and with the anchor the
 //! process logged (`--anchor`) also at records deleted from the end.
 
-mod commands_support;
-
-use commands_support::*;
+use crate::support::commands::*;
+use crate::support::{check_with_secrets, free_addr, spawn_listening, BIN};
 use http::Method;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-/// The compiled binary, killed (SIGKILL) and reaped when dropped.
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A configuration file in `dir` with `commands`, listening on a free
 /// loopback port.
-fn binary_config(dir: &Path, commands: &str) -> (PathBuf, std::net::SocketAddr) {
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+fn binary_config(dir: &Path, commands: &str) -> (PathBuf, SocketAddr) {
+    let addr = free_addr();
     let text = config_text(dir, commands).replace(
         "[backend]",
         &format!("[server]\nlisten = \"{addr}\"\n\n[backend]"),
@@ -35,37 +25,20 @@ fn binary_config(dir: &Path, commands: &str) -> (PathBuf, std::net::SocketAddr) 
     (config, addr)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start_binary(config: &Path, addr: std::net::SocketAddr) -> Gateway {
+async fn start_binary(config: &Path, addr: SocketAddr) -> ChildGuard {
     start_binary_logging(config, addr, Stdio::inherit()).await
 }
 
 /// [`start_binary`] with its process log (at `PORTCULLIS_LOG=warn`) to `stderr`.
-async fn start_binary_logging(config: &Path, addr: std::net::SocketAddr, stderr: Stdio) -> Gateway {
-    let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["run", "--config"])
+async fn start_binary_logging(config: &Path, addr: SocketAddr, stderr: Stdio) -> ChildGuard {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"])
         .arg(config)
         .env("PORTCULLIS_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let gw = Gateway(child);
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return gw;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the gateway did not start listening on {addr}");
+        .stderr(stderr);
+    spawn_listening(cmd, addr).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,8 +79,8 @@ argv = ["sleep", "37.71"]
     assert_eq!(before.len(), 1);
     assert_eq!(before[0]["event"], "accepted");
 
-    gw.0.kill().unwrap(); // SIGKILL
-    gw.0.wait().unwrap();
+    gw.child().kill().unwrap(); // SIGKILL
+    gw.child().wait().unwrap();
     drop(gw);
 
     let _gw = start_binary(&config, addr).await;
@@ -239,7 +212,7 @@ fn verify_cli(path: &Path) -> (i32, String) {
 
 /// `portcullis audit verify [OPTIONS] FILE`: exit code and stdout.
 fn run_verify(path: &Path, options: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+    let out = Command::new(BIN)
         .args(["audit", "verify"])
         .args(options)
         .arg(path)
@@ -341,17 +314,7 @@ fn commented_commands_example_passes_check() {
         );
     let config = dir.path().join("portcullis.toml");
     std::fs::write(&config, format!("{}{uncommented}\n", &text[..start])).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .env("PORTCULLIS_BACKEND_KEY", "backend-credential")
-        .env("PORTCULLIS_WEB_KEY", "web-key")
-        .env(
-            "PORTCULLIS_PARAM_KEY",
-            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
-        )
-        .output()
-        .unwrap();
+    let out = check_with_secrets(&config);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");

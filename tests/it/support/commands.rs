@@ -1,11 +1,12 @@
-//! Builders shared by the `commands_*` tests: a temp config, the remote
-//! operations service behind a real HTTP listener, a tiny HTTP client, and
-//! audit-log readers.
-#![allow(dead_code)]
+//! The remote operations service (`/__manage__`) for the `commands_*` tests:
+//! a temp config with two operators, the real gateway serving it on a
+//! loopback port, requests as an operator, and audit-log readers.
 
-use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use super::client::Req;
+pub use super::client::Resp;
+use super::gateway::Gateway;
+pub use super::process::{no_process_with, process_with, zombie_children, ChildGuard};
+use http::Method;
 use portcullis::commands::Commands;
 use portcullis::config::Config;
 use serde_json::Value;
@@ -13,7 +14,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
 
 /// Operator tokens used by the tests.
 pub const ALICE: &str = "alice-token";
@@ -24,15 +24,13 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub commands: Arc<Commands>,
-    server: tokio::task::JoinHandle<()>,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _gateway: Gateway,
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
         // Nothing a test started may outlive it, even when it fails.
         self.commands.kill_all();
-        self.server.abort();
     }
 }
 
@@ -94,40 +92,32 @@ pub async fn start_in(dir: tempfile::TempDir, commands: &str) -> Env {
     state.start_commands().await.unwrap();
     let cmds = Arc::clone(state.commands().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        let _ = portcullis::server::serve(listener, state, async {
-            let _ = stopped.await;
-        })
-        .await;
-    });
+    let gateway = Gateway::serve(listener, state);
     Env {
         dir,
-        addr,
+        addr: gateway.addr,
         commands: cmds,
-        server,
-        _stop: stop,
+        _gateway: gateway,
     }
 }
 
-/// A response as a test sees it.
-#[derive(Debug)]
-pub struct Resp {
-    pub status: StatusCode,
-    pub headers: http::HeaderMap,
-    pub body: Bytes,
-}
-
-impl Resp {
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
+/// A request to the service, as operator `token` (a bearer token) if any.
+fn request(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Req {
+    let mut req = Req::new(addr, method.as_str(), path).body(body.to_owned());
+    if let Some(t) = token {
+        req = req.header("authorization", &format!("Bearer {t}"));
     }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
+    for (k, v) in headers {
+        req = req.header(k, v);
     }
+    req
 }
 
 /// Sends one request (fresh connection) and reads the whole answer.
@@ -139,18 +129,9 @@ pub async fn send(
     body: &str,
     headers: &[(&str, &str)],
 ) -> Resp {
-    let resp = open(addr, method, path, token, body, headers).await;
-    let (parts, body) = resp.into_parts();
-    let body = tokio::time::timeout(Duration::from_secs(30), body.collect())
+    request(addr, method, path, token, body, headers)
+        .send()
         .await
-        .expect("response body took too long")
-        .unwrap()
-        .to_bytes();
-    Resp {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
 }
 
 /// Sends one request and returns the response with its body still streaming.
@@ -162,27 +143,9 @@ pub async fn open(
     body: &str,
     headers: &[(&str, &str)],
 ) -> http::Response<hyper::body::Incoming> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "gw");
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+    request(addr, method, path, token, body, headers)
+        .send_streaming()
         .await
-        .expect("no response in time")
-        .unwrap()
 }
 
 /// `POST /__manage__/<cmd>` as alice.
@@ -196,6 +159,34 @@ pub async fn run(env: &Env, cmd: &str, body: &str) -> Resp {
         &[],
     )
     .await
+}
+
+/// [`run`] in a task of its own, for a job that outlives `sync_wait` or
+/// that the test acts on while the request is still open.
+pub fn run_in_background(env: &Env, cmd: &str, body: &str) -> tokio::task::JoinHandle<Resp> {
+    let (addr, path, body) = (env.addr, format!("/__manage__/{cmd}"), body.to_owned());
+    tokio::spawn(async move { send(addr, Method::POST, &path, Some(ALICE), &body, &[]).await })
+}
+
+/// The id of the first job the audit log shows accepted (waits up to 5 s).
+pub async fn accepted_job_id(env: &Env) -> String {
+    for _ in 0..250 {
+        // The line may not be written yet.
+        let id = env
+            .audit()
+            .iter()
+            .find_map(|line| line["job_id"].as_str().map(str::to_owned));
+        if let Some(id) = id {
+            return id;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no job was accepted");
+}
+
+/// `POST /__manage__/jobs/<id>/cancel` as alice.
+pub async fn cancel(env: &Env, id: &str) -> Resp {
+    run(env, &format!("jobs/{id}/cancel"), "").await
 }
 
 /// `GET path` as alice.
@@ -247,57 +238,4 @@ impl Env {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
-}
-
-/// Whether any process on the machine has `needle` in its command line.
-pub fn process_with(needle: &str) -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if text.contains(needle) {
-                // Zombies have an empty cmdline, so this is a live process.
-                return true;
-            }
-        }
-    }
-    false
-}
-
-/// Zombie children of this test process.
-pub fn zombie_children() -> usize {
-    let me = std::process::id().to_string();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    dir.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|stat| {
-            let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 1..)) else {
-                return false;
-            };
-            let mut f = rest.split_whitespace();
-            f.next() == Some("Z") && f.next() == Some(me.as_str())
-        })
-        .count()
-}
-
-/// Waits until no process has `needle` in its command line (at most 5 s).
-pub async fn no_process_with(needle: &str) -> bool {
-    for _ in 0..100 {
-        if !process_with(needle) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }

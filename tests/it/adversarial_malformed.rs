@@ -5,9 +5,7 @@
 //! the backend, and no panic happens anywhere in the process (gateway tasks
 //! run in-process; a panic hook records them from every thread).
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::Duration;
 
 const QUIET: Duration = Duration::from_millis(1500);
@@ -104,13 +102,7 @@ async fn run(gw: &Gateway, probes: Vec<Probe>) -> Vec<String> {
 
 async fn token_backend() -> Backend {
     let backend = Backend::start().await;
-    backend.on(
-        "/renew_session",
-        Reply::json(
-            200,
-            serde_json::json!({"expiration-date": expiration_in(Duration::from_secs(600))}),
-        ),
-    );
+    backend.on("/renew_session", renewal(Duration::from_secs(600)));
     backend
 }
 
@@ -235,7 +227,7 @@ async fn bad_paths_and_queries() {
         probe("query name %ff", get("/api/search?%ff=1", token), &[400]),
         probe("query name %zz", get("/api/search?%zz=1", token), &[400]),
     ];
-    // On a pass-through route, the query goes byte for byte (SPEC §4) or is refused.
+    // On a pass-through route, the query goes byte for byte or is refused.
     probes.push(probe(
         "pass-through query %zz",
         get("/api/public/q?a=%zz", ""),
@@ -275,8 +267,7 @@ async fn huge_and_deeply_nested_json_bodies() {
     let backend = token_backend().await;
     let gw = Gateway::for_backend(&backend).await;
     let post = |body: Vec<u8>| {
-        gw.req("POST", "/api/orders/1")
-            .api_key(IOS_KEY)
+        gw.post("/api/orders/1")
             .token("tok-json")
             .header("content-type", "application/json")
             .body(body)
@@ -318,8 +309,7 @@ async fn huge_and_deeply_nested_json_bodies() {
         .map(bytes::Bytes::copy_from_slice)
         .collect();
     let r = gw
-        .req("POST", "/api/orders/1")
-        .api_key(IOS_KEY)
+        .post("/api/orders/1")
         .token("tok-json")
         .header("content-type", "application/json")
         .body_stream(ChunkedBody::new(chunks))

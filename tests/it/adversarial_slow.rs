@@ -2,9 +2,7 @@
 //! request bodies, while a normal client keeps asking. The normal client's
 //! p99 is printed (run with `--nocapture`) and must stay under a second.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -173,6 +171,41 @@ async fn slowloris_500_connections_do_not_stop_a_normal_client() {
     assert_no_panics();
 }
 
+/// `attackers` connections each declaring a `content_length`-byte body to
+/// `/api/echo` and sending a byte a second, against a gateway with a 2 s body
+/// deadline and a 32-connection backend pool; a normal client measures for
+/// `measure`. Returns the gateway, the normal client's p99 and failures, and
+/// the attackers opened and dropped.
+async fn slow_body_attack(
+    backend: &Backend,
+    content_length: usize,
+    attackers: usize,
+    measure: Duration,
+    label: &str,
+) -> (Gateway, Duration, usize, usize, usize) {
+    let gw = GatewayConfig::new(backend.url())
+        .limits("body_read_timeout = \"2s\"")
+        .backend("max_connections = 32")
+        .backend("timeout = \"3s\"")
+        .start()
+        .await;
+    let mut attack = Attack::new();
+    let prefix = format!(
+        "POST /api/echo HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\nContent-Length: {content_length}\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..attackers {
+        attack.spawn(gw.addr, prefix.clone(), b"a", Duration::from_secs(1));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (mut lat, failures) = normal_client(&gw, "/api/status", measure).await;
+    let dropped = attack.dropped.load(Ordering::Relaxed);
+    let opened = attack.opened.load(Ordering::Relaxed);
+    drop(attack);
+    let p99 = report(label, &mut lat, failures);
+    (gw, p99, failures, opened, dropped)
+}
+
 /// Slow request bodies (a byte a second, never finishing), API-sized
 /// (under the 64 KiB buffering threshold): buffered before any backend
 /// connection is taken, so even with more attackers than the backend pool
@@ -184,30 +217,14 @@ async fn slow_small_bodies_do_not_starve_the_backend_pool() {
         return;
     }
     let backend = Backend::start().await;
-    let gw = GatewayConfig::new(backend.url())
-        .limits("body_read_timeout = \"2s\"")
-        .backend("max_connections = 32")
-        .backend("timeout = \"3s\"")
-        .start()
-        .await;
-    let mut attack = Attack::new();
-    let prefix = format!(
-        "POST /api/echo HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\nContent-Length: 20000\r\n\r\n"
-    )
-    .into_bytes();
-    for _ in 0..200 {
-        attack.spawn(gw.addr, prefix.clone(), b"a", Duration::from_secs(1));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (mut lat, failures) = normal_client(&gw, "/api/status", Duration::from_secs(8)).await;
-    let dropped = attack.dropped.load(Ordering::Relaxed);
-    let opened = attack.opened.load(Ordering::Relaxed);
-    drop(attack);
-    let p99 = report(
+    let (gw, p99, failures, opened, dropped) = slow_body_attack(
+        &backend,
+        20_000,
+        200,
+        Duration::from_secs(8),
         "slow 20 KB bodies x200 (backend pool 32)",
-        &mut lat,
-        failures,
-    );
+    )
+    .await;
     eprintln!("attackers: {opened} connections opened, {dropped} dropped by the gateway");
     assert!(
         dropped >= 200,
@@ -235,29 +252,14 @@ async fn slow_large_bodies_are_cut_and_the_gateway_recovers() {
         return;
     }
     let backend = Backend::start().await;
-    let gw = GatewayConfig::new(backend.url())
-        .limits("body_read_timeout = \"2s\"")
-        .backend("max_connections = 32")
-        .backend("timeout = \"3s\"")
-        .start()
-        .await;
-    let mut attack = Attack::new();
-    let prefix = format!(
-        "POST /api/echo HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\nContent-Length: 500000\r\n\r\n"
-    )
-    .into_bytes();
-    for _ in 0..100 {
-        attack.spawn(gw.addr, prefix.clone(), b"a", Duration::from_secs(1));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (mut lat, failures) = normal_client(&gw, "/api/status", Duration::from_secs(6)).await;
-    let dropped = attack.dropped.load(Ordering::Relaxed);
-    drop(attack);
-    let p99 = report(
+    let (gw, p99, failures, _, dropped) = slow_body_attack(
+        &backend,
+        500_000,
+        100,
+        Duration::from_secs(6),
         "slow 500 KB bodies x100 (backend pool 32)",
-        &mut lat,
-        failures,
-    );
+    )
+    .await;
     assert!(
         dropped >= 100,
         "slow bodies are cut by the route deadline: {dropped}"

@@ -1,9 +1,7 @@
 //! `sessions.stale_if_error`: a recently valid token keeps working while the
 //! validation service fails; a refused token never does.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::Duration;
 
 #[tokio::test]

@@ -4,9 +4,7 @@
 //! (502/503/504 envelope, or 200 while the backend is up) within its
 //! timeout, none hangs, and the gateway recovers by itself.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

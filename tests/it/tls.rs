@@ -3,10 +3,8 @@
 //! HTTP/2 and HTTP/1.1 by ALPN, certificate reload) and https:// backends
 //! (custom CA, mTLS, unknown CA → 502).
 
-mod common;
-
+use crate::support::{self, Backend, GatewayConfig, Resp, IOS_KEY, TIMEOUT};
 use bytes::Bytes;
-use common::{Backend, GatewayConfig, Resp, IOS_KEY, TIMEOUT};
 use http::Request;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -109,7 +107,7 @@ async fn get_http2_with_key(
 async fn https_gateway(
     backend: &Backend,
     limits: &str,
-) -> (common::Gateway, DevCa, tempfile::TempDir) {
+) -> (support::Gateway, DevCa, tempfile::TempDir) {
     let ca = DevCa::new("test CA").unwrap();
     let server = ca.issue_server(&["localhost"]).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -125,7 +123,7 @@ async fn https_gateway(
 
 /// A gateway serving HTTPS with `server` (issued by some CA) in front of `backend`.
 struct TlsGateway {
-    gw: common::Gateway,
+    gw: support::Gateway,
     cert: PathBuf,
     key: PathBuf,
     _dir: tempfile::TempDir,
@@ -452,7 +450,7 @@ async fn tls_backend(server: &Issued, client_ca: Option<&str>) -> TlsBackend {
     TlsBackend { addr, sni, task }
 }
 
-async fn gateway_to(url: String, backend_lines: &[String]) -> common::Gateway {
+async fn gateway_to(url: String, backend_lines: &[String]) -> support::Gateway {
     let mut cfg = GatewayConfig::new(url);
     for l in backend_lines {
         cfg = cfg.backend(l);
@@ -481,7 +479,7 @@ async fn https_backend_with_a_custom_ca() {
         assert_eq!(v["path"], "/status");
         assert_eq!(v["alpn"], "http/1.1");
         assert_eq!(v["client_cert"], false);
-        assert_eq!(v["api_key"], common::BACKEND_CREDENTIAL);
+        assert_eq!(v["api_key"], support::BACKEND_CREDENTIAL);
     }
     let sni = backend.sni.lock().unwrap().clone();
     assert_eq!(
@@ -977,7 +975,7 @@ async fn a_head_cut_short_over_tls_gets_the_408_envelope() {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await
         .expect("closed by the header deadline");
-    let (responses, _) = common::parse_responses(&buf);
+    let (responses, _) = support::parse_responses(&buf);
     assert_eq!(responses.len(), 1, "{}", String::from_utf8_lossy(&buf));
     responses[0].assert_envelope(408);
 }

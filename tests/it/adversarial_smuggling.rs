@@ -8,9 +8,7 @@
 //! parse are rewritten into envelopes by `server::parse_errors`) or a closed
 //! connection.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::Duration;
 
 /// How long a raw exchange waits for more bytes before giving up.

@@ -1,9 +1,7 @@
-//! SPEC §2 "Status codes raised by the gateway": each row the core covers,
+//! The status codes the gateway raises itself: each one the core covers,
 //! asserting status, envelope, headers and that the backend was (not) called.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::{Duration, Instant};
 
 const API_KEY_MSG: &str = "Received API KEY not found in server API KEYS set";
@@ -69,8 +67,7 @@ async fn token_rules_on_public_and_private_routes() {
 
     // /login refuses a token too.
     let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
+        .post("/login")
         .token("t")
         .json(serde_json::json!({"email": "a@b.c", "password": "x"}))
         .send()
@@ -137,8 +134,7 @@ async fn method_not_allowed_lists_allow_including_trace_connect_and_unknown() {
         .api_key(IOS_KEY)
         .send()
         .await;
-    r.assert_gateway_error(405, "Method Not Allowed");
-    assert_eq!(r.header("allow"), Some("GET, PUT, POST"));
+    r.assert_method_not_allowed("GET, PUT, POST");
 
     // TRACE over a raw socket, as a scanner would send it.
     let r = raw(
@@ -149,8 +145,7 @@ async fn method_not_allowed_lists_allow_including_trace_connect_and_unknown() {
         .as_bytes(),
     )
     .await;
-    r.assert_gateway_error(405, "Method Not Allowed");
-    assert_eq!(r.header("allow"), Some("GET"));
+    r.assert_method_not_allowed("GET");
 
     // CONNECT: refused, never tunnelled. To an exposed path, with its Allow.
     let connect = |target: &str| {
@@ -159,8 +154,7 @@ async fn method_not_allowed_lists_allow_including_trace_connect_and_unknown() {
         )
     };
     let r = raw(gw.addr, connect("/api/status").as_bytes()).await;
-    r.assert_gateway_error(405, "Method Not Allowed");
-    assert_eq!(r.header("allow"), Some("GET"));
+    r.assert_method_not_allowed("GET");
     let r = raw(gw.addr, connect("backend.internal:443").as_bytes()).await;
     r.assert_gateway_error(405, "Method Not Allowed");
     assert!(r.headers.contains_key("allow"), "405 carries Allow");
@@ -176,23 +170,13 @@ async fn body_over_limit_is_413_with_content_length_and_chunked() {
     let gw = Gateway::for_backend(&backend).await;
 
     // Declared length over the route's 4 KiB.
-    let r = gw
-        .req("POST", "/api/upload")
-        .api_key(IOS_KEY)
-        .body(vec![b'x'; 5000])
-        .send()
-        .await;
+    let r = gw.post("/api/upload").body(vec![b'x'; 5000]).send().await;
     let (kind, _) = r.assert_envelope(413);
     assert_eq!(kind, "ProxyServerError");
 
     // Chunked, over the limit.
     let (body, _) = ChunkedBody::sized(6000, 1000);
-    let r = gw
-        .req("POST", "/api/upload")
-        .api_key(IOS_KEY)
-        .body_stream(body)
-        .send()
-        .await;
+    let r = gw.post("/api/upload").body_stream(body).send().await;
     r.assert_envelope(413);
 
     // A Content-Length far over the limit is refused before any body is sent.
@@ -208,8 +192,7 @@ async fn body_over_limit_is_413_with_content_length_and_chunked() {
 
     // The server-wide max_body (default 1 MiB) applies to routes without their own.
     let r = gw
-        .req("POST", "/api/echo")
-        .api_key(IOS_KEY)
+        .post("/api/echo")
         .body(vec![b'y'; (1 << 20) + 1])
         .send()
         .await;
@@ -218,12 +201,7 @@ async fn body_over_limit_is_413_with_content_length_and_chunked() {
     assert!(backend.requests().is_empty(), "{:?}", backend.paths());
 
     // At the limit exactly, it goes through.
-    let r = gw
-        .req("POST", "/api/upload")
-        .api_key(IOS_KEY)
-        .body(vec![b'z'; 4096])
-        .send()
-        .await;
+    let r = gw.post("/api/upload").body(vec![b'z'; 4096]).send().await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(backend.last("/upload").body_len, 4096);
     gw.stop().await;

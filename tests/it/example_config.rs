@@ -1,27 +1,21 @@
 //! The shipped, commented example configuration stays valid.
 
+use crate::support::{check_with_secrets, BIN};
+use std::path::Path;
+
 #[test]
 fn shipped_example_config_passes_check() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["check", "--config"])
-        .arg(format!("{root}/config/portcullis.toml"))
-        .env("PORTCULLIS_BACKEND_KEY", "backend-credential")
-        .env("PORTCULLIS_WEB_KEY", "web-key")
-        .env(
-            "PORTCULLIS_PARAM_KEY",
-            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
-        )
-        .output()
-        .expect("run portcullis check");
+    let config = Path::new(root).join("config/portcullis.toml");
+    let out = check_with_secrets(&config);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("/api/orders/{id}"), "{stdout}");
     // Without its secrets it is refused, listing each one, with exit 64.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+    let out = std::process::Command::new(BIN)
         .args(["check", "--config"])
-        .arg(format!("{root}/config/portcullis.toml"))
+        .arg(&config)
         .env_remove("PORTCULLIS_BACKEND_KEY")
         .env_remove("PORTCULLIS_WEB_KEY")
         .env_remove("PORTCULLIS_PARAM_KEY")

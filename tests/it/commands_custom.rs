@@ -3,12 +3,35 @@
 //! locks), cancel without orphans, streaming, metadata-only, redaction, and
 //! every bad input refused with nothing run and one audit line written.
 
-mod commands_support;
-
-use commands_support::*;
+use crate::support::commands::*;
 use http::Method;
 use serde_json::Value;
 use std::time::Duration;
+
+/// The service with a `lines` command that prints `line1` .. `line<count>`,
+/// one every 0.3 s.
+async fn start_lines(count: usize) -> Env {
+    let numbers: Vec<String> = (1..=count).map(|i| i.to_string()).collect();
+    start_show(&format!(
+        r#"
+[[commands.custom]]
+name = "lines"
+argv = ["sh", "-c", "for i in {}; do echo line$i; sleep 0.3; done"]
+"#,
+        numbers.join(" ")
+    ))
+    .await
+}
+
+/// A job's output as server-sent events, resumed after `last_event_id` if any.
+async fn job_events(env: &Env, id: &str, last_event_id: Option<&str>) -> Resp {
+    let mut headers = vec![("accept", "text/event-stream")];
+    if let Some(last) = last_event_id {
+        headers.push(("last-event-id", last));
+    }
+    let path = format!("/__manage__/jobs/{id}/output");
+    send(env.addr, Method::GET, &path, Some(ALICE), "", &headers).await
+}
 
 /// A config whose `show` command prints each argument on its own line and
 /// touches `<dir>/ran`, so a test can tell whether anything ran.
@@ -192,29 +215,10 @@ argv = ["sh", "-c", "sleep 33.31 & sleep 33.32 & echo started; wait"]
     )
     .await;
     // sync_wait is 5 s: ask for the job from another task and cancel it.
-    let addr = env.addr;
-    let post = tokio::spawn(async move {
-        send(addr, Method::POST, "/__manage__/tree", Some(ALICE), "", &[]).await
-    });
-    let mut id = None;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if let Some(line) = env.audit().first() {
-            id = line["job_id"].as_str().map(str::to_owned);
-            break;
-        }
-    }
-    let id = id.expect("run was not accepted");
+    let post = run_in_background(&env, "tree", "");
+    let id = accepted_job_id(&env).await;
     assert!(process_with("sleep 33.31"));
-    let c = send(
-        env.addr,
-        Method::POST,
-        &format!("/__manage__/jobs/{id}/cancel"),
-        Some(ALICE),
-        "",
-        &[],
-    )
-    .await;
+    let c = cancel(&env, &id).await;
     assert_eq!(c.status, 202, "{}", c.text());
     let r = post.await.unwrap();
     assert_eq!(r.status, 200);
@@ -226,15 +230,7 @@ argv = ["sh", "-c", "sleep 33.31 & sleep 33.32 & echo started; wait"]
     let events: Vec<Value> = env.audit().iter().map(|l| l["event"].clone()).collect();
     assert_eq!(events, ["accepted", "cancel_requested", "finished"]);
     // A second cancel: the job has ended.
-    let c = send(
-        env.addr,
-        Method::POST,
-        &format!("/__manage__/jobs/{id}/cancel"),
-        Some(ALICE),
-        "",
-        &[],
-    )
-    .await;
+    let c = cancel(&env, &id).await;
     assert_eq!(c.status, 409);
 }
 
@@ -272,10 +268,7 @@ argv = ["sleep", "1.27"]
     // sync_wait is 5 s in this config; post from tasks.
     let mut first = Vec::new();
     for _ in 0..2 {
-        let addr = env.addr;
-        first.push(tokio::spawn(async move {
-            send(addr, Method::POST, "/__manage__/nap", Some(ALICE), "", &[]).await
-        }));
+        first.push(run_in_background(&env, "nap", ""));
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     let third = run(&env, "nap", "").await;
@@ -331,35 +324,9 @@ argv = ["true"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_streams_live_and_sse_resumes() {
-    let env = start_show(
-        r#"
-[[commands.custom]]
-name = "lines"
-argv = ["sh", "-c", "for i in 1 2 3 4; do echo line$i; sleep 0.3; done"]
-"#,
-    )
-    .await;
-    let addr = env.addr;
-    let post = tokio::spawn(async move {
-        send(
-            addr,
-            Method::POST,
-            "/__manage__/lines",
-            Some(ALICE),
-            "",
-            &[],
-        )
-        .await
-    });
-    let mut id = None;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if let Some(line) = env.audit().first() {
-            id = line["job_id"].as_str().map(str::to_owned);
-            break;
-        }
-    }
-    let id = id.unwrap();
+    let env = start_lines(4).await;
+    let post = run_in_background(&env, "lines", "");
+    let id = accepted_job_id(&env).await;
 
     // Plain text, live: the first line arrives while the job still runs.
     let resp = open(
@@ -385,29 +352,13 @@ argv = ["sh", "-c", "for i in 1 2 3 4; do echo line$i; sleep 0.3; done"]
     assert_eq!(post.await.unwrap().json()["status"], "succeeded");
 
     // SSE from the start, then resumed after the first event.
-    let sse = send(
-        env.addr,
-        Method::GET,
-        &format!("/__manage__/jobs/{id}/output"),
-        Some(ALICE),
-        "",
-        &[("accept", "text/event-stream")],
-    )
-    .await;
+    let sse = job_events(&env, &id, None).await;
     assert_eq!(sse.headers["content-type"], "text/event-stream");
     let text = sse.text();
     assert!(text.starts_with("id: "), "{text}");
     assert!(text.contains("data: line4"), "{text}");
     assert!(text.contains("event: end"), "{text}");
-    let resumed = send(
-        env.addr,
-        Method::GET,
-        &format!("/__manage__/jobs/{id}/output"),
-        Some(ALICE),
-        "",
-        &[("accept", "text/event-stream"), ("last-event-id", "12")],
-    )
-    .await;
+    let resumed = job_events(&env, &id, Some("12")).await;
     let text = resumed.text();
     assert!(!text.contains("line1") && !text.contains("line2"), "{text}");
     assert!(text.contains("data: line3"), "{text}");
@@ -416,50 +367,10 @@ argv = ["sh", "-c", "for i in 1 2 3 4; do echo line$i; sleep 0.3; done"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_streams_a_running_job_with_increasing_ids() {
-    let env = start_show(
-        r#"
-[[commands.custom]]
-name = "lines"
-argv = ["sh", "-c", "for i in 1 2 3 4 5; do echo line$i; sleep 0.3; done"]
-"#,
-    )
-    .await;
-    let addr = env.addr;
-    tokio::spawn(async move {
-        send(
-            addr,
-            Method::POST,
-            "/__manage__/lines",
-            Some(ALICE),
-            "",
-            &[],
-        )
-        .await
-    });
-    let mut id = None;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        // The first audit line with the job's id (it may not be written yet).
-        id = env
-            .audit()
-            .iter()
-            .find_map(|line| line["job_id"].as_str().map(str::to_owned));
-        if id.is_some() {
-            break;
-        }
-    }
-    let sse = send(
-        env.addr,
-        Method::GET,
-        &format!(
-            "/__manage__/jobs/{}/output",
-            id.expect("job id in the audit log")
-        ),
-        Some(ALICE),
-        "",
-        &[("accept", "text/event-stream")],
-    )
-    .await;
+    let env = start_lines(5).await;
+    let _post = run_in_background(&env, "lines", "");
+    let id = accepted_job_id(&env).await;
+    let sse = job_events(&env, &id, None).await;
     let text = sse.text();
     let ids: Vec<u64> = text
         .lines()
@@ -680,10 +591,7 @@ argv = ["sleep", "36.61"]
 "#,
     )
     .await;
-    let addr = env.addr;
-    let post = tokio::spawn(async move {
-        send(addr, Method::POST, "/__manage__/long", Some(ALICE), "", &[]).await
-    });
+    let post = run_in_background(&env, "long", "");
     for _ in 0..100 {
         if process_with("sleep 36.61") {
             break;

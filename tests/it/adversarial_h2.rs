@@ -7,9 +7,7 @@
 //! Attacks are written as raw frames (a tiny frame writer and HPACK literal
 //! encoder below) so they can break the rules a real client library keeps.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -4,9 +4,7 @@
 //! configuration parsing. Each must never panic and must keep its invariant
 //! for every input the strategies produce.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use http::{Method, StatusCode};
 use percent_encoding::percent_decode_str;
 use portcullis::config::{Config, EncryptQuery};

@@ -1,11 +1,9 @@
-//! SPEC §2 "Request bodies": chunked bodies are forwarded with a
+//! Request bodies: chunked bodies are forwarded with a
 //! Content-Length (a WSGI backend reading only CONTENT_LENGTH gets every
 //! byte), over the limit is a 413 and never an empty or truncated body.
 
-mod common;
-
+use crate::support::*;
 use bytes::Bytes;
-use common::*;
 use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -93,12 +91,7 @@ max_body = "64KiB""#,
 
     // 50,000 bytes in uneven chunks, no Content-Length.
     let (body, sent) = ChunkedBody::sized(50_000, 777);
-    let r = gw
-        .req("POST", "/api/upload")
-        .api_key(IOS_KEY)
-        .body_stream(body)
-        .send()
-        .await;
+    let r = gw.post("/api/upload").body_stream(body).send().await;
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = r.json();
     assert_eq!(seen["len"], 50_000, "{seen}");
@@ -107,23 +100,13 @@ max_body = "64KiB""#,
     assert_eq!(seen["transfer_encoding"], serde_json::Value::Null);
 
     // With a Content-Length, through the same (reconnecting) pool.
-    let r = gw
-        .req("POST", "/api/upload")
-        .api_key(IOS_KEY)
-        .body(sent.clone())
-        .send()
-        .await;
+    let r = gw.post("/api/upload").body(sent.clone()).send().await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["sha256"], sha256_hex(&sent));
 
     // Over the limit, chunked: 413, and nothing (in particular no empty body) reached the app.
     let (body, _) = ChunkedBody::sized(100_000, 4096);
-    let r = gw
-        .req("POST", "/api/upload")
-        .api_key(IOS_KEY)
-        .body_stream(body)
-        .send()
-        .await;
+    let r = gw.post("/api/upload").body_stream(body).send().await;
     r.assert_envelope(413);
 
     let stats = Req::new(wsgi_addr, "GET", "/stats").send().await.json();
@@ -145,8 +128,7 @@ async fn chunked_body_is_forwarded_with_a_content_length() {
         Bytes::from_static(b"world"),
     ];
     let r = gw
-        .req("POST", "/api/echo")
-        .api_key(IOS_KEY)
+        .post("/api/echo")
         .body_stream(ChunkedBody::new(chunks))
         .send()
         .await;
@@ -159,8 +141,7 @@ async fn chunked_body_is_forwarded_with_a_content_length() {
     // JSON route, chunked JSON: validated and forwarded with a length.
     backend.on("/renew_session", Reply::json(200, json!({})));
     let r = gw
-        .req("POST", "/api/orders/5")
-        .api_key(IOS_KEY)
+        .post("/api/orders/5")
         .token("t")
         .header("content-type", "application/json")
         .body_stream(ChunkedBody::new(vec![
@@ -181,12 +162,7 @@ async fn content_length_bodies_stream_through_intact() {
     let backend = Backend::start().await;
     let gw = Gateway::for_backend(&backend).await;
     let body: Vec<u8> = (0..(512 * 1024)).map(|i| (i * 31 % 256) as u8).collect();
-    let r = gw
-        .req("POST", "/api/echo")
-        .api_key(IOS_KEY)
-        .body(body.clone())
-        .send()
-        .await;
+    let r = gw.post("/api/echo").body(body.clone()).send().await;
     assert_eq!(r.status, 200, "{}", r.text());
     let rec = backend.last("/echo");
     assert_eq!(rec.body_len, body.len() as u64);
@@ -195,8 +171,7 @@ async fn content_length_bodies_stream_through_intact() {
 
     // Empty bodies stay empty, with or without a Content-Length: 0.
     let r = gw
-        .req("POST", "/api/echo")
-        .api_key(IOS_KEY)
+        .post("/api/echo")
         .header("content-length", "0")
         .send()
         .await;
@@ -231,24 +206,14 @@ stream_request_body = true"#,
         .start()
         .await;
     let (body, sent) = ChunkedBody::sized(8000, 1000);
-    let r = gw
-        .req("POST", "/api/stream")
-        .api_key(IOS_KEY)
-        .body_stream(body)
-        .send()
-        .await;
+    let r = gw.post("/api/stream").body_stream(body).send().await;
     assert_eq!(r.status, 200, "{}", r.text());
     let rec = backend.last("/stream");
     assert_eq!(rec.body_sha256, sha256_hex(&sent));
 
     // Over the limit: refused, never a silently truncated body.
     let (body, _) = ChunkedBody::sized(20_000, 1000);
-    let r = gw
-        .req("POST", "/api/stream")
-        .api_key(IOS_KEY)
-        .body_stream(body)
-        .send()
-        .await;
+    let r = gw.post("/api/stream").body_stream(body).send().await;
     r.assert_envelope(413);
     // Whatever reached the backend of the refused body must not look complete.
     for rec in backend.requests_to("/stream").iter().skip(1) {
@@ -300,8 +265,7 @@ timeout = "300ms""#,
         .await;
     let started = Instant::now();
     let r = gw
-        .req("POST", "/api/slow-upload")
-        .api_key(IOS_KEY)
+        .post("/api/slow-upload")
         .body_stream(StallingBody { sent: false })
         .send()
         .await;

@@ -1,9 +1,7 @@
-//! SPEC §3: /login, /logout, validation with single flight, negative
+//! Sessions: /login, /logout, validation with single flight, negative
 //! caching, rotation, eviction on backend 401/403.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,12 +44,7 @@ async fn login_private_call_logout_then_token_refused() {
         .await;
 
     let creds = json!({"email": "ana@example.com", "password": "s3cret"});
-    let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
-        .json(creds.clone())
-        .send()
-        .await;
+    let r = gw.post("/login").json(creds.clone()).send().await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("server"), Some("portcullis"));
     let body = r.json();
@@ -65,8 +58,7 @@ async fn login_private_call_logout_then_token_refused() {
     assert_eq!(login.header("api-client"), Some("ios-app"));
 
     // Private call: served from the cache, no validation call.
-    let r = gw.get("/api/profile").token("tok-ana-1").send().await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    gw.assert_served("/api/profile", "tok-ana-1", 1).await;
     assert_eq!(backend.count("/renew_session"), 0);
     assert_eq!(
         backend.last("/profile").header("user-token"),
@@ -74,12 +66,7 @@ async fn login_private_call_logout_then_token_refused() {
     );
 
     // Logout: 204, forwarded to the logout service with the token.
-    let r = gw
-        .req("POST", "/logout")
-        .api_key(IOS_KEY)
-        .token("tok-ana-1")
-        .send()
-        .await;
+    let r = gw.post("/logout").token("tok-ana-1").send().await;
     assert_eq!(r.status, 204, "{}", r.text());
     assert!(r.body.is_empty());
     assert_eq!(
@@ -99,13 +86,12 @@ async fn login_private_call_logout_then_token_refused() {
 async fn logout_without_token_is_400_and_needs_an_api_key() {
     let backend = Backend::start().await;
     let gw = Gateway::for_backend(&backend).await;
-    let r = gw.req("POST", "/logout").api_key(IOS_KEY).send().await;
+    let r = gw.post("/logout").send().await;
     r.assert_gateway_error(400, "A private service requires a user token");
     let r = gw.req("POST", "/logout").token("t").send().await;
     r.assert_gateway_error(403, "Received API KEY not found in server API KEYS set");
-    let r = gw.req("GET", "/login").api_key(IOS_KEY).send().await;
-    r.assert_gateway_error(405, "Method Not Allowed");
-    assert_eq!(r.header("allow"), Some("POST"));
+    let r = gw.get("/login").send().await;
+    r.assert_method_not_allowed("POST");
     assert!(backend.requests().is_empty(), "{:?}", backend.paths());
     gw.stop().await;
 }
@@ -128,8 +114,7 @@ async fn inactive_staff_and_superuser_are_refused_at_login() {
     for (token, user) in cases {
         backend.on("/login", login_reply(token, user.clone()));
         let r = gw
-            .req("POST", "/login")
-            .api_key(IOS_KEY)
+            .post("/login")
             .json(json!({"email": "x", "password": "y"}))
             .send()
             .await;
@@ -163,8 +148,7 @@ async fn login_failure_from_backend_is_an_envelope() {
     );
     let gw = Gateway::for_backend(&backend).await;
     let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
+        .post("/login")
         .json(json!({"email": "x", "password": "bad"}))
         .send()
         .await;
@@ -183,8 +167,7 @@ async fn custom_login_path_is_used() {
         .start()
         .await;
     let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
+        .post("/login")
         .json(json!({"email": "x", "password": "y"}))
         .send()
         .await;
@@ -200,11 +183,7 @@ async fn concurrent_unknown_token_is_validated_once() {
     let backend = Backend::start().await;
     backend.on(
         "/renew_session",
-        Reply::json(
-            200,
-            json!({"expiration-date": expiration_in(Duration::from_secs(600))}),
-        )
-        .delay(Duration::from_millis(200)),
+        renewal(Duration::from_secs(600)).delay(Duration::from_millis(200)),
     );
     // 200 backend connections open at once on a busy 2-core test machine:
     // give connects the production default rather than the tests' 300ms.
@@ -252,8 +231,7 @@ async fn refused_token_is_remembered_for_negative_ttl() {
     // After negative_ttl the token is asked about again.
     tokio::time::sleep(Duration::from_millis(600)).await;
     backend.on("/renew_session", Reply::json(200, json!({})));
-    let r = gw.get("/api/profile").token("bad-token").send().await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    gw.assert_served("/api/profile", "bad-token", 1).await;
     assert_eq!(backend.count("/renew_session"), 2);
     gw.stop().await;
 }
@@ -267,10 +245,7 @@ async fn validated_token_is_cached_and_validation_errors_are_not() {
         if c.fetch_add(1, Ordering::SeqCst) == 0 {
             Reply::html(500, "<html>down</html>")
         } else {
-            Reply::json(
-                200,
-                json!({"expiration-date": expiration_in(Duration::from_secs(600))}),
-            )
+            renewal(Duration::from_secs(600))
         }
     });
     let gw = Gateway::for_backend(&backend).await;
@@ -278,10 +253,7 @@ async fn validated_token_is_cached_and_validation_errors_are_not() {
     let r = gw.get("/api/profile").token("t1").send().await;
     let (kind, _) = r.assert_envelope(502);
     assert_eq!(kind, "ProxyServerError");
-    for _ in 0..3 {
-        let r = gw.get("/api/profile").token("t1").send().await;
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
+    gw.assert_served("/api/profile", "t1", 3).await;
     assert_eq!(backend.count("/renew_session"), 2);
     gw.stop().await;
 }
@@ -346,8 +318,7 @@ async fn rotation_by_backend_answer_is_followed() {
     );
     let gw = Gateway::for_backend(&backend).await;
     let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
+        .post("/login")
         .json(json!({"email": "x", "password": "y"}))
         .send()
         .await;
@@ -358,8 +329,7 @@ async fn rotation_by_backend_answer_is_followed() {
 
     // The new token is now a cached session.
     backend.on("/profile", Reply::json(200, json!({"ok": true})));
-    let r = gw.get("/api/profile").token("tok-b").send().await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    gw.assert_served("/api/profile", "tok-b", 1).await;
     assert_eq!(backend.last("/profile").header("user-token"), Some("tok-b"));
     // And the old one forwards the new one.
     let r = gw.get("/api/profile").token("tok-a").send().await;
@@ -375,23 +345,15 @@ async fn backend_401_or_403_on_private_route_evicts_the_token() {
     for status in [401u16, 403] {
         let backend = Backend::start().await;
         backend.on("/login", login_reply("tok-e", active_user()));
-        backend.on(
-            "/renew_session",
-            Reply::json(
-                200,
-                json!({"expiration-date": expiration_in(Duration::from_secs(600))}),
-            ),
-        );
+        backend.on("/renew_session", renewal(Duration::from_secs(600)));
         let gw = Gateway::for_backend(&backend).await;
         let r = gw
-            .req("POST", "/login")
-            .api_key(IOS_KEY)
+            .post("/login")
             .json(json!({"email": "x", "password": "y"}))
             .send()
             .await;
         assert_eq!(r.status, 200);
-        let r = gw.get("/api/profile").token("tok-e").send().await;
-        assert_eq!(r.status, 200);
+        gw.assert_served("/api/profile", "tok-e", 1).await;
         assert_eq!(backend.count("/renew_session"), 0, "cached by login");
 
         backend.on(
@@ -407,8 +369,7 @@ async fn backend_401_or_403_on_private_route_evicts_the_token() {
 
         // Evicted: the next request validates again.
         backend.on("/profile", Reply::json(200, json!({})));
-        let r = gw.get("/api/profile").token("tok-e").send().await;
-        assert_eq!(r.status, 200, "{}", r.text());
+        gw.assert_served("/api/profile", "tok-e", 1).await;
         assert_eq!(
             backend.count("/renew_session"),
             1,
@@ -433,25 +394,15 @@ async fn backend_403_on_public_route_does_not_touch_sessions() {
 #[tokio::test]
 async fn max_ttl_caps_the_returned_expiration() {
     let backend = Backend::start().await;
-    backend.on(
-        "/renew_session",
-        Reply::json(
-            200,
-            json!({"expiration-date": expiration_in(Duration::from_secs(3600))}),
-        ),
-    );
+    backend.on("/renew_session", renewal(Duration::from_secs(3600)));
     let gw = GatewayConfig::new(backend.url())
         .sessions("max_ttl = \"300ms\"")
         .start()
         .await;
-    let r = gw.get("/api/profile").token("t-cap").send().await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let r = gw.get("/api/profile").token("t-cap").send().await;
-    assert_eq!(r.status, 200);
+    gw.assert_served("/api/profile", "t-cap", 2).await;
     assert_eq!(backend.count("/renew_session"), 1, "cached within max_ttl");
     tokio::time::sleep(Duration::from_millis(450)).await;
-    let r = gw.get("/api/profile").token("t-cap").send().await;
-    assert_eq!(r.status, 200);
+    gw.assert_served("/api/profile", "t-cap", 1).await;
     assert_eq!(
         backend.count("/renew_session"),
         2,
@@ -471,10 +422,7 @@ async fn rfc3339_expiration_is_accepted() {
         Reply::json(200, json!({"expiration-date": in_an_hour})),
     );
     let gw = Gateway::for_backend(&backend).await;
-    for _ in 0..3 {
-        let r = gw.get("/api/profile").token("t-rfc").send().await;
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
+    gw.assert_served("/api/profile", "t-rfc", 3).await;
     assert_eq!(backend.count("/renew_session"), 1);
     gw.stop().await;
 }
@@ -489,8 +437,7 @@ async fn stale_if_error_serves_recent_sessions_but_never_refused_tokens() {
         .sessions("negative_ttl = \"200ms\"")
         .start()
         .await;
-    let r = gw.get("/api/profile").token("t-good").send().await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    gw.assert_served("/api/profile", "t-good", 1).await;
     backend.on("/renew_session", Reply::status(403));
     let r = gw.get("/api/profile").token("t-bad").send().await;
     r.assert_gateway_error(403, "Token invalid");
@@ -525,12 +472,7 @@ async fn logout_of_a_rotated_token_ends_both() {
     let r = gw.get("/api/profile").token("tok-r1").send().await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("user-token"), Some("tok-r2"));
-    let r = gw
-        .req("POST", "/logout")
-        .api_key(IOS_KEY)
-        .token("tok-r1")
-        .send()
-        .await;
+    let r = gw.post("/logout").token("tok-r1").send().await;
     assert_eq!(r.status, 204);
     // Without a logout_path nothing is forwarded.
     assert_eq!(backend.count("/logout"), 0);
@@ -557,8 +499,7 @@ async fn unusable_login_answers_are_502_without_leaking_them() {
     for reply in cases {
         backend.on("/login", reply);
         let r = gw
-            .req("POST", "/login")
-            .api_key(IOS_KEY)
+            .post("/login")
             .json(json!({"email": "x", "password": "y"}))
             .send()
             .await;
@@ -567,12 +508,7 @@ async fn unusable_login_answers_are_502_without_leaking_them() {
     }
     // A login body that is not JSON never reaches the login service.
     let before = backend.count("/login");
-    let r = gw
-        .req("POST", "/login")
-        .api_key(IOS_KEY)
-        .body("email=x&password=y")
-        .send()
-        .await;
+    let r = gw.post("/login").body("email=x&password=y").send().await;
     r.assert_envelope(400);
     assert_eq!(backend.count("/login"), before);
     gw.stop().await;
@@ -666,7 +602,7 @@ async fn keep_alive_connections_forget_ended_sessions() {
     assert_eq!(backend.count("/renew_session"), 2, "tok-k still cached");
 
     // Logout on another connection ends the session on this one too.
-    let r = gw.req("POST", "/logout").api_key(IOS_KEY).token("tok-k");
+    let r = gw.post("/logout").token("tok-k");
     assert_eq!(r.send().await.status, 204);
     backend.on("/renew_session", Reply::status(403));
     let r = profile("tok-k").send_on(&mut conn).await;

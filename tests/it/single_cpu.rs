@@ -2,10 +2,7 @@
 //! runs on the single-threaded scheduler: it must serve, validate sessions and
 //! shut down exactly as on several CPUs.
 
-mod common;
-
-use common::*;
-use std::net::SocketAddr;
+use crate::support::*;
 use std::process::{Command, Stdio};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -17,7 +14,7 @@ async fn serves_when_confined_to_one_cpu() {
     let backend = Backend::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("portcullis.toml");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let listen = free_addr();
     std::fs::write(
         &config,
         GatewayConfig::new(backend.url())
@@ -25,15 +22,13 @@ async fn serves_when_confined_to_one_cpu() {
             .toml(listen),
     )
     .unwrap();
-    let child = Command::new("taskset")
-        .args(["-c", "0", env!("CARGO_BIN_EXE_portcullis"), "--config"])
+    let mut pinned = Command::new("taskset");
+    pinned
+        .args(["-c", "0", BIN, "--config"])
         .arg(&config)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start portcullis under taskset");
-    let mut child = ChildGuard(Some(child));
-    wait_listening(listen, &mut child).await;
+        .stderr(Stdio::null());
+    let mut child = spawn_listening(pinned, listen).await;
 
     // Concurrent requests with one unknown token: one validation, all served.
     let mut tasks = Vec::new();
@@ -56,12 +51,7 @@ async fn serves_when_confined_to_one_cpu() {
         .assert_gateway_error(404, "Not found");
 
     // SIGTERM: drains and exits cleanly.
-    let pid = child.pid();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    send_signal(&child, "-TERM");
     let status = tokio::task::spawn_blocking(move || child.child().wait())
         .await
         .unwrap()

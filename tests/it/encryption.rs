@@ -1,11 +1,9 @@
-//! SPEC §4 "Encrypted query parameters": what the backend receives decrypts
+//! Encrypted query parameters: what the backend receives decrypts
 //! (Rust keyring, and the README's Python snippet) to what the device sent.
 
-mod common;
-
+use crate::support::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::*;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -227,7 +225,7 @@ fn python_decrypt(key_b64: &str, param: &str, value: &str) -> Result<String, Str
 #[tokio::test]
 async fn readme_python_snippet_decrypts_what_the_gateway_produced() {
     require_python(true);
-    // The SPEC test vector first.
+    // The reference test vector (key id 7) first.
     assert_eq!(
         python_decrypt(
             OLD_KEY_B64,

@@ -1,9 +1,7 @@
 //! Rate limits (per client address, per API key, per route, login attempts)
 //! and the between-reads request body deadline.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::{Duration, Instant};
 
 /// A gateway with the common config plus `extra` TOML at the end.
@@ -30,14 +28,11 @@ async fn per_client_address() {
     )
     .await;
     for _ in 0..3 {
-        let r = Req::new(gw.addr, "GET", "/api/status")
-            .api_key(IOS_KEY)
-            .send()
-            .await;
+        let r = gw.get("/api/status").send().await;
         assert_eq!(r.status, 200);
     }
     // Refused before the API key is even looked at.
-    let r = Req::new(gw.addr, "GET", "/api/status").send().await;
+    let r = gw.req("GET", "/api/status").send().await;
     assert_429(&r);
     assert_eq!(backend.count("/status"), 3);
 }
@@ -54,27 +49,20 @@ rate_limit = "1/min""#,
     );
     let gw = start(cfg, "[rate_limits]\nper_api_key = \"3/min\"").await;
     for _ in 0..3 {
-        let r = Req::new(gw.addr, "GET", "/api/status")
-            .api_key(IOS_KEY)
-            .send()
-            .await;
+        let r = gw.get("/api/status").send().await;
         assert_eq!(r.status, 200);
     }
-    assert_429(
-        &Req::new(gw.addr, "GET", "/api/status")
-            .api_key(IOS_KEY)
-            .send()
-            .await,
-    );
+    assert_429(&gw.get("/api/status").send().await);
     // Another key has its own budget.
-    let r = Req::new(gw.addr, "GET", "/api/limited")
+    let r = gw
+        .req("GET", "/api/limited")
         .api_key(ANDROID_KEY)
         .send()
         .await;
     assert_eq!(r.status, 200);
     // ...and the route allows it one call per minute.
     assert_429(
-        &Req::new(gw.addr, "GET", "/api/limited")
+        &gw.req("GET", "/api/limited")
             .api_key(ANDROID_KEY)
             .send()
             .await,
@@ -98,8 +86,7 @@ async fn login_attempts_per_address_and_name() {
     )
     .await;
     let attempt = |email: &'static str| {
-        Req::new(gw.addr, "POST", "/login")
-            .api_key(IOS_KEY)
+        gw.post("/login")
             .json(serde_json::json!({"email": email, "password": "guess"}))
             .send()
     };

@@ -5,9 +5,7 @@
 //! Needs Django importable by `python3` (`scripts/test` installs it). Without
 //! it the tests say so and pass, unless `CI` is set, where they fail.
 
-mod commands_support;
-
-use commands_support::*;
+use crate::support::commands::*;
 use http::Method;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -157,15 +155,7 @@ async fn long_run_is_cancelled_and_leaves_no_process() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(working);
-    let c = send(
-        env.addr,
-        Method::POST,
-        &format!("/__manage__/jobs/{id}/cancel"),
-        Some(ALICE),
-        "",
-        &[],
-    )
-    .await;
+    let c = cancel(&env, &id).await;
     assert_eq!(c.status, 202);
     let done = wait_job(&env, &id, 10).await;
     assert_eq!(done["status"], "cancelled");
