@@ -1,5 +1,5 @@
-//! Encrypted query parameters: what the backend receives decrypts
-//! (Rust keyring, and the README's Python snippet) to what the device sent.
+//! Encrypted query parameters: what the backend receives decrypts (Rust
+//! keyring, and the Python snippet of docs/encryption.md) to what the device sent.
 
 use crate::support::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -186,14 +186,14 @@ async fn routes_without_encrypt_query_pass_the_query_unchanged() {
     gw.stop().await;
 }
 
-/// The ```python block following `<!-- decrypt-snippet -->` in README.md.
-fn readme_snippet() -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md");
+/// The ```python block following `<!-- decrypt-snippet -->` in docs/encryption.md.
+fn documented_snippet() -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/encryption.md");
     let readme =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let after = readme
         .split_once("<!-- decrypt-snippet -->")
-        .unwrap_or_else(|| panic!("README.md has no `<!-- decrypt-snippet -->` marker"))
+        .unwrap_or_else(|| panic!("docs/encryption.md has no `<!-- decrypt-snippet -->` marker"))
         .1;
     let start = after
         .find("```python\n")
@@ -205,11 +205,11 @@ fn readme_snippet() -> String {
     after[start..start + len].to_owned()
 }
 
-/// Runs the README snippet's `decrypt(key, param, value)` with python3.
+/// Runs the documented snippet's `decrypt(key, param, value)` with python3.
 fn python_decrypt(key_b64: &str, param: &str, value: &str) -> Result<String, String> {
     let script = format!(
         "{}\n\nimport sys\nsys.stdout.write(decrypt(sys.argv[1], sys.argv[2], sys.argv[3]))\n",
-        readme_snippet()
+        documented_snippet()
     );
     let out = std::process::Command::new("python3")
         .args(["-c", &script, key_b64, param, value])
@@ -225,7 +225,7 @@ fn python_decrypt(key_b64: &str, param: &str, value: &str) -> Result<String, Str
 #[tokio::test]
 async fn readme_python_snippet_decrypts_what_the_gateway_produced() {
     require_python(true);
-    // The reference test vector (key id 7) first.
+    // The documented test vector first.
     assert_eq!(
         python_decrypt(
             OLD_KEY_B64,
