@@ -45,6 +45,18 @@ fn bad(core: &Core, message: &str, request_id: &str) -> Response<Body> {
     super::api::error(core, StatusCode::BAD_REQUEST, message, request_id)
 }
 
+/// 503 after `what` failed to read (the cause is logged, not sent).
+fn unavailable(
+    core: &Core,
+    what: &str,
+    err: &dyn std::fmt::Display,
+    request_id: &str,
+) -> Response<Body> {
+    tracing::error!(error = %err, "{what} read failed");
+    let message = format!("{what} unavailable");
+    super::api::error(core, StatusCode::SERVICE_UNAVAILABLE, &message, request_id)
+}
+
 fn limit_of(value: &str) -> Result<usize, &'static str> {
     match value.parse::<usize>() {
         Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
@@ -153,15 +165,7 @@ pub(super) async fn jobs(
                 .collect();
             super::api::json_response(StatusCode::OK, &json!({"jobs": jobs, "next": next}))
         }
-        Err(err) => {
-            tracing::error!(error = %err, "job store read failed");
-            super::api::error(
-                core,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Job store unavailable",
-                request_id,
-            )
-        }
+        Err(err) => unavailable(core, "Job store", &err, request_id),
     }
 }
 
@@ -219,24 +223,8 @@ pub(super) async fn audit(
                 }),
             )
         }
-        Ok(Err(err)) => {
-            tracing::error!(error = %err, "audit log read failed");
-            super::api::error(
-                core,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Audit log unavailable",
-                request_id,
-            )
-        }
-        Err(err) => {
-            tracing::error!(error = %err, "audit log read task failed");
-            super::api::error(
-                core,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Audit log unavailable",
-                request_id,
-            )
-        }
+        Ok(Err(err)) => unavailable(core, "Audit log", &err, request_id),
+        Err(err) => unavailable(core, "Audit log", &err, request_id),
     }
 }
 
