@@ -134,6 +134,8 @@
     $("token").focus();
   }
 
+  let runnersShown = false;
+
   // The audit view needs an unrestricted operator; runners exist only when
   // configured. Both are shown only when the API answers for them.
   async function probeOptionalViews() {
@@ -148,12 +150,18 @@
     } catch (_) {
       /* not for this operator */
     }
+    runnersShown = false;
+    $("jobs-runner-col").hidden = true;
     try {
-      await api("GET", "/runners");
-      runnersBtn.hidden = false;
-      $("filter-runner-field").hidden = false;
+      const { json } = await api("GET", "/runners");
+      if (json && Array.isArray(json.runners) && json.runners.length) {
+        runnersShown = true;
+        runnersBtn.hidden = false;
+        $("filter-runner-field").hidden = false;
+        $("jobs-runner-col").hidden = false;
+      }
     } catch (_) {
-      /* no runners configured */
+      /* no runners configured (404), or not for this operator */
     }
   }
 
@@ -548,6 +556,7 @@
             el("td", { "data-label": "Exit", text: rec.exit_code === undefined || rec.exit_code === null ? "—" : String(rec.exit_code) }),
             el("td", { "data-label": "Duration", text: duration(rec.duration_ms) || "—" }),
             el("td", { "data-label": "Operator", text: rec.operator }),
+            runnersShown ? el("td", { "data-label": "Runner", text: rec.runner || "this gateway" }) : null,
             el("td", { "data-label": "Job" }, open)
           )
         );
@@ -577,13 +586,27 @@
   async function loadRunners() {
     const body = $("runners-table").tBodies[0];
     clear(body);
+    $("runners-error").textContent = "";
     try {
       const { json } = await api("GET", "/runners");
       for (const r of json.runners || []) {
-        body.append(el("tr", {}, el("td", { text: r.name }), el("td", { text: r.state || "" }), el("td", { text: JSON.stringify(r) })));
+        const jobs = Array.isArray(r.running_jobs) ? r.running_jobs : [];
+        body.append(
+          el(
+            "tr",
+            { "data-runner": r.name },
+            el("td", { "data-label": "Name" }, el("code", { text: r.name })),
+            el("td", { "data-label": "Groups", text: (r.groups || []).join(", ") || "—" }),
+            el("td", { "data-label": "Connected" }, el("span", { class: "status status-" + (r.connected ? "succeeded" : "lost"), text: r.connected ? "connected" : "not connected" })),
+            el("td", { "data-label": "Last seen", text: when(r.last_seen) || "never" }),
+            el("td", { "data-label": "Running jobs", text: jobs.length ? jobs.join(", ") : "none" }),
+            el("td", { "data-label": "Version", text: r.version || "—" })
+          )
+        );
       }
+      $("runners-empty").hidden = body.rows.length > 0;
     } catch (e) {
-      body.append(el("tr", {}, el("td", { colspan: 3, text: e.message })));
+      $("runners-error").textContent = e.message;
     }
   }
 
@@ -649,6 +672,7 @@
     });
     $("jobs-more").addEventListener("click", () => loadJobs(true));
     $("audit-refresh").addEventListener("click", () => loadAudit(false));
+    $("runners-refresh").addEventListener("click", loadRunners);
     $("audit-more").addEventListener("click", () => loadAudit(true));
     const saved = sessionStorage.getItem(TOKEN_KEY);
     if (saved) {

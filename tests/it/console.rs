@@ -61,9 +61,15 @@ django = {{ python = "python3", manage_py = "{manage}", cwd = "{root}" }}
 kill_grace = "2s"
 env = ["PATH", "PYTHONPATH", "HOME"]
 
+metadata_only = ["secret_dump"]
+
 [[commands.custom]]
 name = "echo"
 argv = ["echo", "hi"]
+
+[[commands.custom]]
+name = "secret_dump"
+argv = ["echo", "top-secret"]
 
 [commands.rules.ops_report]
 options = {{ name = "string", count = {{ type = "int", min = 0, max = 5 }}, loud = "bool", sleep = "int", args = "list" }}
@@ -79,7 +85,7 @@ async fn start_console_binary(dir: &Path) -> (ChildGuard, std::net::SocketAddr) 
 }
 
 /// Runs the Playwright script against `base`; its observations.
-async fn drive(base: &str, needle: &str) -> Value {
+async fn drive(base: &str, needle: &str, audit: &Path) -> Value {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/console/drive_console.py");
     let mut cmd = tokio::process::Command::new("python3");
@@ -87,6 +93,7 @@ async fn drive(base: &str, needle: &str) -> Value {
         .env("CONSOLE_BASE", base)
         .env("CONSOLE_TOKEN", ALICE)
         .env("CONSOLE_NEEDLE", needle)
+        .env("CONSOLE_AUDIT", audit)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -122,7 +129,8 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
     let (_gw, addr) = start_console_binary(dir.path()).await;
     let base = format!("http://{addr}");
     let needle = format!("console-long-{:016x}", fastrand::u64(..));
-    let seen = drive(&base, &needle).await;
+    let audit_file = dir.path().join("audit.jsonl");
+    let seen = drive(&base, &needle, &audit_file).await;
 
     // The page and every request it made stayed on the gateway's origin.
     let requests = seen["requests"].as_array().unwrap();
@@ -163,7 +171,15 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
         .iter()
         .map(text)
         .collect();
-    assert_eq!(listed, ["echo", "ops_report", "check"]);
+    assert_eq!(listed, ["echo", "secret_dump", "ops_report", "check"]);
+    // No runners configured: neither their view nor their filter.
+    assert_eq!(seen["runners_view_hidden"], true);
+    assert_eq!(seen["runner_filter_hidden"], true);
+    // Every visible control of every view has a label (or a text).
+    for (view, missing) in seen["unlabelled"].as_object().unwrap() {
+        assert_eq!(missing, &serde_json::json!([]), "unlabelled in {view}");
+    }
+    assert_eq!(seen["unlabelled"].as_object().unwrap().len(), 4);
 
     // The Django command's generated form and its result in place.
     let labels: Vec<&str> = seen["form_labels"]
@@ -190,6 +206,9 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
     // The long run: followed live, then cancelled; its process is gone.
     assert!(text(&seen["long_output_live"]).contains("working 3"));
     assert_eq!(seen["long_alive_before_cancel"], true);
+    // The other origin's cancel attempts left it running.
+    assert_eq!(seen["long_status_after_cross_origin"], "running");
+    assert_eq!(seen["long_alive_after_cross_origin"], true);
     assert_eq!(seen["long_status"], "cancelled");
     assert_eq!(seen["cancel_button_hidden"], true);
     assert!(
@@ -210,8 +229,23 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
     assert_eq!(job["status"], "cancelled");
     assert_eq!(job["reason"], "cancelled by alice");
 
-    // Keyboard alone ran the custom command.
+    // Keyboard alone ran the custom command and opened the Jobs view, with
+    // a visible focus ring at every stop.
     assert_eq!(seen["keyboard_output"], "hi\n");
+    assert_eq!(seen["focus_rings"], serde_json::json!([true, true, true]));
+
+    // A metadata-only run says so, shows no output, in place and in Jobs.
+    for (notice, output) in [
+        ("metadata_notice", "metadata_output"),
+        ("job_detail_metadata_notice", "job_detail_metadata_output"),
+    ] {
+        assert!(
+            text(&seen[notice]).contains("Metadata-only"),
+            "{}",
+            seen[notice]
+        );
+        assert!(!text(&seen[output]).contains("top-secret"), "{seen}");
+    }
 
     // Jobs view: newest first as the API lists them; filters; any output.
     let api = send(addr, Method::GET, "/__manage__/jobs", Some(ALICE), "", &[])
@@ -229,12 +263,13 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
         .iter()
         .map(text)
         .collect();
-    assert_eq!(shown.len(), 3);
+    assert_eq!(shown.len(), 4);
     assert_eq!(shown, api_ids);
     assert_eq!(
         seen["jobs_statuses"],
-        serde_json::json!(["succeeded", "cancelled", "succeeded"])
+        serde_json::json!(["succeeded", "succeeded", "cancelled", "succeeded"])
     );
+    assert_eq!(seen["jobs_filtered_bob"], 0);
     assert_eq!(seen["jobs_filtered_cancelled"], serde_json::json!([long]));
     assert_eq!(
         seen["jobs_filtered_command"],
@@ -244,8 +279,21 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
 
     // Audit view: the chain verified, lines exactly as in the file.
     assert!(text(&seen["audit_verdict"]).starts_with("Hash chain verified."));
-    let file = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
-    let file_lines: Vec<&str> = file.lines().collect();
+    // After the driver edited the newest line, the view names that line.
+    let edited = seen["edited_line"].as_u64().unwrap();
+    let verdict = text(&seen["audit_verdict_edited"]);
+    assert!(
+        verdict.starts_with("Hash chain BROKEN.") && verdict.contains(&format!("line {edited}:")),
+        "{verdict}"
+    );
+    let file = std::fs::read_to_string(&audit_file).unwrap();
+    let mut file_lines: Vec<&str> = file.lines().collect();
+    // The view showed that line before the edit.
+    let slot = file_lines
+        .get_mut(usize::try_from(edited).unwrap() - 1)
+        .unwrap();
+    assert_ne!(*slot, text(&seen["edited_original"]));
+    *slot = text(&seen["edited_original"]);
     let shown_lines: Vec<&str> = seen["audit_raw_lines"]
         .as_array()
         .unwrap()
@@ -261,11 +309,15 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
         .collect();
     assert_eq!(shown_lines, expected);
 
-    // Phone width: nothing wider than the screen.
-    assert!(
-        seen["phone_scroll_width"].as_u64().unwrap() <= 390,
-        "{seen}"
-    );
+    // Phone width: no view is wider than the screen.
+    let widths = seen["phone_widths"].as_object().unwrap();
+    assert_eq!(widths.len(), 3, "{widths:?}");
+    for (view, width) in widths {
+        assert!(
+            width.as_u64().unwrap() <= 390,
+            "{view} at phone width: {width}"
+        );
+    }
 
     // Another origin could not run anything while the operator was signed
     // in: its requests arrived without the token and were refused; the only
@@ -278,7 +330,13 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
         .collect();
     assert_eq!(
         results,
-        ["cors:blocked", "no-cors:opaque:0", "read:blocked"]
+        [
+            "cancel-cors:blocked",
+            "cancel-no-cors:opaque:0",
+            "cors:blocked",
+            "no-cors:opaque:0",
+            "read:blocked"
+        ]
     );
     let echo_jobs = send(
         addr,
