@@ -38,8 +38,21 @@ pub(super) fn json_response(status: StatusCode, value: &Value) -> Response<Body>
     resp
 }
 
+/// An error envelope; like every `/__manage__` answer, never cached.
+fn envelope_no_store(
+    core: &Core,
+    status: StatusCode,
+    message: &str,
+    request_id: &str,
+) -> Response<Body> {
+    let mut resp = envelope::response(status, &core.error_type, message, request_id);
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
 fn refusal_response(core: &Core, r: &Refusal, request_id: &str) -> Response<Body> {
-    let mut resp = envelope::response(r.status, &core.error_type, &r.message, request_id);
+    let mut resp = envelope_no_store(core, r.status, &r.message, request_id);
     if r.status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(
             http::header::WWW_AUTHENTICATE,
@@ -59,7 +72,7 @@ pub(super) fn error(
     message: &str,
     request_id: &str,
 ) -> Response<Body> {
-    envelope::response(status, &core.error_type, message, request_id)
+    envelope_no_store(core, status, message, request_id)
 }
 
 fn method_not_allowed(core: &Core, allow: &'static str, request_id: &str) -> Response<Body> {

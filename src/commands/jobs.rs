@@ -115,13 +115,19 @@ impl Job {
     /// Waits until the job has ended or `wait` passed; true when ended.
     pub(super) async fn wait_final(&self, wait: Duration) -> bool {
         let mut rx = self.version.subscribe();
-        let deadline = tokio::time::Instant::now() + wait;
+        // `Duration::MAX` (wait for the end) has no deadline: adding it to
+        // an instant would overflow.
+        let deadline = tokio::time::Instant::now().checked_add(wait);
         loop {
             if self.is_final() {
                 return true;
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => {}
+            let changed = match deadline {
+                Some(at) => tokio::time::timeout_at(at, rx.changed()).await.ok(),
+                None => Some(rx.changed().await),
+            };
+            match changed {
+                Some(Ok(())) => {}
                 _ => return self.is_final(),
             }
         }

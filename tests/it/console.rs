@@ -69,7 +69,7 @@ argv = ["echo", "hi"]
 
 [[commands.custom]]
 name = "secret_dump"
-argv = ["echo", "top-secret"]
+argv = ["python3", "-c", "import time; print('top-secret', flush=True); time.sleep(0.5)"]
 
 [commands.rules.ops_report]
 options = {{ name = "string", count = {{ type = "int", min = 0, max = 5 }}, loud = "bool", sleep = "int", args = "list" }}
@@ -79,9 +79,11 @@ options = {{ name = "string", count = {{ type = "int", min = 0, max = 5 }}, loud
     )
 }
 
+/// The binary serving [`console_commands`], its log in `dir/gateway.log`.
 async fn start_console_binary(dir: &Path) -> (ChildGuard, std::net::SocketAddr) {
     let (config, addr) = binary_config(dir, &console_commands());
-    (start_binary(&config, addr).await, addr)
+    let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
+    (start_binary_logging(&config, addr, log.into()).await, addr)
 }
 
 /// Runs the Playwright script against `base`; its observations.
@@ -131,6 +133,9 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
     let needle = format!("console-long-{:016x}", fastrand::u64(..));
     let audit_file = dir.path().join("audit.jsonl");
     let seen = drive(&base, &needle, &audit_file).await;
+    // The gateway logged no panic while the console drove it.
+    let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap();
+    assert!(!log.contains("panicked"), "gateway log:\n{log}");
 
     // The page and every request it made stayed on the gateway's origin.
     let requests = seen["requests"].as_array().unwrap();
@@ -140,6 +145,13 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
             text(url).starts_with(&format!("{base}/__manage__/")),
             "request off the gateway's origin or API: {url}"
         );
+    }
+    // Nothing the page fetched (files, command list, job records, output
+    // streams, listings) may be cached.
+    let responses = seen["responses"].as_array().unwrap();
+    assert!(responses.len() > 10, "{seen}");
+    for r in responses {
+        assert_eq!(r[2], "no-store", "cacheable answer: {r}");
     }
     // Strict headers on the page.
     let h = &seen["page_headers"];
@@ -570,6 +582,7 @@ async fn console_files_need_no_token_and_the_api_allows_no_other_origin() {
         assert!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"));
         assert_eq!(r.headers["x-frame-options"], "DENY");
         assert_eq!(r.headers["x-content-type-options"], "nosniff");
+        assert_eq!(r.headers["cache-control"], "no-store", "{path}");
         assert!(!r.body.is_empty());
     }
     let page = send(env.addr, Method::GET, "/__manage__/console", None, "", &[]).await;
