@@ -643,3 +643,50 @@ async fn console_files_need_no_token_and_the_api_allows_no_other_origin() {
     let jobs = get(&env, "/__manage__/jobs").await.json();
     assert_eq!(jobs["jobs"], serde_json::json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_respond_async_answers_202_at_once() {
+    let env = start(
+        r#"
+sync_wait = "20s"
+[[commands.custom]]
+name = "nap"
+argv = ["sleep", "0.4"]
+[[commands.custom]]
+name = "echo"
+argv = ["echo", "hi"]
+"#,
+    )
+    .await;
+    // Without the preference the caller waits for the result (sync_wait).
+    let r = send(
+        env.addr,
+        Method::POST,
+        "/__manage__/nap",
+        Some(ALICE),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "succeeded");
+    // With it, 202 and where to follow the job, while it still runs.
+    let r = send(
+        env.addr,
+        Method::POST,
+        "/__manage__/nap",
+        Some(ALICE),
+        "",
+        &[("prefer", "respond-async, wait=100")],
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let location = format!("/__manage__/jobs/{id}");
+    assert_eq!(r.headers["location"], location.as_str());
+    let job = get(&env, &location).await.json();
+    assert!(
+        job["status"] == "running" || job["status"] == "queued",
+        "{job}"
+    );
+}
