@@ -301,3 +301,48 @@ pub async fn no_process_with(needle: &str) -> bool {
     }
     false
 }
+
+/// The Django project the remote-operations tests drive.
+pub fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/django")
+}
+
+/// Whether Django is importable by `python3`. Without it the Django tests
+/// say so and pass, unless `CI` is set, where they fail.
+pub fn django_available() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import django"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "Django is not installed: run scripts/test"
+        );
+        eprintln!("SKIPPED: Django is not installed (scripts/test installs it)");
+    }
+    ok
+}
+
+/// The `[commands]` body for the Django fixture: `head` first (mode, allow),
+/// the preset, `extra` (rules and the like), then the custom command `echo`
+/// (bob's only command).
+pub fn django_commands(head: &str, extra: &str) -> String {
+    let root = fixture();
+    format!(
+        r#"
+{head}
+django = {{ python = "python3", manage_py = "{manage}", cwd = "{root}" }}
+sync_wait = "20s"
+kill_grace = "2s"
+env = ["PATH", "PYTHONPATH", "HOME"]
+{extra}
+
+[[commands.custom]]
+name = "echo"
+argv = ["echo", "hi"]
+"#,
+        manage = root.join("manage.py").display(),
+        root = root.display(),
+    )
+}
