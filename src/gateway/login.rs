@@ -29,7 +29,7 @@ pub(super) async fn login(
     if header_str(req.headers(), &USER_TOKEN).is_some() {
         return Err(GatewayError::TokenOnPublic);
     }
-    let deadline = Instant::now() + state.backend_timeout;
+    let mut deadline = Instant::now() + state.backend_timeout;
     let (mut parts, incoming) = req.into_parts();
     let body = request_body(
         &mut parts.headers,
@@ -37,7 +37,7 @@ pub(super) async fn login(
         state.max_body,
         false,
         true,
-        deadline,
+        &mut deadline,
         state.config.limits.body_read_timeout,
     )
     .await?;
