@@ -278,9 +278,14 @@ fn check(
         if let Some(e) = never(name, &key) {
             return Err(e);
         }
+        // The option as the schema spells it (custom commands get exactly that).
+        let mut flag_name = name.as_str();
         if let Some(schema) = schema {
             match schema.iter().find(|(k, _)| normalize(k) == key) {
-                Some((_, spec)) => check_spec(name, spec, value)?,
+                Some((k, spec)) => {
+                    check_spec(name, spec, value)?;
+                    flag_name = k.as_str();
+                }
                 None => {
                     return Err(err(format!(
                         "unknown option {name:?}: not in [commands.rules.{command}].options"
@@ -312,14 +317,14 @@ fn check(
             continue;
         }
         match value {
-            Value::Bool(true) => argv.push(format!("--{name}")),
+            Value::Bool(true) => argv.push(format!("--{flag_name}")),
             Value::Bool(false) => {}
             Value::Array(items) => {
                 for item in items {
-                    argv.push(format!("--{name}={}", scalar(name, item)?));
+                    argv.push(format!("--{flag_name}={}", scalar(name, item)?));
                 }
             }
-            other => argv.push(format!("--{name}={}", scalar(name, other)?)),
+            other => argv.push(format!("--{flag_name}={}", scalar(name, other)?)),
         }
     }
     if argv.len() + positional.len() > MAX_ITEMS {

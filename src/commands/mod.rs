@@ -19,6 +19,11 @@
 //!   only after the `finished` line: a second run holding the same lock is
 //!   refused with 409, never started.
 //! - Output of metadata-only commands is counted, never stored.
+//! - A Django command runs only with its options read from Django
+//!   ([`introspect`]), and only with `data` keys that are exactly its own
+//!   long options; `settings` and `pythonpath` never.
+//! - A reload swaps operators and `[commands]` for every later request;
+//!   running jobs keep what they started with.
 
 mod api;
 pub mod args;
