@@ -115,6 +115,46 @@ mod tests {
     }
 
     #[test]
+    fn unknown_keys_do_not_hide_other_problems() {
+        let text = r#"
+            [server]
+            listen = "127.0.0.1:1"
+            typo = 1
+            [backend]
+            url = "http://127.0.0.1:9"
+            [[api_keys]]
+            name = "a"
+            key = "k"
+            [[routes]]
+            path = "/a"
+            methods = ["GET"]
+            bogus = 1
+            [[routes]]
+            path = "b"
+            methods = ["GET"]
+            [[routes]]
+            path = "/c/{x}"
+            methods = ["GET"]
+            backend_path = "/c/{y}"
+            [limits]
+            idle_timeout = "never"
+        "#;
+        let e = Config::parse(text).unwrap_err();
+        let all = e.to_string();
+        for needle in [
+            "server: unknown field `typo`",
+            "routes[0]: unknown field `bogus`",
+            "routes[1].path: invalid path \"b\": a path starts with '/'",
+            "routes[2].backend_path: {y} is not a parameter",
+            "limits.idle_timeout",
+        ] {
+            assert!(all.contains(needle), "{needle} missing from\n{all}");
+        }
+        // (the bad path is also the default backend path)
+        assert_eq!(e.0.len(), 6, "{all}");
+    }
+
+    #[test]
     fn sizes_durations_rates() {
         assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
         assert_eq!(parse_size("16KiB").unwrap(), 16 << 10);
