@@ -212,13 +212,16 @@
 
   function optionField(opt) {
     const id = "opt-" + opt.name;
-    const label = el("label", { for: id }, opt.name, opt.required ? " (required)" : null);
+    const label = el("label", { for: id, text: opt.name });
+    // The default is shown, never sent: only what the operator fills in is.
+    const hasDefault = opt.default !== null && opt.default !== undefined && opt.default !== "" && !Array.isArray(opt.default);
+    const placeholder = hasDefault && opt.kind !== "bool" ? String(opt.default) : null;
     const hint = [];
     if (opt.help) hint.push(opt.help);
     if (opt.flag) hint.push(opt.flag);
     let input;
     if (opt.kind === "bool") {
-      input = el("input", { id, type: "checkbox", name: opt.name, checked: opt.default === true });
+      input = el("input", { id, type: "checkbox", name: opt.name });
       const wrap = el("div", { class: "field check" }, input, label);
       if (hint.length) wrap.append(el("p", { class: "hint", id: id + "-hint", text: hint.join(" · ") }));
       if (hint.length) input.setAttribute("aria-describedby", id + "-hint");
@@ -226,9 +229,9 @@
     }
     if (opt.kind === "choice" && Array.isArray(opt.choices)) {
       input = el("select", { id, name: opt.name, multiple: opt.repeatable || null });
-      if (!opt.repeatable) input.append(el("option", { value: "", text: "(not given)" }));
+      if (!opt.repeatable) input.append(el("option", { value: "", text: placeholder ? "(default: " + placeholder + ")" : "(not given)" }));
       for (const ch of opt.choices) {
-        input.append(el("option", { value: String(ch), text: String(ch), selected: opt.default === ch }));
+        input.append(el("option", { value: String(ch), text: String(ch) }));
       }
     } else if (opt.kind === "int" || opt.kind === "float") {
       input = el("input", {
@@ -239,13 +242,12 @@
         step: opt.kind === "int" ? "1" : "any",
         min: opt.min,
         max: opt.max,
-        value: opt.default,
-        required: opt.required,
+        placeholder,
       });
       if (opt.min !== null && opt.min !== undefined) hint.push("min " + opt.min);
       if (opt.max !== null && opt.max !== undefined) hint.push("max " + opt.max);
     } else {
-      input = el("input", { id, name: opt.name, type: "text", autocomplete: "off", spellcheck: "false", value: opt.default, required: opt.required });
+      input = el("input", { id, name: opt.name, type: "text", autocomplete: "off", spellcheck: "false", placeholder });
       if (opt.pattern) hint.push("must match " + opt.pattern);
       if (opt.repeatable) hint.push("several values: one per line");
       if (opt.repeatable) {
@@ -313,18 +315,7 @@
         )
       );
     }
-    if (c.free_form) {
-      form.append(
-        el(
-          "div",
-          { class: "field" },
-          el("label", { for: "run-extra", text: "Other options (JSON object)" }),
-          el("textarea", { id: "run-extra", name: "__extra", rows: 2, spellcheck: "false", placeholder: '{"verbosity": 2}', "aria-describedby": "run-extra-hint" }),
-          el("p", { class: "hint", id: "run-extra-hint", text: "This command has no declared options: keys become --key=value." })
-        )
-      );
-    }
-    if (!options.length && !accepted && !c.free_form) form.append(el("p", { class: "hint", text: "This command takes no options." }));
+    if (!options.length && !accepted) form.append(el("p", { class: "hint", text: "This command takes no options." }));
     form.append(el("div", { class: "actions" }, el("button", { type: "submit", id: "run-button", text: "Run" })));
     form.append(el("p", { class: "error", id: "run-error", role: "alert" }));
     const result = el("div", { id: "run-result" });
@@ -340,19 +331,6 @@
     const errorBox = form.querySelector("#run-error");
     errorBox.textContent = "";
     const data = {};
-    try {
-      if (c.free_form) {
-        const extra = form.elements.namedItem("__extra").value.trim();
-        if (extra) {
-          const parsed = JSON.parse(extra);
-          if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) throw new Error("not an object");
-          Object.assign(data, parsed);
-        }
-      }
-    } catch (_) {
-      errorBox.textContent = "Other options must be a JSON object.";
-      return;
-    }
     for (const opt of c.options || []) {
       const v = readOption(opt, form);
       if (v !== undefined && !(typeof v === "number" && Number.isNaN(v))) data[opt.name] = v;

@@ -1,4 +1,5 @@
-//! The `/__manage__` endpoints (SPEC §5). Order for every request:
+//! The `/__manage__` endpoints, as docs/remote-operations.md describes them.
+//! Order for every request:
 //! bearer token (401) → route (404/405) → permission (403) → body (400/413)
 //! → arguments (400) → lock (409) → capacity (429) → audit + store (503) → run.
 
@@ -146,7 +147,7 @@ where
     };
 
     let op = match bearer(&req).and_then(|t| core.find_operator(t)) {
-        Some(op) => op.clone(),
+        Some(op) => op,
         None => {
             let reason = if bearer(&req).is_some() {
                 "invalid operator token"
@@ -170,7 +171,7 @@ where
     ctx.operator = Some(op.name.clone());
 
     match (segments.as_slice(), req.method()) {
-        ([], &Method::GET) => list(core, &op),
+        ([], &Method::GET) => list(core, &op).await,
         ([], _) => method_not_allowed(core, "GET", request_id),
         (["jobs"], &Method::GET) => {
             super::listing::jobs(core, &op, req.uri().query(), request_id).await
@@ -221,13 +222,14 @@ pub(super) fn clip(s: &str) -> &str {
     }
 }
 
-fn list(core: &Core, op: &super::Op) -> Response<Body> {
-    let cfg = &core.cfg;
-    let describe = |name: &str, kind: &str| super::describe::command(cfg, name, kind);
+async fn list(core: &Core, op: &super::Op) -> Response<Body> {
+    // Right after start or a reload, give Django a moment to answer.
+    core.introspection_settled().await;
+    let cfg = core.cfg();
     let mut commands = Vec::new();
     for c in &cfg.custom {
         if core.may_see(op, &c.name) {
-            commands.push(describe(&c.name, "custom"));
+            commands.push(super::describe::custom(&cfg, &c.name));
         }
     }
     let mut any_other = false;
@@ -237,12 +239,13 @@ fn list(core: &Core, op: &super::Op) -> Response<Body> {
             (super::config::Mode::Blocklist(_), Some(own)) => own.clone(),
             (super::config::Mode::Blocklist(_), None) => {
                 any_other = true;
-                Vec::new()
+                core.intro.borrow().names()
             }
         };
         for n in names {
             if cfg.custom(&n).is_none() && core.may_see(op, &n) {
-                commands.push(describe(&n, "django"));
+                let known = core.intro.borrow().get(&n);
+                commands.push(super::describe::django(&cfg, &n, &known));
             }
         }
     }
@@ -350,7 +353,7 @@ where
     let sync_wait = if prefers_async(&req) {
         Duration::ZERO
     } else {
-        core.cfg.sync_wait
+        core.cfg().sync_wait
     };
     let data = match read_data(req).await {
         Ok(d) => d,

@@ -16,10 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/django")
-}
-
 /// Whether the browser test can run here; in CI it must.
 fn browser_available() -> bool {
     let python_ok = |module: &str| {
@@ -50,32 +46,17 @@ fn browser_available() -> bool {
 }
 
 /// Commands of the console's test gateway: the Django fixture project
-/// (`check`, and `ops_report` with a schema the form is built from) and a
-/// custom `echo`.
+/// (`check`, and `ops_report`, whose form is built from the options Django
+/// reports), the custom `echo` and a metadata-only custom command.
 fn console_commands() -> String {
-    let root = fixture();
-    format!(
+    django_commands(
+        r#"allow = ["ops_report", "check"]
+metadata_only = ["secret_dump"]"#,
         r#"
-allow = ["ops_report", "check"]
-django = {{ python = "python3", manage_py = "{manage}", cwd = "{root}" }}
-kill_grace = "2s"
-env = ["PATH", "PYTHONPATH", "HOME"]
-
-metadata_only = ["secret_dump"]
-
-[[commands.custom]]
-name = "echo"
-argv = ["echo", "hi"]
-
 [[commands.custom]]
 name = "secret_dump"
 argv = ["python3", "-c", "import time; print('top-secret', flush=True); time.sleep(0.5)"]
-
-[commands.rules.ops_report]
-options = {{ name = "string", count = {{ type = "int", min = 0, max = 5 }}, loud = "bool", sleep = "int", args = "list" }}
 "#,
-        manage = root.join("manage.py").display(),
-        root = root.display(),
     )
 }
 
@@ -116,6 +97,13 @@ async fn drive(base: &str, needle: &str, audit: &Path) -> Value {
         out.status
     );
     serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
+}
+
+/// `GET path` as alice from the compiled binary at `addr`, as JSON.
+async fn alice_get(addr: std::net::SocketAddr, path: &str) -> Value {
+    send(addr, Method::GET, path, Some(ALICE), "", &[])
+        .await
+        .json()
 }
 
 fn text(v: &Value) -> &str {
@@ -183,7 +171,7 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
         .iter()
         .map(text)
         .collect();
-    assert_eq!(listed, ["echo", "secret_dump", "ops_report", "check"]);
+    assert_eq!(listed, ["secret_dump", "echo", "ops_report", "check"]);
     // No runners configured: neither their view nor their filter.
     assert_eq!(seen["runners_view_hidden"], true);
     assert_eq!(seen["runner_filter_hidden"], true);
@@ -193,26 +181,67 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
     }
     assert_eq!(seen["unlabelled"].as_object().unwrap().len(), 4);
 
-    // The Django command's generated form and its result in place.
+    // The Django command's form, generated from the options Django reports
+    // for it: a labelled field per option, of the option's kind.
     let labels: Vec<&str> = seen["form_labels"]
         .as_array()
         .unwrap()
         .iter()
         .map(text)
         .collect();
-    for l in ["name", "count", "loud", "sleep", "Positional arguments"] {
-        assert!(labels.contains(&l), "{labels:?}");
+    for l in [
+        "name",
+        "count",
+        "loud",
+        "tag",
+        "sleep",
+        "level",
+        "verbosity",
+        "Positional arguments",
+    ] {
+        assert!(labels.contains(&l), "{l:?} not in {labels:?}");
     }
-    assert_eq!(seen["count_bounds"], serde_json::json!(["0", "5"]));
+    // Django's own `--settings` and `--pythonpath` are never offered.
+    assert!(!labels.contains(&"settings") && !labels.contains(&"pythonpath"));
+    let fields = &seen["form_fields"];
+    assert_eq!(
+        fields["name"],
+        serde_json::json!(["input", "text", null, null])
+    );
+    assert_eq!(
+        fields["count"],
+        serde_json::json!(["input", "number", "1", null])
+    );
+    assert_eq!(
+        fields["sleep"],
+        serde_json::json!(["input", "number", "any", null])
+    );
+    assert_eq!(
+        fields["loud"],
+        serde_json::json!(["input", "checkbox", null, null])
+    );
+    assert_eq!(fields["tag"][0], "textarea", "{fields}");
+    assert_eq!(
+        fields["level"],
+        serde_json::json!(["select", "select-one", null, ["", "low", "high"]])
+    );
     assert_eq!(seen["run_status"], "succeeded");
     assert_eq!(seen["run_exit"], "0");
     assert!(text(&seen["run_duration"]).ends_with('s'), "{seen}");
     let output = text(&seen["run_output"]);
     assert!(
         output.contains(
-            r#"received {"count": 2, "items": ["alpha", "beta"], "loud": true, "name": "console-run", "tag": []}"#
+            r#"received {"count": 2, "items": ["alpha", "beta"], "level": "high", "loud": true, "name": "console-run", "tag": []}"#
         ) && output.contains("done"),
         "{output}"
+    );
+
+    // Only what was filled in was sent: Django applied its own defaults.
+    let ran = text(&seen["run_job"]);
+    let job = alice_get(addr, &format!("/__manage__/jobs/{ran}")).await;
+    assert_eq!(
+        job["args"],
+        serde_json::json!({"args": ["alpha", "beta"], "count": 2, "level": "high", "loud": true, "name": "console-run"})
     );
 
     // The long run: followed live, then cancelled; its process is gone.
@@ -228,16 +257,7 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
         "the cancelled command is still running"
     );
     let long = text(&seen["long_job"]);
-    let job = send(
-        addr,
-        Method::GET,
-        &format!("/__manage__/jobs/{long}"),
-        Some(ALICE),
-        "",
-        &[],
-    )
-    .await
-    .json();
+    let job = alice_get(addr, &format!("/__manage__/jobs/{long}")).await;
     assert_eq!(job["status"], "cancelled");
     assert_eq!(job["reason"], "cancelled by alice");
 
@@ -260,9 +280,7 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
     }
 
     // Jobs view: newest first as the API lists them; filters; any output.
-    let api = send(addr, Method::GET, "/__manage__/jobs", Some(ALICE), "", &[])
-        .await
-        .json();
+    let api = alice_get(addr, "/__manage__/jobs").await;
     let api_ids: Vec<&str> = api["jobs"]
         .as_array()
         .unwrap()
@@ -350,16 +368,7 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
             "read:blocked"
         ]
     );
-    let echo_jobs = send(
-        addr,
-        Method::GET,
-        "/__manage__/jobs?command=echo",
-        Some(ALICE),
-        "",
-        &[],
-    )
-    .await
-    .json();
+    let echo_jobs = alice_get(addr, "/__manage__/jobs?command=echo").await;
     assert_eq!(
         echo_jobs["jobs"].as_array().unwrap().len(),
         1,
