@@ -46,11 +46,12 @@ fn browser_available() -> bool {
 }
 
 /// Commands of the console's test gateway: the Django fixture project
-/// (`check`, and `ops_report`, whose form is built from the options Django
-/// reports), the custom `echo` and a metadata-only custom command.
+/// (`check`; `ops_report`, whose form is built from the options Django
+/// reports; `broken_cmd`, which Django cannot load), the custom `echo` and a
+/// metadata-only custom command.
 fn console_commands() -> String {
     django_commands(
-        r#"allow = ["ops_report", "check"]
+        r#"allow = ["ops_report", "check", "broken_cmd"]
 metadata_only = ["secret_dump"]"#,
         r#"
 [[commands.custom]]
@@ -171,7 +172,17 @@ async fn browser_signs_in_runs_follows_cancels_and_lists() {
         .iter()
         .map(text)
         .collect();
-    assert_eq!(listed, ["secret_dump", "echo", "ops_report", "check"]);
+    assert_eq!(
+        listed,
+        ["secret_dump", "echo", "ops_report", "check", "broken_cmd"]
+    );
+    // A command Django could not describe is shown unavailable, without a form.
+    let broken = text(&seen["broken_detail"]);
+    assert!(
+        broken.contains("Unavailable: introspection failed"),
+        "{broken}"
+    );
+    assert_eq!(seen["broken_has_form"], false);
     // No runners configured: neither their view nor their filter.
     assert_eq!(seen["runners_view_hidden"], true);
     assert_eq!(seen["runner_filter_hidden"], true);
