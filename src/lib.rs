@@ -41,6 +41,7 @@ pub mod ratelimit;
 pub mod readahead;
 pub mod request_id;
 pub mod routes;
+pub mod runner;
 pub mod secret;
 pub mod server;
 pub mod sessions;

@@ -41,6 +41,9 @@ enum Command {
     },
     /// Validate the configuration, print its routes and every problem.
     Check,
+    /// Run commands for a gateway on this host (`--config runner.toml`):
+    /// dials out to the gateway, listens on nothing.
+    Runner,
     /// Read a secret on stdin and print its `sha256:` form.
     HashSecret,
     /// Print a new base64 AES-256 key.
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         ),
         Command::DevCerts { out } => dev_certs(&out),
         Command::Check => check(&cli.config),
+        Command::Runner => runner(&cli.config),
         Command::HashSecret => hash_secret(),
         Command::Keygen => {
             println!("{}", crypto::generate_key());
@@ -126,6 +130,27 @@ fn init_logging() {
 /// The async runtime: one worker per CPU this process may run on. With a
 /// single CPU (a pinned or CPU-limited container), the single-threaded
 /// scheduler does the same work without the work-stealing bookkeeping.
+fn runner(path: &std::path::Path) -> ExitCode {
+    init_logging();
+    let cfg = match portcullis::runner::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match runtime() {
+        Ok(rt) => {
+            rt.block_on(portcullis::runner::run(cfg));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus == 1 {

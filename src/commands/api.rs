@@ -169,6 +169,10 @@ where
         (["jobs", _, "output"], _) => method_not_allowed(core, "GET", request_id),
         (["jobs", id, "cancel"], &Method::POST) => cancel(core, &op, &ctx, id, request_id).await,
         (["jobs", _, "cancel"], _) => method_not_allowed(core, "POST", request_id),
+        (["runners"], &Method::GET) => match &core.remote {
+            Some(reg) => json_response(StatusCode::OK, &reg.list()),
+            None => json_response(StatusCode::OK, &serde_json::json!({"runners": []})),
+        },
         ([cmd], &Method::POST) if *cmd != "jobs" => run(core, &op, &ctx, cmd, req).await,
         ([cmd], _) if *cmd != "jobs" => method_not_allowed(core, "POST", request_id),
         _ => error(core, StatusCode::NOT_FOUND, "Not found", request_id),

@@ -101,6 +101,8 @@ pub struct RawCommands {
     custom: Vec<RawCustom>,
     #[serde(default)]
     schedules: Vec<RawSchedule>,
+    execute: Option<String>,
+    lease: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -118,6 +120,8 @@ struct RawRule {
     lock: Option<String>,
     timeout: Option<String>,
     max_output: Option<RawSize>,
+    target: Option<String>,
+    group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +246,19 @@ pub struct Rule {
     pub timeout: Option<Duration>,
     /// Overrides `commands.max_output`.
     pub max_output: Option<u64>,
+    /// `group`: with `execute = "runners"`, only runners of this group run
+    /// it (any group when absent).
+    pub group: Option<String>,
+}
+
+/// `commands.execute`: where commands run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Execute {
+    /// On the gateway host (the default).
+    #[default]
+    Local,
+    /// On runners that dial in from the backend hosts (`[[runners]]`).
+    Runners,
 }
 
 /// One `[[commands.schedules]]` entry.
@@ -295,6 +312,10 @@ pub struct CommandsConfig {
     pub rules: BTreeMap<String, Rule>,
     /// Cron schedules.
     pub schedules: Vec<Schedule>,
+    /// `execute`: on the gateway host or on runners.
+    pub execute: Execute,
+    /// `lease`: a runner silent this long is lost (its running jobs end `lost`).
+    pub lease: Duration,
 }
 
 /// Whether `name` is a valid option name: `^[A-Za-z][A-Za-z0-9_-]*$`.
@@ -333,7 +354,7 @@ impl CommandsConfig {
         if self.custom(name).is_some() {
             return true;
         }
-        if self.django.is_none() {
+        if self.django.is_none() && self.execute == Execute::Local {
             return false;
         }
         match &self.mode {
@@ -387,6 +408,13 @@ fn parse_cron(text: &str) -> Result<croner::Cron, String> {
 
 fn validate_rule(name: &str, r: &RawRule, p: &mut Problems) -> Rule {
     let at = format!("commands.rules.{name}");
+    match r.target.as_deref() {
+        None | Some("one") => {}
+        Some(other) => p.push(
+            format!("{at}.target"),
+            format!("only \"one\" is supported in this version, not {other:?}"),
+        ),
+    }
     let options = r.options.as_ref().map(|opts| {
         let mut out = BTreeMap::new();
         for (opt, raw) in opts {
@@ -463,6 +491,7 @@ fn validate_rule(name: &str, r: &RawRule, p: &mut Problems) -> Rule {
             .max_output
             .as_ref()
             .map(|m| size(&Some(clone_size(m)), 0, &format!("{at}.max_output"), p)),
+        group: r.group.clone(),
     }
 }
 
@@ -570,7 +599,18 @@ pub fn validate(raw: &RawCommands, p: &mut Problems) -> Option<CommandsConfig> {
             timeout: duration(&c.timeout, &format!("{at}.timeout"), p),
         });
     }
-    if django.is_none() && custom.is_empty() {
+    let execute = match raw.execute.as_deref() {
+        None | Some("local") => Execute::Local,
+        Some("runners") => Execute::Runners,
+        Some(other) => {
+            p.push(
+                "commands.execute",
+                format!("must be \"local\" or \"runners\", not {other:?}"),
+            );
+            Execute::Local
+        }
+    };
+    if django.is_none() && custom.is_empty() && execute == Execute::Local {
         p.push(
             "commands",
             "neither commands.django nor [[commands.custom]] is configured: nothing could run",
@@ -632,6 +672,8 @@ pub fn validate(raw: &RawCommands, p: &mut Problems) -> Option<CommandsConfig> {
             .unwrap_or(Duration::from_secs(30 * 24 * 3600)),
         rules,
         schedules: Vec::new(),
+        execute,
+        lease: duration(&raw.lease, "commands.lease", p).unwrap_or(Duration::from_secs(30)),
     };
 
     for (i, s) in raw.schedules.iter().enumerate() {

@@ -21,6 +21,7 @@
 mod api;
 pub mod args;
 pub mod config;
+pub mod remote;
 pub mod runner;
 mod scheduler;
 pub mod store;
@@ -215,6 +216,8 @@ struct Core {
     pid_dir: PathBuf,
     shutting_down: AtomicBool,
     shutdown_tx: watch::Sender<bool>,
+    /// With `execute = "runners"`: the runners and the jobs they hold.
+    remote: Option<Arc<remote::Registry>>,
 }
 
 /// The remote-operations service: owns the audit log, the job store, running
@@ -239,6 +242,7 @@ impl Commands {
     pub async fn start(
         cfg: &CommandsConfig,
         operators: &[crate::config::Operator],
+        runners: &[remote::RunnerDef],
         error_type: &str,
     ) -> Result<Arc<Commands>, String> {
         let audit_path = cfg.audit_log.clone();
@@ -272,6 +276,8 @@ impl Commands {
             pid_dir,
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
+            remote: (cfg.execute == config::Execute::Runners)
+                .then(|| remote::Registry::start(runners, cfg.lease)),
         });
         core.recover().await?;
         let mut scheduler = scheduler::spawn_all(&core);
@@ -291,6 +297,31 @@ impl Commands {
         request_id: &str,
     ) -> http::Response<Body> {
         api::handle(&self.core, req, client_ip, request_id).await
+    }
+
+    /// Handles `/__runner__/…` (runner tokens only); 404 unless
+    /// `execute = "runners"`.
+    pub async fn handle_runner(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> http::Response<Body> {
+        match &self.core.remote {
+            Some(reg) => remote::handle(reg, req).await,
+            None => crate::envelope::response(
+                http::StatusCode::NOT_FOUND,
+                &self.core.error_type,
+                "Not found",
+                "",
+            ),
+        }
+    }
+
+    /// Applies a reloaded `[[runners]]` (SIGHUP): removed runners and changed
+    /// tokens are refused at once.
+    pub fn update_runners(&self, runners: &[remote::RunnerDef]) {
+        if let Some(reg) = &self.core.remote {
+            reg.update(runners);
+        }
     }
 
     /// Stops the scheduler, refuses new runs (503), cancels queued and running
@@ -366,6 +397,64 @@ async fn prune_loop(core: Arc<Core>) {
     }
 }
 
+/// The process to start for `command` with arguments `argv` under `cfg`
+/// (`None` when `cfg` has neither a custom entry nor the Django preset).
+pub fn plan_for(cfg: &CommandsConfig, command: &str, argv: Vec<String>) -> Option<runner::Plan> {
+    let target = match cfg.custom(command) {
+        Some(c) => Target::Custom(c.clone()),
+        None if cfg.django.is_some() => Target::Django,
+        None => return None,
+    };
+    Some(plan(cfg, command, target, argv))
+}
+
+fn plan(cfg: &CommandsConfig, command: &str, target: Target, argv: Vec<String>) -> runner::Plan {
+    let rule = cfg.rules.get(command);
+    let mut env: Vec<(String, String)> = cfg
+        .env
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+        .collect();
+    let (program, args, cwd, timeout) = match target {
+        Target::Custom(c) => {
+            env.extend(c.env.iter().cloned());
+            let mut full = c.argv.clone();
+            full.extend(argv);
+            let program = if full.is_empty() {
+                String::new()
+            } else {
+                full.remove(0)
+            };
+            (program, full, c.cwd.clone(), c.timeout)
+        }
+        Target::Django => {
+            // `target` returns Django only when it is configured.
+            let d = cfg.django.clone().unwrap_or(config::Django {
+                python: PathBuf::new(),
+                manage_py: PathBuf::new(),
+                cwd: PathBuf::new(),
+            });
+            let mut args = vec![
+                d.manage_py.to_string_lossy().into_owned(),
+                command.to_owned(),
+            ];
+            args.extend(argv);
+            (d.python.to_string_lossy().into_owned(), args, d.cwd, None)
+        }
+    };
+    runner::Plan {
+        program,
+        args,
+        cwd,
+        env,
+        timeout: rule
+            .and_then(|r| r.timeout)
+            .or(timeout)
+            .unwrap_or(cfg.timeout),
+        kill_grace: cfg.kill_grace,
+    }
+}
+
 /// Which plan runs `command`, before arguments.
 enum Target {
     Django,
@@ -434,59 +523,16 @@ impl Core {
     fn target(&self, command: &str) -> Option<Target> {
         match self.cfg.custom(command) {
             Some(c) => Some(Target::Custom(c.clone())),
-            None if self.cfg.django.is_some() => Some(Target::Django),
+            None if self.cfg.django.is_some() || self.cfg.execute == config::Execute::Runners => {
+                Some(Target::Django)
+            }
             None => None,
         }
     }
 
     fn plan(&self, command: &str, target: Target, argv: Vec<String>) -> runner::Plan {
-        let rule = self.cfg.rules.get(command);
-        let mut env: Vec<(String, String)> = self
-            .cfg
-            .env
-            .iter()
-            .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
-            .collect();
-        let (program, args, cwd, timeout) = match target {
-            Target::Custom(c) => {
-                env.extend(c.env.iter().cloned());
-                let mut full = c.argv.clone();
-                full.extend(argv);
-                let program = if full.is_empty() {
-                    String::new()
-                } else {
-                    full.remove(0)
-                };
-                (program, full, c.cwd.clone(), c.timeout)
-            }
-            Target::Django => {
-                // `target` returns Django only when it is configured.
-                let d = self.cfg.django.clone().unwrap_or(config::Django {
-                    python: PathBuf::new(),
-                    manage_py: PathBuf::new(),
-                    cwd: PathBuf::new(),
-                });
-                let mut args = vec![
-                    d.manage_py.to_string_lossy().into_owned(),
-                    command.to_owned(),
-                ];
-                args.extend(argv);
-                (d.python.to_string_lossy().into_owned(), args, d.cwd, None)
-            }
-        };
-        runner::Plan {
-            program,
-            args,
-            cwd,
-            env,
-            timeout: rule
-                .and_then(|r| r.timeout)
-                .or(timeout)
-                .unwrap_or(self.cfg.timeout),
-            kill_grace: self.cfg.kill_grace,
-        }
+        plan(&self.cfg, command, target, argv)
     }
-
     fn release(&self, id: &str, lock_name: Option<&str>) {
         let mut st = lock(&self.state);
         st.pending = st.pending.saturating_sub(1);
@@ -527,6 +573,16 @@ impl Core {
         }
         let plan = self.plan(command, target, argv);
         let rule = self.cfg.rules.get(command);
+        let group = rule.and_then(|r| r.group.clone());
+        if let Some(reg) = &self.remote {
+            if !reg.any_connected(group.as_deref()) {
+                let r = Refusal::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "no runner of the command's group is connected",
+                );
+                return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
+            }
+        }
         let lock_name = rule.and_then(|r| r.lock.clone());
         let max_output = rule
             .and_then(|r| r.max_output)
@@ -588,6 +644,7 @@ impl Core {
             output_truncated: false,
             output_sha256: None,
             metadata_only,
+            runner: None,
         };
         // The accepted line and the job record go to disk concurrently; the
         // process starts only once both are durable.
@@ -647,8 +704,19 @@ impl Core {
         let core = Arc::clone(self);
         let run_job = Arc::clone(&job);
         let client = ctx.client.clone();
+        let dispatch = self.remote.is_some().then(|| {
+            (
+                remote::Dispatch {
+                    id: job.id.clone(),
+                    command: command.to_owned(),
+                    data: data.clone(),
+                },
+                group,
+            )
+        });
         tokio::spawn(async move {
-            core.run(run_job, plan, permit, lock_name, client).await;
+            core.run(run_job, plan, permit, lock_name, client, dispatch)
+                .await;
         });
         Ok(job)
     }
@@ -660,6 +728,7 @@ impl Core {
         permit: Option<OwnedSemaphorePermit>,
         lock_name: Option<String>,
         client: Option<String>,
+        dispatch: Option<(remote::Dispatch, Option<String>)>,
     ) {
         let _permit = match permit {
             Some(p) => p,
@@ -703,7 +772,10 @@ impl Core {
             job: Arc::clone(&job),
             pid_file: self.pid_dir.join(&job.id),
         };
-        let end = runner::run(&plan, &sink, job.cancel.subscribe()).await;
+        let end = match (&self.remote, dispatch) {
+            (Some(reg), Some((d, group))) => reg.run(&job, d, group.as_deref()).await,
+            _ => runner::run(&plan, &sink, job.cancel.subscribe()).await,
+        };
         job.pgid.store(0, Ordering::SeqCst);
         let _ = std::fs::remove_file(&sink.pid_file);
         self.finish(&job, end, Some(started.elapsed()), lock_name, client)
@@ -741,6 +813,8 @@ impl Core {
             runner::End::TimedOut => (Status::TimedOut, None, Some("timeout".to_owned())),
             runner::End::Cancelled(r) => (Status::Cancelled, None, Some(r)),
             runner::End::SpawnFailed(r) => (Status::Failed, None, Some(r)),
+            runner::End::Rejected(r) => (Status::Rejected, None, Some(r)),
+            runner::End::Lost(r) => (Status::Lost, None, Some(r)),
         };
         let (output, total, sha) = {
             let mut out = lock(&job.out);

@@ -24,6 +24,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) operators: Vec<RawOperator>,
     pub(super) commands: Option<crate::commands::config::RawCommands>,
+    #[serde(default)]
+    pub(super) runners: Vec<crate::commands::remote::RawRunnerDef>,
 }
 
 #[derive(Deserialize, Default)]

@@ -179,6 +179,7 @@ pub(super) fn validate(
         limits,
         rate_limits,
         operators,
+        runners: crate::commands::remote::validate_runners(&raw.runners, commands.as_ref(), p),
         commands,
         warnings: std::mem::take(warnings),
     })

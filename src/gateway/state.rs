@@ -230,7 +230,10 @@ impl State {
                 manage: RouteName::fixed("/__manage__"),
             },
             commands: match previous.and_then(|p| p.commands.get()) {
-                Some(c) => std::sync::OnceLock::from(Arc::clone(c)),
+                Some(c) => {
+                    c.update_runners(&config.runners);
+                    std::sync::OnceLock::from(Arc::clone(c))
+                }
                 None => std::sync::OnceLock::new(),
             },
             config,
@@ -263,8 +266,13 @@ impl State {
         if self.commands.get().is_some() {
             return Ok(());
         }
-        let commands =
-            crate::commands::Commands::start(cfg, &self.config.operators, &self.error_type).await?;
+        let commands = crate::commands::Commands::start(
+            cfg,
+            &self.config.operators,
+            &self.config.runners,
+            &self.error_type,
+        )
+        .await?;
         let _ = self.commands.set(commands);
         Ok(())
     }

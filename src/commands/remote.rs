@@ -1,0 +1,519 @@
+//! Gateway side of runners (`commands.execute = "runners"`): commands run on
+//! the backend hosts, by `portcullis runner` processes that dial in.
+//!
+//! Protocol (all under `/__runner__/`, `Authorization: Bearer <runner token>`;
+//! runner tokens are accepted nowhere else and nothing else is accepted here):
+//! - `POST /__runner__/poll` (body `{"version"}`): held until work or a cancel
+//!   is there, at most `min(25 s, lease / 2)`; answers
+//!   `{"jobs": [{"id","command","data"}], "cancel": [ids]}`. Every poll is
+//!   the runner's lease renewal.
+//! - `POST /__runner__/jobs/<id>/output` with `x-portcullis-offset: N`: appends
+//!   the body when N is the gateway's current length; otherwise 416 with
+//!   `{"length": <gateway's length>}` so the runner resyncs (a retried chunk
+//!   that already arrived is never stored twice).
+//! - `POST /__runner__/jobs/<id>/finish` `{"end","raw","reason","sent","output_bytes"}`:
+//!   416 + length when output is still missing, else the job ends.
+//!
+//! A runner that has not polled for `commands.lease` is lost: its jobs end
+//! `lost` and are never re-run.
+
+use super::{lock, runner::End, Job, RunSink};
+use crate::body::Body;
+use crate::config::problems::Problems;
+use crate::secret::Matcher;
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{oneshot, Notify};
+
+/// Header carrying the byte offset of an output chunk.
+pub const OFFSET_HEADER: &str = "x-portcullis-offset";
+/// Largest output chunk or report body accepted from a runner.
+const MAX_BODY: usize = 1 << 20;
+/// Longest a poll is held.
+const MAX_HOLD: Duration = Duration::from_secs(25);
+
+/// One `[[runners]]` entry as written in TOML.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRunnerDef {
+    name: String,
+    token: String,
+    #[serde(default)]
+    groups: Vec<String>,
+}
+
+/// One `[[runners]]` entry: a runner allowed to dial in.
+#[derive(Debug, Clone)]
+pub struct RunnerDef {
+    /// Its name, shown in job records.
+    pub name: String,
+    /// Its credential (kept as a digest).
+    pub token: Matcher,
+    /// Groups it serves (`[commands.rules.<cmd>] group`).
+    pub groups: Vec<String>,
+}
+
+/// Validates `[[runners]]` against `[commands]`.
+pub fn validate_runners(
+    raw: &[RawRunnerDef],
+    commands: Option<&super::config::CommandsConfig>,
+    p: &mut Problems,
+) -> Vec<RunnerDef> {
+    let mut out: Vec<RunnerDef> = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let at = format!("runners[{i}]");
+        if r.name.is_empty() || out.iter().any(|o| o.name == r.name) {
+            p.push(format!("{at}.name"), "must be non-empty and unique");
+        }
+        match crate::secret::resolve(&r.token).and_then(|s| Matcher::from_secret(&s)) {
+            Ok(token) => out.push(RunnerDef {
+                name: r.name.clone(),
+                token,
+                groups: r.groups.clone(),
+            }),
+            Err(e) => p.push(format!("{at}.token"), e),
+        }
+    }
+    let remote = commands.is_some_and(|c| c.execute == super::config::Execute::Runners);
+    if !raw.is_empty() && !remote {
+        p.push("runners", "[[runners]] need commands.execute = \"runners\"");
+    }
+    if remote && raw.is_empty() {
+        p.push(
+            "commands.execute",
+            "\"runners\" needs at least one [[runners]] entry",
+        );
+    }
+    out
+}
+
+/// A job handed to a runner, as the poll answer carries it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dispatch {
+    /// Job id.
+    pub id: String,
+    /// Command name.
+    pub command: String,
+    /// The operator's `data`, checked again by the runner's own rules.
+    pub data: Map<String, Value>,
+}
+
+/// How a runner reports the end of a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// `exited`, `timed_out`, `cancelled`, `spawn_failed` or `rejected`.
+    pub end: String,
+    /// Raw wait status for `exited`.
+    #[serde(default)]
+    pub raw: Option<i32>,
+    /// Reason for the other ends.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Output bytes sent to the gateway.
+    #[serde(default)]
+    pub sent: u64,
+    /// Output bytes the process wrote.
+    #[serde(default)]
+    pub output_bytes: u64,
+}
+
+struct Running {
+    job: Arc<Job>,
+    end: Option<oneshot::Sender<End>>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    revoked: bool,
+    last_seen: Option<Instant>,
+    last_seen_wall: Option<SystemTime>,
+    version: Option<String>,
+    queue: VecDeque<Dispatch>,
+    cancels: Vec<String>,
+    running: HashMap<String, Running>,
+}
+
+struct Slot {
+    def: RunnerDef,
+    st: Mutex<SlotState>,
+    wake: Notify,
+}
+
+/// The runners known to the gateway and the jobs they hold.
+pub(super) struct Registry {
+    lease: Duration,
+    slots: Mutex<Vec<Arc<Slot>>>,
+}
+
+impl Registry {
+    /// A registry for `defs`, with its lease watcher running.
+    pub(super) fn start(defs: &[RunnerDef], lease: Duration) -> Arc<Registry> {
+        let reg = Arc::new(Registry {
+            lease,
+            slots: Mutex::new(Vec::new()),
+        });
+        reg.update(defs);
+        let weak = Arc::downgrade(&reg);
+        tokio::spawn(async move {
+            let tick = (lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(reg) = weak.upgrade() else { return };
+                reg.expire();
+            }
+        });
+        reg
+    }
+
+    /// Applies a reloaded `[[runners]]`: a removed runner or one whose token
+    /// changed is refused at once, its held poll included.
+    pub(super) fn update(&self, defs: &[RunnerDef]) {
+        let mut slots = lock(&self.slots);
+        let mut next = Vec::new();
+        for d in defs {
+            let keep = slots
+                .iter()
+                .find(|s| s.def.name == d.name && s.def.token.same_as(&d.token))
+                .cloned();
+            next.push(match keep {
+                Some(s) if s.def.groups == d.groups => s,
+                _ => Arc::new(Slot {
+                    def: d.clone(),
+                    st: Mutex::new(SlotState::default()),
+                    wake: Notify::new(),
+                }),
+            });
+        }
+        for old in slots.iter() {
+            if !next.iter().any(|n| Arc::ptr_eq(n, old)) {
+                lock(&old.st).revoked = true;
+                old.wake.notify_waiters();
+                // Its jobs are lost: the runner can no longer report them.
+                let running: Vec<Running> = lock(&old.st).running.drain().map(|(_, r)| r).collect();
+                for mut r in running {
+                    if let Some(tx) = r.end.take() {
+                        let _ = tx.send(End::Lost("runner removed from the configuration".into()));
+                    }
+                }
+            }
+        }
+        *slots = next;
+    }
+
+    fn connected(&self, s: &SlotState) -> bool {
+        !s.revoked && s.last_seen.is_some_and(|t| t.elapsed() < self.lease)
+    }
+
+    fn in_group(slot: &Slot, group: Option<&str>) -> bool {
+        group.map_or(true, |g| slot.def.groups.iter().any(|x| x == g))
+    }
+
+    /// Whether a runner of `group` (any group when `None`) is connected.
+    pub(super) fn any_connected(&self, group: Option<&str>) -> bool {
+        lock(&self.slots)
+            .iter()
+            .any(|s| Self::in_group(s, group) && self.connected(&lock(&s.st)))
+    }
+
+    /// Ends the jobs of runners silent past the lease as `lost`.
+    fn expire(&self) {
+        let slots: Vec<Arc<Slot>> = lock(&self.slots).clone();
+        for slot in slots {
+            let lost: Vec<Running> = {
+                let mut st = lock(&slot.st);
+                if self.connected(&st) || st.running.is_empty() {
+                    continue;
+                }
+                st.queue.clear();
+                st.cancels.clear();
+                st.running.drain().map(|(_, r)| r).collect()
+            };
+            for mut r in lost {
+                tracing::warn!(runner = %slot.def.name, job = %r.job.id, "runner missed its lease; job lost");
+                if let Some(tx) = r.end.take() {
+                    let _ = tx.send(End::Lost(format!(
+                        "runner {} missed its lease",
+                        slot.def.name
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Hands `d` to one connected runner of `group` (the least busy) and
+    /// waits for its end; cancels are passed on.
+    pub(super) async fn run(&self, job: &Arc<Job>, d: Dispatch, group: Option<&str>) -> End {
+        let (tx, mut rx) = oneshot::channel();
+        let slot = {
+            let slots = lock(&self.slots);
+            let mut best: Option<(usize, Arc<Slot>)> = None;
+            for s in slots.iter().filter(|s| Self::in_group(s, group)) {
+                let st = lock(&s.st);
+                if self.connected(&st) && best.as_ref().map_or(true, |(n, _)| st.running.len() < *n) {
+                    best = Some((st.running.len(), Arc::clone(s)));
+                }
+            }
+            match best {
+                Some((_, s)) => s,
+                None => return End::SpawnFailed("no runner of the group is connected".into()),
+            }
+        };
+        lock(&job.record).runner = Some(slot.def.name.clone());
+        job.bump();
+        {
+            let mut st = lock(&slot.st);
+            st.running.insert(
+                d.id.clone(),
+                Running {
+                    job: Arc::clone(job),
+                    end: Some(tx),
+                },
+            );
+            st.queue.push_back(d);
+        }
+        slot.wake.notify_waiters();
+        let mut cancel = job.cancel.subscribe();
+        let mut cancel_sent = false;
+        loop {
+            tokio::select! {
+                end = &mut rx => {
+                    return end.unwrap_or_else(|_| End::Lost("runner gone".into()));
+                }
+                changed = cancel.changed(), if !cancel_sent => {
+                    if changed.is_err() || cancel.borrow().is_some() {
+                        cancel_sent = true;
+                        lock(&slot.st).cancels.push(job.id.clone());
+                        slot.wake.notify_waiters();
+                    }
+                }
+            }
+        }
+    }
+
+    /// `GET /__manage__/runners`.
+    pub(super) fn list(&self) -> Value {
+        let slots = lock(&self.slots);
+        let runners: Vec<Value> = slots
+            .iter()
+            .map(|s| {
+                let st = lock(&s.st);
+                let mut running: Vec<&String> = st.running.keys().collect();
+                running.sort();
+                json!({
+                    "name": s.def.name,
+                    "groups": s.def.groups,
+                    "connected": self.connected(&st),
+                    "last_seen": st.last_seen_wall.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                    "running_jobs": running,
+                    "version": st.version,
+                })
+            })
+            .collect();
+        json!({ "runners": runners })
+    }
+
+    fn find(&self, token: &[u8]) -> Option<Arc<Slot>> {
+        let slots = lock(&self.slots);
+        crate::secret::find_match(slots.iter().map(|s| (&s.def.token, s)), token).cloned()
+    }
+
+    fn hold(&self) -> Duration {
+        (self.lease / 2).min(MAX_HOLD)
+    }
+}
+
+fn reply(status: StatusCode, value: &Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(Body::full(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response<Body> {
+    reply(
+        status,
+        &json!({"error": {"status": status.as_u16(), "message": message}}),
+    )
+}
+
+async fn read_body(req: http::Request<hyper::body::Incoming>) -> Result<Bytes, Response<Body>> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    match limited.collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body too large or unreadable",
+        )),
+    }
+}
+
+/// Handles `/__runner__/…`. Never fails: every problem is an answer.
+pub(super) async fn handle(
+    reg: &Registry,
+    req: http::Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().as_bytes().to_vec());
+    let Some(slot) = token.and_then(|t| reg.find(&t)) else {
+        tracing::warn!("runner request with a missing or unknown token refused");
+        return refuse(StatusCode::UNAUTHORIZED, "Runner token missing or invalid");
+    };
+    if lock(&slot.st).revoked {
+        return refuse(StatusCode::UNAUTHORIZED, "Runner token missing or invalid");
+    }
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path
+        .trim_start_matches("/__runner__")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let method = req.method().clone();
+    match (segments.as_slice(), &method) {
+        (["poll"], &Method::POST) => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            poll(reg, &slot, &body).await
+        }
+        (["jobs", id, "output"], &Method::POST) => {
+            let offset = req
+                .headers()
+                .get(OFFSET_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let id = id.to_string();
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let Some(offset) = offset else {
+                return refuse(StatusCode::BAD_REQUEST, "missing x-portcullis-offset");
+            };
+            output(&slot, &id, offset, &body)
+        }
+        (["jobs", id, "finish"], &Method::POST) => {
+            let id = id.to_string();
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            match serde_json::from_slice::<Report>(&body) {
+                Ok(rep) => finish(&slot, &id, rep),
+                Err(_) => refuse(StatusCode::BAD_REQUEST, "invalid report"),
+            }
+        }
+        _ => refuse(StatusCode::NOT_FOUND, "Not found"),
+    }
+}
+
+async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Response<Body> {
+    let version = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("version").and_then(Value::as_str).map(str::to_owned))
+        .map(|v| v.chars().take(64).collect::<String>());
+    {
+        let mut st = lock(&slot.st);
+        st.last_seen = Some(Instant::now());
+        st.last_seen_wall = Some(SystemTime::now());
+        if version.is_some() {
+            st.version = version;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + reg.hold();
+    loop {
+        let notified = slot.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let mut st = lock(&slot.st);
+            if st.revoked {
+                return refuse(StatusCode::UNAUTHORIZED, "Runner token missing or invalid");
+            }
+            if !st.queue.is_empty() || !st.cancels.is_empty() {
+                let jobs: Vec<Dispatch> = st.queue.drain(..).collect();
+                let cancel: Vec<String> = std::mem::take(&mut st.cancels);
+                return reply(StatusCode::OK, &json!({"jobs": jobs, "cancel": cancel}));
+            }
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                return reply(StatusCode::OK, &json!({"jobs": [], "cancel": []}));
+            }
+        }
+    }
+}
+
+fn output(slot: &Slot, id: &str, offset: u64, bytes: &[u8]) -> Response<Body> {
+    let job = match lock(&slot.st).running.get(id) {
+        Some(r) => Arc::clone(&r.job),
+        None => return refuse(StatusCode::NOT_FOUND, "no such running job for this runner"),
+    };
+    // One writer per job (its runner), so checking then appending is safe
+    // under the job's output lock.
+    let total = lock(&job.out).total;
+    if offset != total {
+        return reply(StatusCode::RANGE_NOT_SATISFIABLE, &json!({"length": total}));
+    }
+    let sink = RunSink {
+        job: Arc::clone(&job),
+        pid_file: std::path::PathBuf::new(),
+    };
+    super::runner::Sink::output(&sink, bytes);
+    reply(
+        StatusCode::OK,
+        &json!({"length": total + bytes.len() as u64}),
+    )
+}
+
+fn finish(slot: &Slot, id: &str, rep: Report) -> Response<Body> {
+    let mut st = lock(&slot.st);
+    let Some(r) = st.running.get(id) else {
+        return refuse(StatusCode::NOT_FOUND, "no such running job for this runner");
+    };
+    let total = lock(&r.job.out).total;
+    if total < rep.sent {
+        return reply(StatusCode::RANGE_NOT_SATISFIABLE, &json!({"length": total}));
+    }
+    let Some(mut r) = st.running.remove(id) else {
+        return refuse(StatusCode::NOT_FOUND, "no such running job for this runner");
+    };
+    drop(st);
+    {
+        let mut out = lock(&r.job.out);
+        out.total = out.total.max(rep.output_bytes);
+    }
+    let end = match rep.end.as_str() {
+        "exited" => {
+            use std::os::unix::process::ExitStatusExt;
+            End::Exited(std::process::ExitStatus::from_raw(rep.raw.unwrap_or(0)))
+        }
+        "timed_out" => End::TimedOut,
+        "cancelled" => End::Cancelled(rep.reason.unwrap_or_else(|| "cancelled".into())),
+        "rejected" => End::Rejected(format!(
+            "runner {}: {}",
+            slot.def.name,
+            rep.reason.unwrap_or_default()
+        )),
+        _ => End::SpawnFailed(rep.reason.unwrap_or_else(|| "could not start".into())),
+    };
+    if let Some(tx) = r.end.take() {
+        let _ = tx.send(end);
+    }
+    reply(StatusCode::OK, &json!({"ok": true}))
+}
