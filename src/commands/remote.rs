@@ -255,7 +255,8 @@ impl Registry {
             let mut best: Option<(usize, Arc<Slot>)> = None;
             for s in slots.iter().filter(|s| Self::in_group(s, group)) {
                 let st = lock(&s.st);
-                if self.connected(&st) && best.as_ref().map_or(true, |(n, _)| st.running.len() < *n) {
+                if self.connected(&st) && best.as_ref().map_or(true, |(n, _)| st.running.len() < *n)
+                {
                     best = Some((st.running.len(), Arc::clone(s)));
                 }
             }
