@@ -619,3 +619,63 @@ async fn django_commands_run_on_the_runner_host() {
     let rec = wait_end(&n, &id).await;
     assert_eq!(rec["status"], "rejected", "{rec}");
 }
+
+/// Reads the job's live output (SSE) until it contains `needle`.
+async fn wait_live(n: &Net, id: &str, needle: &str) {
+    let resp = open(
+        n,
+        Method::GET,
+        &format!("/__manage__/jobs/{id}/output"),
+        "",
+        &[("accept", "text/event-stream")],
+    )
+    .await;
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("no live output")
+            .unwrap()
+            .unwrap();
+        if let Ok(d) = frame.into_data() {
+            seen.push_str(&String::from_utf8_lossy(&d));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_restarts_during_a_job_and_its_output_is_complete() {
+    let n = net();
+    write_gateway(&n, "allow = [\"steps\"]", &[("web-1", "tok-web-1", "web")]);
+    let gw = start_gateway(&n).await;
+    let _runner = start_runner(
+        &n,
+        "web-1",
+        "tok-web-1",
+        "web",
+        "allow = []\n[[commands.custom]]\nname = \"steps\"\nargv = [\"sh\", \"-c\", \"echo one; sleep 1.5; echo two; sleep 1.5; echo three\"]\n",
+    );
+    wait_connected(&n, &["web-1"]).await;
+    let r = post(&n, "steps").await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    wait_live(&n, &id, "one").await;
+
+    // A graceful restart: the job goes on on the runner.
+    unsafe {
+        libc::kill(gw.pid() as i32, libc::SIGTERM);
+    }
+    let mut gw = gw;
+    let _ = gw.0.wait();
+    let gw = start_gateway(&n).await;
+    wait_live(&n, &id, "two").await;
+
+    // A crash: the same.
+    drop(gw);
+    let _gw = start_gateway(&n).await;
+    let rec = wait_end(&n, &id).await;
+    assert_eq!(rec["status"], "succeeded", "{rec}");
+    assert_eq!(rec["runner"], "web-1");
+    assert_eq!(output(&n, &id).await, "one\ntwo\nthree\n");
+    assert_eq!(rec["output_bytes"], 14);
+}

@@ -135,6 +135,27 @@ fn new_job_id() -> String {
 }
 
 impl Job {
+    fn new(rec: JobRecord, metadata_only: bool, max_output: u64) -> Arc<Job> {
+        let (version, _) = watch::channel(0);
+        let (cancel, _) = watch::channel(None);
+        Arc::new(Job {
+            id: rec.id.clone(),
+            command: rec.command.clone(),
+            metadata_only,
+            max_output,
+            record: Mutex::new(rec),
+            out: Mutex::new(OutBuf {
+                data: Vec::new(),
+                total: 0,
+                hasher: (!metadata_only).then(Sha256::new),
+            }),
+            version,
+            cancel,
+            audit_failed: AtomicBool::new(false),
+            pgid: std::sync::atomic::AtomicU32::new(0),
+        })
+    }
+
     fn record(&self) -> JobRecord {
         lock(&self.record).clone()
     }
@@ -339,7 +360,10 @@ impl Commands {
         let deadline = tokio::time::Instant::now() + core.cfg.kill_grace + Duration::from_secs(5);
         loop {
             let notified = core.idle.notified();
-            let jobs: Vec<Arc<Job>> = lock(&core.state).live.values().cloned().collect();
+            let mut jobs: Vec<Arc<Job>> = lock(&core.state).live.values().cloned().collect();
+            // Jobs on runners go on there; the next gateway process takes
+            // their reports.
+            jobs.retain(|j| lock(&j.record).runner.is_none());
             if jobs.is_empty() {
                 return;
             }
@@ -682,24 +706,7 @@ impl Core {
             ));
         }
 
-        let (version, _) = watch::channel(0);
-        let (cancel, _) = watch::channel(None);
-        let job = Arc::new(Job {
-            id: id.clone(),
-            command: command.to_owned(),
-            metadata_only,
-            max_output,
-            record: Mutex::new(rec),
-            out: Mutex::new(OutBuf {
-                data: Vec::new(),
-                total: 0,
-                hasher: (!metadata_only).then(Sha256::new),
-            }),
-            version,
-            cancel,
-            audit_failed: AtomicBool::new(false),
-            pgid: std::sync::atomic::AtomicU32::new(0),
-        });
+        let job = Job::new(rec, metadata_only, max_output);
         lock(&self.state).live.insert(id, Arc::clone(&job));
         let core = Arc::clone(self);
         let run_job = Arc::clone(&job);
@@ -773,7 +780,7 @@ impl Core {
             pid_file: self.pid_dir.join(&job.id),
         };
         let end = match (&self.remote, dispatch) {
-            (Some(reg), Some((d, group))) => reg.run(&job, d, group.as_deref()).await,
+            (Some(reg), Some((d, group))) => reg.run(&self.store, &job, d, group.as_deref()).await,
             _ => runner::run(&plan, &sink, job.cancel.subscribe()).await,
         };
         job.pgid.store(0, Ordering::SeqCst);
@@ -869,9 +876,17 @@ impl Core {
 
     /// Marks jobs a previous process left queued or running as failed
     /// ("gateway restarted"), killing what is left of their process groups.
-    async fn recover(&self) -> Result<(), String> {
+    async fn recover(self: &Arc<Self>) -> Result<(), String> {
         let active = store::blocking(&self.store, |s| s.active()).await?;
         for mut rec in active {
+            // A job running on a runner goes on there: the runner reconnects
+            // and reports the rest (lost after the lease if it does not).
+            if let (Some(reg), Some(name)) = (&self.remote, rec.runner.clone()) {
+                if rec.status == Status::Running && reg.knows(&name) {
+                    self.adopt(rec, name);
+                    continue;
+                }
+            }
             let pid_file = self.pid_dir.join(&rec.id);
             if let Ok(text) = std::fs::read_to_string(&pid_file) {
                 let mut parts = text.split_whitespace();
@@ -904,6 +919,32 @@ impl Core {
             tracing::warn!(job = %rec.id, command = %rec.command, "job interrupted by a gateway restart marked failed");
         }
         Ok(())
+    }
+
+    /// Takes back a runner job left running by a previous gateway process.
+    fn adopt(self: &Arc<Self>, rec: JobRecord, runner: String) {
+        let Some(reg) = self.remote.clone() else {
+            return;
+        };
+        let metadata_only = self.cfg.is_metadata_only(&rec.command);
+        let max_output = self
+            .cfg
+            .rules
+            .get(&rec.command)
+            .and_then(|r| r.max_output)
+            .unwrap_or(self.cfg.max_output);
+        tracing::info!(job = %rec.id, runner = %runner, "waiting for the runner to report a job begun before the restart");
+        let job = Job::new(rec, metadata_only, max_output);
+        {
+            let mut st = lock(&self.state);
+            st.pending += 1;
+            st.live.insert(job.id.clone(), Arc::clone(&job));
+        }
+        let core = Arc::clone(self);
+        tokio::spawn(async move {
+            let end = reg.adopt(&job, &runner).await;
+            core.finish(&job, end, None, None, None).await;
+        });
     }
 
     fn live(&self, id: &str) -> Option<Arc<Job>> {

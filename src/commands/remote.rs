@@ -248,8 +248,16 @@ impl Registry {
 
     /// Hands `d` to one connected runner of `group` (the least busy) and
     /// waits for its end; cancels are passed on.
-    pub(super) async fn run(&self, job: &Arc<Job>, d: Dispatch, group: Option<&str>) -> End {
-        let (tx, mut rx) = oneshot::channel();
+    /// The record naming the runner is committed before the runner can see
+    /// the job, so a restarted gateway knows where it runs.
+    pub(super) async fn run(
+        &self,
+        store: &Arc<super::store::Store>,
+        job: &Arc<Job>,
+        d: Dispatch,
+        group: Option<&str>,
+    ) -> End {
+        let (tx, rx) = oneshot::channel();
         let slot = {
             let slots = lock(&self.slots);
             let mut best: Option<(usize, Arc<Slot>)> = None;
@@ -265,8 +273,16 @@ impl Registry {
                 None => return End::SpawnFailed("no runner of the group is connected".into()),
             }
         };
-        lock(&job.record).runner = Some(slot.def.name.clone());
+        let rec = {
+            let mut r = lock(&job.record);
+            r.runner = Some(slot.def.name.clone());
+            r.clone()
+        };
         job.bump();
+        if let Err(err) = super::store::blocking(store, move |s| s.put(&rec, None)).await {
+            tracing::error!(error = %err, job = %job.id, "job store write failed; not dispatched");
+            return End::SpawnFailed("job store unavailable; not run".into());
+        }
         {
             let mut st = lock(&slot.st);
             st.running.insert(
@@ -279,6 +295,40 @@ impl Registry {
             st.queue.push_back(d);
         }
         slot.wake.notify_waiters();
+        Self::wait(job, &slot, rx).await
+    }
+
+    /// Whether a runner of this name is configured.
+    pub(super) fn knows(&self, name: &str) -> bool {
+        lock(&self.slots).iter().any(|s| s.def.name == name)
+    }
+
+    /// Waits for the end of `job`, begun on runner `name` before a gateway
+    /// restart. The runner has one lease from now to come back.
+    pub(super) async fn adopt(&self, job: &Arc<Job>, name: &str) -> End {
+        let (tx, rx) = oneshot::channel();
+        let slot = lock(&self.slots)
+            .iter()
+            .find(|s| s.def.name == name)
+            .cloned();
+        let Some(slot) = slot else {
+            return End::Lost(format!("runner {name} is no longer configured"));
+        };
+        {
+            let mut st = lock(&slot.st);
+            st.last_seen.get_or_insert_with(Instant::now);
+            st.running.insert(
+                job.id.clone(),
+                Running {
+                    job: Arc::clone(job),
+                    end: Some(tx),
+                },
+            );
+        }
+        Self::wait(job, &slot, rx).await
+    }
+
+    async fn wait(job: &Arc<Job>, slot: &Slot, mut rx: oneshot::Receiver<End>) -> End {
         let mut cancel = job.cancel.subscribe();
         let mut cancel_sent = false;
         loop {

@@ -305,9 +305,16 @@ pub async fn run(cfg: RunnerConfig) {
             );
             tokio::spawn(async move {
                 let id = d.id.clone();
-                let report = run_job(&cfg, &client, &slots, d, rx).await;
+                let (report, up) = run_job(&cfg, &client, &slots, d, rx).await;
                 lock(&jobs).remove(&id);
-                deliver(&client, &id, &report).await;
+                let up = up.unwrap_or(Upload {
+                    client,
+                    id,
+                    buf: Vec::new(),
+                    acked: 0,
+                    gone: false,
+                });
+                deliver(up, &report).await;
             });
         }
     }
@@ -367,17 +374,17 @@ async fn run_job(
     slots: &Arc<Semaphore>,
     d: Dispatch,
     cancel: watch::Receiver<Option<String>>,
-) -> Report {
+) -> (Report, Option<Upload>) {
     let c = &cfg.commands;
     let plan = match check(c, &d) {
         Ok(p) => p,
         Err(reason) => {
             tracing::warn!(job = %d.id, command = %d.command, %reason, "job refused by this runner's rules");
-            return rejected(reason);
+            return (rejected(reason), None);
         }
     };
     let Ok(_permit) = Arc::clone(slots).acquire_owned().await else {
-        return rejected("runner shutting down".into());
+        return (rejected("runner shutting down".into()), None);
     };
     let max_output = c
         .rules
@@ -391,12 +398,29 @@ async fn run_job(
         max_output,
         total: Default::default(),
     };
-    let uploader = tokio::spawn(upload(Arc::clone(client), d.id.clone(), rx));
+    let up = Upload {
+        client: Arc::clone(client),
+        id: d.id.clone(),
+        buf: Vec::new(),
+        acked: 0,
+        gone: false,
+    };
+    let uploader = tokio::spawn(upload(up, rx));
     tracing::info!(job = %d.id, command = %d.command, "job started");
     let end = proc::run(&plan, &sink, cancel).await;
     let output_bytes = sink.total.load(std::sync::atomic::Ordering::SeqCst);
     drop(sink);
-    let sent = uploader.await.unwrap_or(0);
+    let up = match uploader.await {
+        Ok(up) => up,
+        Err(_) => Upload {
+            client: Arc::clone(client),
+            id: d.id.clone(),
+            buf: Vec::new(),
+            acked: 0,
+            gone: true,
+        },
+    };
+    let sent = up.buf.len() as u64;
     let (end, raw, reason) = match end {
         proc::End::Exited(st) => {
             use std::os::unix::process::ExitStatusExt;
@@ -407,96 +431,109 @@ async fn run_job(
         proc::End::SpawnFailed(r) | proc::End::Lost(r) => ("spawn_failed", None, Some(r)),
         proc::End::Rejected(r) => ("rejected", None, Some(r)),
     };
-    Report {
-        end: end.into(),
-        raw,
-        reason,
-        sent,
-        output_bytes,
+    (
+        Report {
+            end: end.into(),
+            raw,
+            reason,
+            sent,
+            output_bytes,
+        },
+        Some(up),
+    )
+}
+
+/// Largest output chunk sent at once.
+const CHUNK: usize = 256 << 10;
+
+/// A job's output on its way to the gateway. Everything sent is kept (it is
+/// within the output cap) so the runner can resend from whatever length the
+/// gateway reports, e.g. after a gateway restart lost what it had in memory.
+struct Upload {
+    client: Arc<Client>,
+    id: String,
+    buf: Vec<u8>,
+    acked: usize,
+    /// The gateway no longer takes this job.
+    gone: bool,
+}
+
+impl Upload {
+    /// Sends what the gateway does not have yet, in order, retrying with
+    /// backoff; a 416 answer moves the offset to the gateway's length.
+    async fn flush(&mut self) {
+        let path = format!("/__runner__/jobs/{}/output", self.id);
+        let mut attempt = 0u32;
+        while !self.gone && self.acked < self.buf.len() {
+            let end = (self.acked + CHUNK).min(self.buf.len());
+            let chunk = Bytes::copy_from_slice(self.buf.get(self.acked..end).unwrap_or_default());
+            let answer = self
+                .client
+                .post(
+                    &path,
+                    &[(OFFSET_HEADER, self.acked.to_string())],
+                    chunk,
+                    Duration::from_secs(30),
+                )
+                .await;
+            match answer {
+                Ok((s, _)) if s.is_success() => {
+                    self.acked = end;
+                    attempt = 0;
+                }
+                Ok((s, body)) if s == http::StatusCode::RANGE_NOT_SATISFIABLE => {
+                    self.resync(&body);
+                }
+                Ok((s, _))
+                    if s == http::StatusCode::NOT_FOUND || s == http::StatusCode::UNAUTHORIZED =>
+                {
+                    tracing::warn!(job = %self.id, status = s.as_u16(), "the gateway no longer takes this job's output");
+                    self.gone = true;
+                }
+                _ => {
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
+    }
+
+    /// Moves the offset to the length a 416 answer carries.
+    fn resync(&mut self, body: &[u8]) {
+        let theirs = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v.get("length").and_then(Value::as_u64));
+        match theirs {
+            Some(n) if n as usize <= self.buf.len() => self.acked = n as usize,
+            _ => {
+                tracing::warn!(job = %self.id, "the gateway holds output this runner never sent");
+                self.gone = true;
+            }
+        }
     }
 }
 
-/// Sends output chunks in order; returns the bytes the gateway holds.
-async fn upload(client: Arc<Client>, id: String, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) -> u64 {
-    let path = format!("/__runner__/jobs/{id}/output");
-    // Bytes not yet acknowledged, starting at offset `acked`.
-    let mut pending: Vec<u8> = Vec::new();
-    let mut acked = 0u64;
-    let mut open = true;
-    let mut attempt = 0u32;
-    loop {
-        if pending.is_empty() {
-            if !open {
-                return acked;
-            }
-            match rx.recv().await {
-                Some(b) => pending.extend_from_slice(&b),
-                None => open = false,
-            }
-            continue;
+/// Sends output chunks in order as they come.
+async fn upload(mut up: Upload, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) -> Upload {
+    while let Some(b) = rx.recv().await {
+        up.buf.extend_from_slice(&b);
+        while let Ok(b) = rx.try_recv() {
+            up.buf.extend_from_slice(&b);
         }
-        // Gather what else is already there (bounded chunk).
-        while pending.len() < 256 << 10 {
-            match rx.try_recv() {
-                Ok(b) => pending.extend_from_slice(&b),
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-                Err(mpsc::error::TryRecvError::Empty) => break,
-            }
-        }
-        let n = pending.len().min(512 << 10);
-        let chunk = Bytes::copy_from_slice(pending.get(..n).unwrap_or_default());
-        let answer = client
-            .post(
-                &path,
-                &[(OFFSET_HEADER, acked.to_string())],
-                chunk,
-                Duration::from_secs(30),
-            )
-            .await;
-        match answer {
-            Ok((s, _)) if s.is_success() => {
-                pending.drain(..n);
-                acked += n as u64;
-                attempt = 0;
-            }
-            Ok((s, body)) if s == http::StatusCode::RANGE_NOT_SATISFIABLE => {
-                let theirs = serde_json::from_slice::<Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("length").and_then(Value::as_u64))
-                    .unwrap_or(acked);
-                // The gateway already has bytes up to `theirs`: skip them.
-                let skip = theirs.saturating_sub(acked).min(pending.len() as u64) as usize;
-                pending.drain(..skip);
-                acked += skip as u64;
-                if theirs < acked {
-                    tracing::warn!(job = %id, "gateway holds less output than acknowledged");
-                    return acked;
-                }
-            }
-            Ok((s, _))
-                if s == http::StatusCode::NOT_FOUND || s == http::StatusCode::UNAUTHORIZED =>
-            {
-                tracing::warn!(job = %id, status = s.as_u16(), "the gateway no longer takes this job's output");
-                return acked;
-            }
-            _ => {
-                tokio::time::sleep(backoff(attempt)).await;
-                attempt = attempt.saturating_add(1);
-            }
-        }
+        up.flush().await;
     }
+    up
 }
 
 /// Reports the end of a job until the gateway takes it (or says it no
-/// longer knows the job).
-async fn deliver(client: &Client, id: &str, report: &Report) {
-    let path = format!("/__runner__/jobs/{id}/finish");
+/// longer knows the job); output it is missing is sent again first.
+async fn deliver(mut up: Upload, report: &Report) {
+    let path = format!("/__runner__/jobs/{}/finish", up.id);
     let body = Bytes::from(serde_json::to_vec(report).unwrap_or_default());
+    let id = up.id.clone();
     for attempt in 0..60u32 {
-        match client
+        match up
+            .client
             .post(&path, &[], body.clone(), Duration::from_secs(30))
             .await
         {
@@ -504,9 +541,15 @@ async fn deliver(client: &Client, id: &str, report: &Report) {
                 tracing::info!(job = %id, end = %report.end, "job reported");
                 return;
             }
-            Ok((s, _)) if s == http::StatusCode::NOT_FOUND => {
-                tracing::warn!(job = %id, "the gateway no longer knows this job");
+            Ok((s, _))
+                if s == http::StatusCode::NOT_FOUND || s == http::StatusCode::UNAUTHORIZED =>
+            {
+                tracing::warn!(job = %id, status = s.as_u16(), "the gateway no longer takes this job");
                 return;
+            }
+            Ok((s, b)) if s == http::StatusCode::RANGE_NOT_SATISFIABLE => {
+                up.resync(&b);
+                up.flush().await;
             }
             _ => tokio::time::sleep(backoff(attempt)).await,
         }
