@@ -679,3 +679,63 @@ async fn gateway_restarts_during_a_job_and_its_output_is_complete() {
     assert_eq!(output(&n, &id).await, "one\ntwo\nthree\n");
     assert_eq!(rec["output_bytes"], 14);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_all_runs_once_per_connected_runner() {
+    let n = net();
+    write_gateway(
+        &n,
+        "allow = [\"stamp\"]\n[commands.rules.stamp]\ntarget = \"all\"\ngroup = \"web\"",
+        &[
+            ("web-1", "tok-web-1", "web"),
+            ("web-2", "tok-web-2", "web"),
+            ("web-3", "tok-web-3", "web"),
+            ("db-1", "tok-db-1", "db"),
+        ],
+    );
+    let _gw = start_gateway(&n).await;
+    let stamps = n.dir.path().join("stamps");
+    let mut runners = Vec::new();
+    for (name, token, group) in [
+        ("web-1", "tok-web-1", "web"),
+        ("web-2", "tok-web-2", "web"),
+        ("web-3", "tok-web-3", "web"),
+        ("db-1", "tok-db-1", "db"),
+    ] {
+        runners.push(start_runner(
+            &n,
+            name,
+            token,
+            group,
+            &format!(
+                "allow = []\n[[commands.custom]]\nname = \"stamp\"\nargv = [\"sh\", \"-c\", \"echo {name} >> {}\"]\n",
+                stamps.display()
+            ),
+        ));
+    }
+    wait_connected(&n, &["web-1", "web-2", "web-3", "db-1"]).await;
+    let r = post(&n, "stamp").await;
+    assert_eq!(
+        r.status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let jobs = r.json()["jobs"].as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
+    let mut names = Vec::new();
+    for j in &jobs {
+        let rec = wait_end(&n, j["id"].as_str().unwrap()).await;
+        assert_eq!(rec["status"], "succeeded", "{rec}");
+        names.push(rec["runner"].as_str().unwrap().to_owned());
+    }
+    names.sort();
+    assert_eq!(names, ["web-1", "web-2", "web-3"]);
+    let mut lines: Vec<String> = std::fs::read_to_string(&stamps)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["web-1", "web-2", "web-3"]);
+}

@@ -305,6 +305,7 @@ fn result_json(rec: &super::store::JobRecord, output: &[u8]) -> Value {
         "reason": rec.reason,
         "exit_code": rec.exit_code,
         "duration_ms": rec.duration_ms,
+        "runner": rec.runner,
         "output": output,
         "output_bytes": rec.output_bytes,
         "output_truncated": rec.output_truncated,
@@ -338,6 +339,9 @@ where
             return refusal_response(core, &r, request_id);
         }
     };
+    if core.fans_out(command) {
+        return run_all(core, ctx, command, &data).await;
+    }
     let job = match core.submit(ctx, command, &data).await {
         Ok(job) => job,
         Err(r) => return refusal_response(core, &r, request_id),
@@ -369,6 +373,47 @@ where
             resp.headers_mut().insert(LOCATION, v);
         }
         resp
+    }
+}
+
+/// `target = "all"`: one job per connected runner. Within `sync_wait`,
+/// 200 `{"command", "jobs": [results]}`; else 202 `{"command", "jobs": [{id, runner, location}]}`.
+async fn run_all(
+    core: &Arc<Core>,
+    ctx: &Ctx,
+    command: &str,
+    data: &Map<String, Value>,
+) -> Response<Body> {
+    let jobs = match core.submit_all(ctx, command, data).await {
+        Ok(j) => j,
+        Err(r) => return refusal_response(core, &r, &ctx.request_id),
+    };
+    let deadline = tokio::time::Instant::now() + core.cfg.sync_wait;
+    let mut done = true;
+    for job in &jobs {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        done &= job.wait_final(left).await;
+    }
+    if done {
+        let results: Vec<Value> = jobs
+            .iter()
+            .map(|j| result_json(&j.record(), &lock(&j.out).data))
+            .collect();
+        json_response(
+            StatusCode::OK,
+            &json!({"command": command, "jobs": results}),
+        )
+    } else {
+        let list: Vec<Value> = jobs
+            .iter()
+            .map(|j| {
+                json!({"id": j.id, "runner": j.record().runner, "location": format!("/__manage__/jobs/{}", j.id)})
+            })
+            .collect();
+        json_response(
+            StatusCode::ACCEPTED,
+            &json!({"command": command, "jobs": list}),
+        )
     }
 }
 

@@ -249,6 +249,8 @@ pub struct Rule {
     /// `group`: with `execute = "runners"`, only runners of this group run
     /// it (any group when absent).
     pub group: Option<String>,
+    /// `target = "all"`: one job per connected runner of the group.
+    pub all: bool,
 }
 
 /// `commands.execute`: where commands run.
@@ -408,13 +410,17 @@ fn parse_cron(text: &str) -> Result<croner::Cron, String> {
 
 fn validate_rule(name: &str, r: &RawRule, p: &mut Problems) -> Rule {
     let at = format!("commands.rules.{name}");
-    match r.target.as_deref() {
-        None | Some("one") => {}
-        Some(other) => p.push(
-            format!("{at}.target"),
-            format!("only \"one\" is supported in this version, not {other:?}"),
-        ),
-    }
+    let all = match r.target.as_deref() {
+        None | Some("one") => false,
+        Some("all") => true,
+        Some(other) => {
+            p.push(
+                format!("{at}.target"),
+                format!("must be \"one\" or \"all\", not {other:?}"),
+            );
+            false
+        }
+    };
     let options = r.options.as_ref().map(|opts| {
         let mut out = BTreeMap::new();
         for (opt, raw) in opts {
@@ -492,6 +498,7 @@ fn validate_rule(name: &str, r: &RawRule, p: &mut Problems) -> Rule {
             .as_ref()
             .map(|m| size(&Some(clone_size(m)), 0, &format!("{at}.max_output"), p)),
         group: r.group.clone(),
+        all,
     }
 }
 
@@ -621,6 +628,12 @@ pub fn validate(raw: &RawCommands, p: &mut Problems) -> Option<CommandsConfig> {
     for (name, r) in &raw.rules {
         if !valid_command_name(name) {
             p.push(format!("commands.rules.{name}"), "invalid command name");
+        }
+        if execute == Execute::Local && (r.target.is_some() || r.group.is_some()) {
+            p.push(
+                format!("commands.rules.{name}"),
+                "target and group need commands.execute = \"runners\"",
+            );
         }
         rules.insert(name.clone(), validate_rule(name, r, p));
     }

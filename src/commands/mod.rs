@@ -577,6 +577,52 @@ impl Core {
         command: &str,
         data: &Map<String, Value>,
     ) -> Result<Arc<Job>, Refusal> {
+        self.submit_to(ctx, command, data, None).await
+    }
+
+    /// `target = "all"`: one run per connected runner of the command's group
+    /// (each audited and recorded on its own).
+    async fn submit_all(
+        self: &Arc<Self>,
+        ctx: &Ctx,
+        command: &str,
+        data: &Map<String, Value>,
+    ) -> Result<Vec<Arc<Job>>, Refusal> {
+        let group = self.cfg.rules.get(command).and_then(|r| r.group.clone());
+        let names = self
+            .remote
+            .as_ref()
+            .map(|r| r.connected_names(group.as_deref()))
+            .unwrap_or_default();
+        if names.is_empty() {
+            return self
+                .submit_to(ctx, command, data, None)
+                .await
+                .map(|j| vec![j]);
+        }
+        let mut jobs = Vec::new();
+        for name in names {
+            match self.submit_to(ctx, command, data, Some(name)).await {
+                Ok(j) => jobs.push(j),
+                Err(r) if jobs.is_empty() => return Err(r),
+                Err(_) => {}
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Whether `command` fans out to every runner of its group.
+    fn fans_out(&self, command: &str) -> bool {
+        self.remote.is_some() && self.cfg.rules.get(command).is_some_and(|r| r.all)
+    }
+
+    async fn submit_to(
+        self: &Arc<Self>,
+        ctx: &Ctx,
+        command: &str,
+        data: &Map<String, Value>,
+        pin: Option<String>,
+    ) -> Result<Arc<Job>, Refusal> {
         use http::StatusCode as S;
         let metadata_only = self.cfg.is_metadata_only(command);
         let redacted = args::redact(data, &self.cfg.redact, metadata_only);
@@ -599,7 +645,7 @@ impl Core {
         let rule = self.cfg.rules.get(command);
         let group = rule.and_then(|r| r.group.clone());
         if let Some(reg) = &self.remote {
-            if !reg.any_connected(group.as_deref()) {
+            if !reg.any_connected(group.as_deref(), pin.as_deref()) {
                 let r = Refusal::new(
                     S::SERVICE_UNAVAILABLE,
                     "no runner of the command's group is connected",
@@ -719,6 +765,7 @@ impl Core {
                     data: data.clone(),
                 },
                 group,
+                pin,
             )
         });
         tokio::spawn(async move {
@@ -735,7 +782,7 @@ impl Core {
         permit: Option<OwnedSemaphorePermit>,
         lock_name: Option<String>,
         client: Option<String>,
-        dispatch: Option<(remote::Dispatch, Option<String>)>,
+        dispatch: Option<(remote::Dispatch, Option<String>, Option<String>)>,
     ) {
         let _permit = match permit {
             Some(p) => p,
@@ -780,7 +827,10 @@ impl Core {
             pid_file: self.pid_dir.join(&job.id),
         };
         let end = match (&self.remote, dispatch) {
-            (Some(reg), Some((d, group))) => reg.run(&self.store, &job, d, group.as_deref()).await,
+            (Some(reg), Some((d, group, pin))) => {
+                reg.run(&self.store, &job, d, group.as_deref(), pin.as_deref())
+                    .await
+            }
             _ => runner::run(&plan, &sink, job.cancel.subscribe()).await,
         };
         job.pgid.store(0, Ordering::SeqCst);

@@ -215,10 +215,22 @@ impl Registry {
     }
 
     /// Whether a runner of `group` (any group when `None`) is connected.
-    pub(super) fn any_connected(&self, group: Option<&str>) -> bool {
+    /// With `pin`, only that runner counts.
+    pub(super) fn any_connected(&self, group: Option<&str>, pin: Option<&str>) -> bool {
+        lock(&self.slots).iter().any(|s| {
+            Self::in_group(s, group)
+                && pin.map_or(true, |p| s.def.name == p)
+                && self.connected(&lock(&s.st))
+        })
+    }
+
+    /// Names of the connected runners of `group`.
+    pub(super) fn connected_names(&self, group: Option<&str>) -> Vec<String> {
         lock(&self.slots)
             .iter()
-            .any(|s| Self::in_group(s, group) && self.connected(&lock(&s.st)))
+            .filter(|s| Self::in_group(s, group) && self.connected(&lock(&s.st)))
+            .map(|s| s.def.name.clone())
+            .collect()
     }
 
     /// Ends the jobs of runners silent past the lease as `lost`.
@@ -256,12 +268,16 @@ impl Registry {
         job: &Arc<Job>,
         d: Dispatch,
         group: Option<&str>,
+        pin: Option<&str>,
     ) -> End {
         let (tx, rx) = oneshot::channel();
         let slot = {
             let slots = lock(&self.slots);
             let mut best: Option<(usize, Arc<Slot>)> = None;
-            for s in slots.iter().filter(|s| Self::in_group(s, group)) {
+            for s in slots
+                .iter()
+                .filter(|s| Self::in_group(s, group) && pin.map_or(true, |p| s.def.name == p))
+            {
                 let st = lock(&s.st);
                 if self.connected(&st) && best.as_ref().map_or(true, |(n, _)| st.running.len() < *n)
                 {
