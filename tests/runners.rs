@@ -33,6 +33,7 @@ impl Proc {
 struct Net {
     dir: tempfile::TempDir,
     addr: SocketAddr,
+    admin: SocketAddr,
     ca: PathBuf,
     tls: portcullis::tls::BackendTls,
     config: PathBuf,
@@ -63,9 +64,11 @@ fn net() -> Net {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let tls = portcullis::tls::BackendTls::new("127.0.0.1", Some(&ca_path), None).unwrap();
     let config = dir.path().join("gateway.toml");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     Net {
         dir,
         addr,
+        admin,
         ca: ca_path,
         tls,
         config,
@@ -81,6 +84,7 @@ fn write_gateway(n: &Net, commands: &str, runners: &[(&str, &str, &str)]) {
         r#"
 [server]
 listen = "{addr}"
+admin_listen = "{admin}"
 tls = {{ cert = {cert:?}, key = {key:?} }}
 
 [backend]
@@ -103,6 +107,7 @@ audit_log = "{audit}"
 {commands}
 "#,
         addr = n.addr,
+        admin = n.admin,
         cert = n.cert,
         key = n.key,
         state = n.dir.path().join("state").display(),
@@ -271,6 +276,18 @@ async fn wait_connected(n: &Net, names: &[&str]) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("runners {names:?} did not connect");
+}
+
+/// The admin listener's `/metrics` text.
+async fn metrics(n: &Net) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(n.admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 /// Audit lines, parsed.
@@ -502,6 +519,10 @@ argv = ["sh", "-c", "echo run >> {runs}; echo $$ > {pid}; exec sleep 60"]
     let rec = wait_end(&n, &id).await;
     assert_eq!(rec["status"], "lost", "{rec}");
     assert_eq!(rec["runner"], "web-1");
+    let m = metrics(&n).await;
+    assert!(m.contains("portcullis_runner_jobs_lost_total 1"), "{m}");
+    assert!(m.contains("portcullis_runner_connected{runner=\"web-1\"} 0"), "{m}");
+    assert!(m.trim_end().ends_with("# EOF"), "{m}");
     // No runner of the group: refused 503, audited.
     let r = post(&n, "sleepy").await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -556,6 +577,16 @@ async fn sighup_removing_a_runner_refuses_it_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(gone, "web-1 still listed after SIGHUP");
+    // Its open poll was answered 401 and its next ones are refused.
+    let mut refused = false;
+    for _ in 0..100 {
+        if !metrics(&n).await.contains("portcullis_runner_refused_total 0") {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "the removed runner was not refused");
     for _ in 0..4 {
         let r = post(&n, "hello").await;
         let id = r.json()["id"].as_str().unwrap().to_owned();

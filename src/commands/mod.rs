@@ -337,6 +337,16 @@ impl Commands {
         }
     }
 
+    /// Runner metrics (OpenMetrics text, no `# EOF`); empty unless
+    /// `execute = "runners"`.
+    pub fn runner_metrics(&self) -> String {
+        self.core
+            .remote
+            .as_ref()
+            .map(|r| r.metrics())
+            .unwrap_or_default()
+    }
+
     /// Applies a reloaded `[[runners]]` (SIGHUP): removed runners and changed
     /// tokens are refused at once.
     pub fn update_runners(&self, runners: &[remote::RunnerDef]) {

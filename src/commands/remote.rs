@@ -27,6 +27,8 @@ use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, Notify};
@@ -149,6 +151,10 @@ struct Slot {
 pub(super) struct Registry {
     lease: Duration,
     slots: Mutex<Vec<Arc<Slot>>>,
+    polls: AtomicU64,
+    refused: AtomicU64,
+    lost: AtomicU64,
+    dispatched: AtomicU64,
 }
 
 impl Registry {
@@ -157,6 +163,10 @@ impl Registry {
         let reg = Arc::new(Registry {
             lease,
             slots: Mutex::new(Vec::new()),
+            polls: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            dispatched: AtomicU64::new(0),
         });
         reg.update(defs);
         let weak = Arc::downgrade(&reg);
@@ -246,6 +256,7 @@ impl Registry {
                 st.cancels.clear();
                 st.running.drain().map(|(_, r)| r).collect()
             };
+            self.lost.fetch_add(lost.len() as u64, Ordering::Relaxed);
             for mut r in lost {
                 tracing::warn!(runner = %slot.def.name, job = %r.job.id, "runner missed its lease; job lost");
                 if let Some(tx) = r.end.take() {
@@ -310,6 +321,7 @@ impl Registry {
             );
             st.queue.push_back(d);
         }
+        self.dispatched.fetch_add(1, Ordering::Relaxed);
         slot.wake.notify_waiters();
         Self::wait(job, &slot, rx).await
     }
@@ -385,6 +397,69 @@ impl Registry {
         json!({ "runners": runners })
     }
 
+    /// OpenMetrics text for the admin listener's `/metrics` (label values
+    /// are configured runner names only).
+    pub(super) fn metrics(&self) -> String {
+        let mut out = String::new();
+        let slots: Vec<Arc<Slot>> = lock(&self.slots).clone();
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_runner_connected Whether the runner polled within the lease."
+        );
+        let _ = writeln!(out, "# TYPE portcullis_runner_connected gauge");
+        for s in &slots {
+            let st = lock(&s.st);
+            let _ = writeln!(
+                out,
+                "portcullis_runner_connected{{runner=\"{}\"}} {}",
+                s.def.name.escape_default(),
+                u8::from(self.connected(&st))
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_runner_jobs_running Jobs a runner holds."
+        );
+        let _ = writeln!(out, "# TYPE portcullis_runner_jobs_running gauge");
+        for s in &slots {
+            let n = lock(&s.st).running.len();
+            let _ = writeln!(
+                out,
+                "portcullis_runner_jobs_running{{runner=\"{}\"}} {n}",
+                s.def.name.escape_default()
+            );
+        }
+        for (name, help, v) in [
+            (
+                "portcullis_runner_polls",
+                "Polls answered to runners.",
+                &self.polls,
+            ),
+            (
+                "portcullis_runner_refused",
+                "Runner requests refused for a missing, unknown or revoked token.",
+                &self.refused,
+            ),
+            (
+                "portcullis_runner_jobs_dispatched",
+                "Jobs handed to runners.",
+                &self.dispatched,
+            ),
+            (
+                "portcullis_runner_jobs_lost",
+                "Jobs ended lost (their runner missed its lease).",
+                &self.lost,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+
     fn find(&self, token: &[u8]) -> Option<Arc<Slot>> {
         let slots = lock(&self.slots);
         crate::secret::find_match(slots.iter().map(|s| (&s.def.token, s)), token).cloned()
@@ -436,10 +511,12 @@ pub(super) async fn handle(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().as_bytes().to_vec());
     let Some(slot) = token.and_then(|t| reg.find(&t)) else {
+        reg.refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("runner request with a missing or unknown token refused");
         return refuse(StatusCode::UNAUTHORIZED, "Runner token missing or invalid");
     };
     if lock(&slot.st).revoked {
+        reg.refused.fetch_add(1, Ordering::Relaxed);
         return refuse(StatusCode::UNAUTHORIZED, "Runner token missing or invalid");
     }
     let path = req.uri().path().to_owned();
@@ -489,6 +566,7 @@ pub(super) async fn handle(
 }
 
 async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Response<Body> {
+    reg.polls.fetch_add(1, Ordering::Relaxed);
     let version = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| v.get("version").and_then(Value::as_str).map(str::to_owned))
