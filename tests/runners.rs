@@ -521,7 +521,10 @@ argv = ["sh", "-c", "echo run >> {runs}; echo $$ > {pid}; exec sleep 60"]
     assert_eq!(rec["runner"], "web-1");
     let m = metrics(&n).await;
     assert!(m.contains("portcullis_runner_jobs_lost_total 1"), "{m}");
-    assert!(m.contains("portcullis_runner_connected{runner=\"web-1\"} 0"), "{m}");
+    assert!(
+        m.contains("portcullis_runner_connected{runner=\"web-1\"} 0"),
+        "{m}"
+    );
     assert!(m.trim_end().ends_with("# EOF"), "{m}");
     // No runner of the group: refused 503, audited.
     let r = post(&n, "sleepy").await;
@@ -580,7 +583,10 @@ async fn sighup_removing_a_runner_refuses_it_at_once() {
     // Its open poll was answered 401 and its next ones are refused.
     let mut refused = false;
     for _ in 0..100 {
-        if !metrics(&n).await.contains("portcullis_runner_refused_total 0") {
+        if !metrics(&n)
+            .await
+            .contains("portcullis_runner_refused_total 0")
+        {
             refused = true;
             break;
         }
@@ -769,4 +775,45 @@ async fn target_all_runs_once_per_connected_runner() {
         .collect();
     lines.sort();
     assert_eq!(lines, ["web-1", "web-2", "web-3"]);
+}
+
+#[test]
+fn runner_settings_are_validated() {
+    let base = |commands: &str, runners: &str| {
+        format!(
+            "[backend]\nurl = \"http://127.0.0.1:9\"\n[[api_keys]]\nname = \"app\"\nkey = \"device-key\"\n[[operators]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n[commands]\nstate_dir = \"/tmp/x\"\n{commands}\n{runners}"
+        )
+    };
+    let problems = |text: String| match portcullis::config::Config::parse(&text) {
+        Ok(_) => String::new(),
+        Err(p) => p.to_string(),
+    };
+    let ok = base(
+        "execute = \"runners\"\nallow = [\"x\"]\n[commands.rules.x]\ntarget = \"all\"\ngroup = \"web\"",
+        "[[runners]]\nname = \"w\"\ntoken = \"runner-token\"\ngroups = [\"web\"]",
+    );
+    assert_eq!(problems(ok), "");
+    // The operator's token reused as a runner token.
+    let p = problems(base(
+        "execute = \"runners\"\nallow = [\"x\"]",
+        &format!("[[runners]]\nname = \"w\"\ntoken = \"{ALICE}\""),
+    ));
+    assert!(p.contains("runners[0].token"), "{p}");
+    // [[runners]] without execute = "runners"; target/group in local mode.
+    let p = problems(base(
+        "[[commands.custom]]\nname = \"x\"\nargv = [\"true\"]\n[commands.rules.x]\ntarget = \"all\"",
+        "[[runners]]\nname = \"w\"\ntoken = \"runner-token\"",
+    ));
+    assert!(
+        p.contains("commands.execute = \\\"runners\\\"") || p.contains("execute"),
+        "{p}"
+    );
+    assert!(p.contains("commands.rules.x"), "{p}");
+    // execute = "runners" with no runner; an unknown target.
+    let p = problems(base(
+        "execute = \"runners\"\nallow = [\"x\"]\n[commands.rules.x]\ntarget = \"some\"",
+        "",
+    ));
+    assert!(p.contains("at least one [[runners]]"), "{p}");
+    assert!(p.contains("commands.rules.x.target"), "{p}");
 }
