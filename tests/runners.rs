@@ -817,3 +817,42 @@ fn runner_settings_are_validated() {
     assert!(p.contains("at least one [[runners]]"), "{p}");
     assert!(p.contains("commands.rules.x.target"), "{p}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_a_runner_cancels_its_job_and_kills_the_process() {
+    let n = net();
+    write_gateway(&n, "allow = [\"slow\"]", &[("web-1", "tok-web-1", "web")]);
+    let _gw = start_gateway(&n).await;
+    let pidfile = n.dir.path().join("pid");
+    let mut runner = start_runner(
+        &n,
+        "web-1",
+        "tok-web-1",
+        "web",
+        &format!(
+            "allow = []\n[[commands.custom]]\nname = \"slow\"\nargv = [\"sh\", \"-c\", \"echo $$ > {}; exec sleep 60\"]\n",
+            pidfile.display()
+        ),
+    );
+    wait_connected(&n, &["web-1"]).await;
+    let r = post(&n, "slow").await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let mut pid = None;
+    for _ in 0..200 {
+        pid = read_pid(&pidfile);
+        if pid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = pid.expect("no pid");
+    unsafe {
+        libc::kill(runner.pid() as i32, libc::SIGTERM);
+    }
+    let rec = wait_end(&n, &id).await;
+    assert_eq!(rec["status"], "cancelled", "{rec}");
+    assert_eq!(rec["reason"], "runner shutting down");
+    assert!(!pid_alive(pid));
+    let status = runner.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -133,7 +133,7 @@ async fn dispatch(
         .map_err(|_| GatewayError::BadRequest("Invalid request path"))?;
 
     if path.starts_with("/__runner__/") {
-        info.route = Some(state.labels.manage.clone());
+        info.route = Some(state.labels.runner.clone());
         // runners: runner tokens only, accepted nowhere else.
         return match state.commands.get() {
             Some(commands) => Ok(Box::pin(commands.handle_runner(req)).await),

@@ -55,6 +55,8 @@ pub(super) struct Labels {
     pub(super) login: RouteName,
     pub(super) logout: RouteName,
     pub(super) manage: RouteName,
+    /// `/__runner__/…` (runners).
+    pub(super) runner: RouteName,
 }
 
 impl std::fmt::Debug for State {
@@ -228,6 +230,7 @@ impl State {
                 login: RouteName::fixed("/login"),
                 logout: RouteName::fixed("/logout"),
                 manage: RouteName::fixed("/__manage__"),
+                runner: RouteName::fixed("/__runner__"),
             },
             commands: match previous.and_then(|p| p.commands.get()) {
                 Some(c) => {

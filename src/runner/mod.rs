@@ -246,17 +246,15 @@ pub async fn run(cfg: RunnerConfig) {
     let body = Bytes::from(
         serde_json::to_vec(&json!({"version": env!("CARGO_PKG_VERSION")})).unwrap_or_default(),
     );
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut attempt = 0u32;
+    let mut stop = std::pin::pin!(stop_signal());
     tracing::info!(runner = %cfg.name, "runner started");
     loop {
-        let answer = client
-            .post(
-                "/__runner__/poll",
-                &[],
-                body.clone(),
-                Duration::from_secs(40),
-            )
-            .await;
+        let answer = tokio::select! {
+            a = client.post("/__runner__/poll", &[], body.clone(), Duration::from_secs(40)) => a,
+            () = &mut stop => break,
+        };
         let value = match answer {
             Ok((status, bytes)) if status.is_success() => {
                 serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null)
@@ -297,12 +295,14 @@ pub async fn run(cfg: RunnerConfig) {
             };
             let (tx, rx) = watch::channel(None);
             lock(&jobs).insert(d.id.clone(), tx);
-            let (cfg, client, slots, jobs) = (
+            let (cfg, client, slots, jobs, active) = (
                 Arc::clone(&cfg),
                 Arc::clone(&client),
                 Arc::clone(&slots),
                 Arc::clone(&jobs),
+                Arc::clone(&active),
             );
+            active.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
                 let id = d.id.clone();
                 let (report, up) = run_job(&cfg, &client, &slots, d, rx).await;
@@ -315,8 +315,38 @@ pub async fn run(cfg: RunnerConfig) {
                     gone: false,
                 });
                 deliver(up, &report).await;
+                active.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
+    }
+    // SIGTERM / SIGINT: cancel what runs (process groups get SIGTERM, then
+    // SIGKILL after kill_grace), report it, then exit.
+    for tx in lock(&jobs).values() {
+        tx.send_replace(Some("runner shutting down".into()));
+    }
+    let deadline = tokio::time::Instant::now() + cfg.commands.kill_grace + Duration::from_secs(10);
+    while active.load(std::sync::atomic::Ordering::SeqCst) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(runner = %cfg.name, "runner stopped");
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
     }
 }
 
@@ -386,6 +416,16 @@ async fn run_job(
     let Ok(_permit) = Arc::clone(slots).acquire_owned().await else {
         return (rejected("runner shutting down".into()), None);
     };
+    if let Some(reason) = cancel.borrow().clone() {
+        let report = Report {
+            end: "cancelled".into(),
+            raw: None,
+            reason: Some(reason),
+            sent: 0,
+            output_bytes: 0,
+        };
+        return (report, None);
+    }
     let max_output = c
         .rules
         .get(&d.command)
