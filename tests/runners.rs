@@ -341,6 +341,17 @@ fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// Waits until the command wrote its pid to `path`.
+async fn wait_pid(path: &Path) -> i32 {
+    for _ in 0..250 {
+        if let Some(pid) = read_pid(path) {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the command did not start");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_on_a_runner_over_tls_and_the_runner_listens_on_nothing() {
     let n = net();
@@ -478,15 +489,7 @@ argv = ["sh", "-c", "echo run >> {runs}; echo $$ > {pid}; exec sleep 60"]
         }
     }
     assert_eq!(job(&n, &id).await["status"], "running");
-    let mut pid = None;
-    for _ in 0..100 {
-        pid = read_pid(&pidfile);
-        if pid.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let pid = pid.expect("no pid");
+    let pid = wait_pid(&pidfile).await;
     assert!(pid_alive(pid));
     let c = send(
         &n,
@@ -508,13 +511,7 @@ argv = ["sh", "-c", "echo run >> {runs}; echo $$ > {pid}; exec sleep 60"]
     // SIGKILL of the runner mid-job: lost after the lease, never re-run.
     let r = post(&n, "sleepy").await;
     let id = r.json()["id"].as_str().unwrap().to_owned();
-    for _ in 0..100 {
-        if read_pid(&pidfile).is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let orphan = read_pid(&pidfile).expect("sleepy did not start");
+    let orphan = wait_pid(&pidfile).await;
     drop(runner);
     let rec = wait_end(&n, &id).await;
     assert_eq!(rec["status"], "lost", "{rec}");
@@ -837,15 +834,7 @@ async fn sigterm_of_a_runner_cancels_its_job_and_kills_the_process() {
     wait_connected(&n, &["web-1"]).await;
     let r = post(&n, "slow").await;
     let id = r.json()["id"].as_str().unwrap().to_owned();
-    let mut pid = None;
-    for _ in 0..200 {
-        pid = read_pid(&pidfile);
-        if pid.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let pid = pid.expect("no pid");
+    let pid = wait_pid(&pidfile).await;
     unsafe {
         libc::kill(runner.pid() as i32, libc::SIGTERM);
     }
