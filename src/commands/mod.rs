@@ -156,6 +156,31 @@ impl Job {
         })
     }
 
+    /// Appends output (counted; kept up to the cap unless metadata-only).
+    /// With `at`, only when the output so far is exactly that long, checked
+    /// under the same lock: `Err(current length)` otherwise.
+    fn append(&self, bytes: &[u8], at: Option<u64>) -> Result<u64, u64> {
+        let total = {
+            let mut out = lock(&self.out);
+            if at.is_some_and(|at| at != out.total) {
+                return Err(out.total);
+            }
+            out.total = out.total.saturating_add(bytes.len() as u64);
+            if !self.metadata_only {
+                if let Some(h) = out.hasher.as_mut() {
+                    h.update(bytes);
+                }
+                let room = (self.max_output as usize).saturating_sub(out.data.len());
+                let keep = bytes.len().min(room);
+                out.data
+                    .extend_from_slice(bytes.get(..keep).unwrap_or_default());
+            }
+            out.total
+        };
+        self.bump();
+        Ok(total)
+    }
+
     fn record(&self) -> JobRecord {
         lock(&self.record).clone()
     }
@@ -201,20 +226,7 @@ impl runner::Sink for RunSink {
     }
 
     fn output(&self, bytes: &[u8]) {
-        {
-            let mut out = lock(&self.job.out);
-            out.total = out.total.saturating_add(bytes.len() as u64);
-            if !self.job.metadata_only {
-                if let Some(h) = out.hasher.as_mut() {
-                    h.update(bytes);
-                }
-                let room = (self.job.max_output as usize).saturating_sub(out.data.len());
-                let keep = bytes.len().min(room);
-                out.data
-                    .extend_from_slice(bytes.get(..keep).unwrap_or_default());
-            }
-        }
-        self.job.bump();
+        let _ = self.job.append(bytes, None);
     }
 }
 

@@ -17,7 +17,7 @@
 //! A runner that has not polled for `commands.lease` is lost: its jobs end
 //! `lost` and are never re-run.
 
-use super::{lock, runner::End, Job, RunSink};
+use super::{lock, runner::End, Job};
 use crate::body::Body;
 use crate::config::problems::Problems;
 use crate::secret::Matcher;
@@ -609,21 +609,13 @@ fn output(slot: &Slot, id: &str, offset: u64, bytes: &[u8]) -> Response<Body> {
         Some(r) => Arc::clone(&r.job),
         None => return refuse(StatusCode::NOT_FOUND, "no such running job for this runner"),
     };
-    // One writer per job (its runner), so checking then appending is safe
-    // under the job's output lock.
-    let total = lock(&job.out).total;
-    if offset != total {
-        return reply(StatusCode::RANGE_NOT_SATISFIABLE, &json!({"length": total}));
+    match job.append(bytes, Some(offset)) {
+        Ok(total) => reply(StatusCode::OK, &json!({ "length": total })),
+        Err(total) => reply(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            &json!({ "length": total }),
+        ),
     }
-    let sink = RunSink {
-        job: Arc::clone(&job),
-        pid_file: std::path::PathBuf::new(),
-    };
-    super::runner::Sink::output(&sink, bytes);
-    reply(
-        StatusCode::OK,
-        &json!({"length": total + bytes.len() as u64}),
-    )
 }
 
 fn finish(slot: &Slot, id: &str, rep: Report) -> Response<Body> {
