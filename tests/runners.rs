@@ -555,7 +555,8 @@ async fn sighup_removing_a_runner_refuses_it_at_once() {
     let _r2 = start_runner(&n, "web-2", "tok-web-2", "web", cmds);
     wait_connected(&n, &["web-1", "web-2"]).await;
 
-    write_gateway(&n, commands, &[("web-2", "tok-web-2", "web")]);
+    // web-1 removed; web-2 stays with one more group (its lease and jobs carry over).
+    write_gateway(&n, commands, &[("web-2", "tok-web-2", "web\", \"db")]);
     unsafe {
         libc::kill(gw.pid() as i32, libc::SIGHUP);
     }
@@ -577,6 +578,14 @@ async fn sighup_removing_a_runner_refuses_it_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(gone, "web-1 still listed after SIGHUP");
+    let list = send(&n, Method::GET, "/__manage__/runners", "")
+        .await
+        .json();
+    assert_eq!(
+        list["runners"][0]["groups"],
+        serde_json::json!(["web", "db"])
+    );
+    assert_eq!(list["runners"][0]["connected"], true, "{list}");
     // Its open poll was answered 401 and its next ones are refused.
     let mut refused = false;
     for _ in 0..100 {

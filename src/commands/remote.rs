@@ -133,6 +133,8 @@ struct Running {
 #[derive(Default)]
 struct SlotState {
     revoked: bool,
+    /// Replaced by a slot with new groups (same runner, same token).
+    moved: bool,
     last_seen: Option<Instant>,
     last_seen_wall: Option<SystemTime>,
     version: Option<String>,
@@ -193,7 +195,21 @@ impl Registry {
                 .cloned();
             next.push(match keep {
                 Some(s) if s.def.groups == d.groups => s,
-                _ => Arc::new(Slot {
+                // Same runner, new groups: its state (lease, jobs) moves over.
+                Some(s) => {
+                    let st = {
+                        let mut old = lock(&s.st);
+                        let st = std::mem::take(&mut *old);
+                        old.moved = true;
+                        st
+                    };
+                    Arc::new(Slot {
+                        def: d.clone(),
+                        st: Mutex::new(st),
+                        wake: Notify::new(),
+                    })
+                }
+                None => Arc::new(Slot {
                     def: d.clone(),
                     st: Mutex::new(SlotState::default()),
                     wake: Notify::new(),
@@ -201,6 +217,14 @@ impl Registry {
             });
         }
         for old in slots.iter() {
+            let moved = next
+                .iter()
+                .any(|n| n.def.name == old.def.name && n.def.token.same_as(&old.def.token));
+            if moved && !next.iter().any(|n| Arc::ptr_eq(n, old)) {
+                // Its held poll ends empty; the next one finds the new slot.
+                old.wake.notify_waiters();
+                continue;
+            }
             if !next.iter().any(|n| Arc::ptr_eq(n, old)) {
                 lock(&old.st).revoked = true;
                 old.wake.notify_waiters();
@@ -588,6 +612,9 @@ async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Response<Body> {
             let mut st = lock(&slot.st);
             if st.revoked {
                 return refuse(StatusCode::UNAUTHORIZED, "Runner token missing or invalid");
+            }
+            if st.moved {
+                return reply(StatusCode::OK, &json!({"jobs": [], "cancel": []}));
             }
             if !st.queue.is_empty() || !st.cancels.is_empty() {
                 let jobs: Vec<Dispatch> = st.queue.drain(..).collect();
