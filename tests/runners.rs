@@ -690,7 +690,11 @@ async fn wait_live(n: &Net, id: &str, needle: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_restarts_during_a_job_and_its_output_is_complete() {
     let n = net();
-    write_gateway(&n, "allow = [\"steps\"]", &[("web-1", "tok-web-1", "web")]);
+    write_gateway(
+        &n,
+        "allow = [\"steps\"]\n[commands.rules.steps]\nlock = \"steps\"",
+        &[("web-1", "tok-web-1", "web")],
+    );
     let gw = start_gateway(&n).await;
     let _runner = start_runner(
         &n,
@@ -712,6 +716,8 @@ async fn gateway_restarts_during_a_job_and_its_output_is_complete() {
     let _ = gw.0.wait();
     let gw = start_gateway(&n).await;
     wait_live(&n, &id, "two").await;
+    // The taken-back job still holds its lock.
+    assert_eq!(post(&n, "steps").await.status, StatusCode::CONFLICT);
 
     // A crash: the same.
     drop(gw);

@@ -1006,16 +1006,25 @@ impl Core {
             .and_then(|r| r.max_output)
             .unwrap_or(self.cfg.max_output);
         tracing::info!(job = %rec.id, runner = %runner, "waiting for the runner to report a job begun before the restart");
+        let lock_name = self
+            .cfg
+            .rules
+            .get(&rec.command)
+            .and_then(|r| r.lock.clone());
         let job = Job::new(rec, metadata_only, max_output);
         {
             let mut st = lock(&self.state);
             st.pending += 1;
+            // It still holds its lock: no second `migrate` while it runs.
+            if let Some(l) = &lock_name {
+                st.locks.entry(l.clone()).or_insert_with(|| job.id.clone());
+            }
             st.live.insert(job.id.clone(), Arc::clone(&job));
         }
         let core = Arc::clone(self);
         tokio::spawn(async move {
             let end = reg.adopt(&job, &runner).await;
-            core.finish(&job, end, None, None, None).await;
+            core.finish(&job, end, None, lock_name, None).await;
         });
     }
 
