@@ -1,4 +1,4 @@
-//! The `portcullis` command line (SPEC §7). All logic lives in the library.
+//! The `portcullis` command line. All logic lives in the library.
 
 use clap::{Parser, Subcommand};
 use portcullis::config::Config;
@@ -127,9 +127,7 @@ fn init_logging() {
         .init();
 }
 
-/// The async runtime: one worker per CPU this process may run on. With a
-/// single CPU (a pinned or CPU-limited container), the single-threaded
-/// scheduler does the same work without the work-stealing bookkeeping.
+/// `portcullis runner`: loads `runner.toml` and serves jobs until SIGTERM.
 fn runner(path: &std::path::Path) -> ExitCode {
     init_logging();
     let cfg = match portcullis::runner::load(path) {
@@ -151,6 +149,9 @@ fn runner(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// The async runtime: one worker per CPU this process may run on. With a
+/// single CPU (a pinned or CPU-limited container), the single-threaded
+/// scheduler does the same work without the work-stealing bookkeeping.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus == 1 {
@@ -210,7 +211,7 @@ fn run(path: &std::path::Path) -> ExitCode {
 
 fn demo(tls: bool) -> ExitCode {
     init_logging();
-    match runtime().and_then(|rt| rt.block_on(portcullis::demo::run(tls))) {
+    match runtime().and_then(|rt| rt.block_on(portcullis::dev::demo::run(tls))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e}");
@@ -220,7 +221,7 @@ fn demo(tls: bool) -> ExitCode {
 }
 
 fn dev_certs(out: &std::path::Path) -> ExitCode {
-    let files = match portcullis::devcerts::write_dev_certs(out) {
+    let files = match portcullis::dev::devcerts::write_dev_certs(out) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("cannot write certificates to {}: {e}", out.display());

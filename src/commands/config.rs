@@ -629,10 +629,10 @@ pub fn validate(raw: &RawCommands, p: &mut Problems) -> Option<CommandsConfig> {
         if !valid_command_name(name) {
             p.push(format!("commands.rules.{name}"), "invalid command name");
         }
-        if execute == Execute::Local && (r.target.is_some() || r.group.is_some()) {
+        if execute == Execute::Local && (r.target.as_deref() == Some("all") || r.group.is_some()) {
             p.push(
                 format!("commands.rules.{name}"),
-                "target and group need commands.execute = \"runners\"",
+                "target = \"all\" and group need commands.execute = \"runners\"",
             );
         }
         rules.insert(name.clone(), validate_rule(name, r, p));

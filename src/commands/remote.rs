@@ -17,7 +17,8 @@
 //! A runner that has not polled for `commands.lease` is lost: its jobs end
 //! `lost` and are never re-run.
 
-use super::{lock, runner::End, Job};
+use super::jobs::{lock, Job};
+use super::runner::End;
 use crate::body::Body;
 use crate::config::problems::Problems;
 use crate::secret::Matcher;

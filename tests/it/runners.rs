@@ -1,0 +1,401 @@
+//! Runners as real processes: the compiled gateway over TLS with
+//! `execute = "runners"`, and `portcullis runner` processes on loopback that
+//! dial in, running custom argv commands and the Django fixture project.
+
+use crate::support::commands::{django_available, django_fixture, ALICE};
+use crate::support::runners::{listening_sockets, pid_alive, signal, wait_pid, Net};
+use http::Method;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_on_a_runner_over_tls_and_the_runner_listens_on_nothing() {
+    let n = Net::new();
+    n.write_gateway(
+        "allow = [\"hello\", \"touch\"]\n[commands.rules.hello]\ngroup = \"web\"\n[commands.rules.touch]\ngroup = \"web\"",
+        &[("web-1", "tok-web-1", "web"), ("db-1", "tok-db-1", "db")],
+    );
+    let _gw = n.start_gateway().await;
+    let marker = n.path("touched");
+    let runner_cmds = format!(
+        r#"allow = []
+[[commands.custom]]
+name = "hello"
+argv = ["sh", "-c", "echo hello from the backend host"]
+[[commands.custom]]
+name = "touch"
+argv = ["touch", "{}"]
+"#,
+        marker.display()
+    );
+    let web = n.start_runner("web-1", "tok-web-1", "web", &runner_cmds);
+    // A runner whose token the gateway does not know gets no work.
+    let _impostor = n.start_runner("db-1", "wrong-token", "db", &runner_cmds);
+    n.wait_connected(&["web-1"]).await;
+
+    let id = n.start_job("hello").await;
+    let rec = n.wait_end(&id).await;
+    assert_eq!(rec["status"], "succeeded", "{rec}");
+    assert_eq!(rec["runner"], "web-1");
+    assert_eq!(rec["exit_code"], 0);
+    assert_eq!(n.output(&id).await, "hello from the backend host\n");
+
+    // The runner process holds no listening socket.
+    assert!(listening_sockets(web.pid()).is_empty());
+
+    let list = n.runners().await;
+    let runners = list["runners"].as_array().unwrap();
+    let db = runners.iter().find(|r| r["name"] == "db-1").unwrap();
+    assert_eq!(db["connected"], false, "{list}");
+    let w = runners.iter().find(|r| r["name"] == "web-1").unwrap();
+    assert_eq!(w["groups"], serde_json::json!(["web"]));
+    assert!(
+        w["version"].is_string() && w["last_seen"].is_string(),
+        "{list}"
+    );
+
+    // The runner's own rules refuse what the gateway allows: `touch` is not
+    // in this runner's table. Rejected, audited, nothing ran.
+    let narrow = n.start_runner(
+        "web-1",
+        "tok-web-1",
+        "web",
+        "allow = []\n[[commands.custom]]\nname = \"hello\"\nargv = [\"true\"]\n",
+    );
+    drop(web);
+    n.wait_connected(&["web-1"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = n.start_job("touch").await;
+    let rec = n.wait_end(&id).await;
+    assert_eq!(rec["status"], "rejected", "{rec}");
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed on this runner"),
+        "{rec}"
+    );
+    assert!(!marker.exists(), "the refused command ran");
+    assert!(n
+        .audit()
+        .iter()
+        .any(|l| l["job_id"] == id.as_str() && l["status"] == "rejected"));
+    drop(narrow);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_output_cancel_and_a_lost_runner() {
+    let n = Net::new();
+    n.write_gateway(
+        "allow = [\"slow\", \"sleepy\"]\n[commands.rules.slow]\ngroup = \"web\"\n[commands.rules.sleepy]\ngroup = \"web\"",
+        &[("web-1", "tok-web-1", "web")],
+    );
+    let _gw = n.start_gateway().await;
+    let pidfile = n.path("pid");
+    let runs = n.path("runs");
+    let runner_cmds = format!(
+        r#"allow = []
+[[commands.custom]]
+name = "slow"
+argv = ["sh", "-c", "echo first; echo $$ > {pid}; exec sleep 60"]
+[[commands.custom]]
+name = "sleepy"
+argv = ["sh", "-c", "echo run >> {runs}; echo $$ > {pid}; exec sleep 60"]
+"#,
+        pid = pidfile.display(),
+        runs = runs.display(),
+    );
+    let runner = n.start_runner("web-1", "tok-web-1", "web", &runner_cmds);
+    n.wait_connected(&["web-1"]).await;
+
+    // Live output before the job ends (SSE), then cancel kills it there.
+    let id = n.start_job("slow").await;
+    n.wait_live(&id, "first").await;
+    assert_eq!(n.job(&id).await["status"], "running");
+    let pid = wait_pid(&pidfile).await;
+    assert!(pid_alive(pid));
+    let c = n
+        .send(Method::POST, &format!("/__manage__/jobs/{id}/cancel"), "")
+        .await;
+    assert!((200..300).contains(&c.status), "{}", c.text());
+    let rec = n.wait_end(&id).await;
+    assert_eq!(rec["status"], "cancelled", "{rec}");
+    assert!(!pid_alive(pid), "the process survived the cancel");
+    std::fs::remove_file(&pidfile).unwrap();
+
+    // SIGKILL of the runner mid-job: lost after the lease, never re-run.
+    let id = n.start_job("sleepy").await;
+    let orphan = wait_pid(&pidfile).await;
+    drop(runner);
+    let rec = n.wait_end(&id).await;
+    assert_eq!(rec["status"], "lost", "{rec}");
+    assert_eq!(rec["runner"], "web-1");
+    let m = n.metrics().await;
+    assert!(m.contains("portcullis_runner_jobs_lost_total 1"), "{m}");
+    assert!(
+        m.contains("portcullis_runner_connected{runner=\"web-1\"} 0"),
+        "{m}"
+    );
+    assert!(m.trim_end().ends_with("# EOF"), "{m}");
+    // No runner of the group: refused 503, audited.
+    let r = n.post("sleepy").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(n
+        .audit()
+        .iter()
+        .any(|l| l["status"] == "rejected" && l["http_status"] == 503));
+    // A runner comes back: the lost job is not re-run.
+    let _back = n.start_runner("web-1", "tok-web-1", "web", &runner_cmds);
+    n.wait_connected(&["web-1"]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(n.job(&id).await["status"], "lost");
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n");
+    signal(orphan as u32, libc::SIGKILL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_removing_a_runner_refuses_it_at_once() {
+    let n = Net::new();
+    let commands = "allow = [\"hello\"]\n[commands.rules.hello]\ngroup = \"web\"";
+    n.write_gateway(
+        commands,
+        &[("web-1", "tok-web-1", "web"), ("web-2", "tok-web-2", "web")],
+    );
+    let gw = n.start_gateway().await;
+    let cmds = "allow = []\n[[commands.custom]]\nname = \"hello\"\nargv = [\"echo\", \"hi\"]\n";
+    let _r1 = n.start_runner("web-1", "tok-web-1", "web", cmds);
+    let _r2 = n.start_runner("web-2", "tok-web-2", "web", cmds);
+    n.wait_connected(&["web-1", "web-2"]).await;
+
+    // web-1 removed; web-2 stays with one more group (its lease and jobs carry over).
+    n.write_gateway(commands, &[("web-2", "tok-web-2", "web\", \"db")]);
+    signal(gw.pid(), libc::SIGHUP);
+    // web-1 is gone from the list; every further job goes to web-2.
+    let mut gone = false;
+    for _ in 0..100 {
+        let list = n.runners().await;
+        if !list["runners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "web-1")
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "web-1 still listed after SIGHUP");
+    let list = n.runners().await;
+    assert_eq!(
+        list["runners"][0]["groups"],
+        serde_json::json!(["web", "db"])
+    );
+    assert_eq!(list["runners"][0]["connected"], true, "{list}");
+    // Its open poll was answered 401 and its next ones are refused.
+    let mut refused = false;
+    for _ in 0..100 {
+        if !n
+            .metrics()
+            .await
+            .contains("portcullis_runner_refused_total 0")
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "the removed runner was not refused");
+    for _ in 0..4 {
+        let id = n.start_job("hello").await;
+        let rec = n.wait_end(&id).await;
+        assert_eq!(rec["status"], "succeeded", "{rec}");
+        assert_eq!(rec["runner"], "web-2");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_commands_run_on_the_runner_host() {
+    if !django_available() {
+        return;
+    }
+    let n = Net::new();
+    n.write_gateway(
+        "allow = [\"check\", \"migrate\"]",
+        &[("app-1", "tok-app-1", "app")],
+    );
+    let _gw = n.start_gateway().await;
+    let root = django_fixture();
+    let _runner = n.start_runner(
+        "app-1",
+        "tok-app-1",
+        "app",
+        &format!(
+            "allow = [\"check\"]\ndjango = {{ python = \"python3\", manage_py = \"{}\", cwd = \"{}\" }}\nenv = [\"PATH\", \"PYTHONPATH\", \"HOME\"]\n",
+            root.join("manage.py").display(),
+            root.display()
+        ),
+    );
+    n.wait_connected(&["app-1"]).await;
+    let id = n.start_job("check").await;
+    let rec = n.wait_end(&id).await;
+    assert_eq!(rec["status"], "succeeded", "{rec}");
+    assert_eq!(rec["runner"], "app-1");
+    assert!(n
+        .output(&id)
+        .await
+        .contains("System check identified no issues"));
+    // The gateway allows migrate; this runner does not.
+    let id = n.start_job("migrate").await;
+    let rec = n.wait_end(&id).await;
+    assert_eq!(rec["status"], "rejected", "{rec}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_restarts_during_a_job_and_its_output_is_complete() {
+    let n = Net::new();
+    n.write_gateway(
+        "allow = [\"steps\"]\n[commands.rules.steps]\nlock = \"steps\"",
+        &[("web-1", "tok-web-1", "web")],
+    );
+    let mut gw = n.start_gateway().await;
+    let _runner = n.start_runner(
+        "web-1",
+        "tok-web-1",
+        "web",
+        "allow = []\n[[commands.custom]]\nname = \"steps\"\nargv = [\"sh\", \"-c\", \"echo one; sleep 1.5; echo two; sleep 1.5; echo three\"]\n",
+    );
+    n.wait_connected(&["web-1"]).await;
+    let id = n.start_job("steps").await;
+    n.wait_live(&id, "one").await;
+
+    // A graceful restart: the job goes on on the runner.
+    signal(gw.pid(), libc::SIGTERM);
+    let _ = gw.child().wait();
+    let gw = n.start_gateway().await;
+    n.wait_live(&id, "two").await;
+    // The taken-back job still holds its lock.
+    assert_eq!(n.post("steps").await.status, 409);
+
+    // A crash: the same.
+    drop(gw);
+    let _gw = n.start_gateway().await;
+    let rec = n.wait_end(&id).await;
+    assert_eq!(rec["status"], "succeeded", "{rec}");
+    assert_eq!(rec["runner"], "web-1");
+    assert_eq!(n.output(&id).await, "one\ntwo\nthree\n");
+    assert_eq!(rec["output_bytes"], 14);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_all_runs_once_per_connected_runner() {
+    let n = Net::new();
+    let all = [
+        ("web-1", "tok-web-1", "web"),
+        ("web-2", "tok-web-2", "web"),
+        ("web-3", "tok-web-3", "web"),
+        ("db-1", "tok-db-1", "db"),
+    ];
+    n.write_gateway(
+        "allow = [\"stamp\"]\n[commands.rules.stamp]\ntarget = \"all\"\ngroup = \"web\"",
+        &all,
+    );
+    let _gw = n.start_gateway().await;
+    let stamps = n.path("stamps");
+    let mut runners = Vec::new();
+    for (name, token, group) in all {
+        runners.push(n.start_runner(
+            name,
+            token,
+            group,
+            &format!(
+                "allow = []\n[[commands.custom]]\nname = \"stamp\"\nargv = [\"sh\", \"-c\", \"echo {name} >> {}\"]\n",
+                stamps.display()
+            ),
+        ));
+    }
+    n.wait_connected(&["web-1", "web-2", "web-3", "db-1"]).await;
+    let r = n.post("stamp").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let jobs = r.json()["jobs"].as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
+    let mut names = Vec::new();
+    for j in &jobs {
+        let rec = n.wait_end(j["id"].as_str().unwrap()).await;
+        assert_eq!(rec["status"], "succeeded", "{rec}");
+        names.push(rec["runner"].as_str().unwrap().to_owned());
+    }
+    names.sort();
+    assert_eq!(names, ["web-1", "web-2", "web-3"]);
+    let mut lines: Vec<String> = std::fs::read_to_string(&stamps)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["web-1", "web-2", "web-3"]);
+}
+
+#[test]
+fn runner_settings_are_validated() {
+    let base = |commands: &str, runners: &str| {
+        format!(
+            "[backend]\nurl = \"http://127.0.0.1:9\"\n[[api_keys]]\nname = \"app\"\nkey = \"device-key\"\n[[operators]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n[commands]\nstate_dir = \"/tmp/x\"\n{commands}\n{runners}"
+        )
+    };
+    let problems = |text: String| match portcullis::config::Config::parse(&text) {
+        Ok(_) => String::new(),
+        Err(p) => p.to_string(),
+    };
+    let ok = base(
+        "execute = \"runners\"\nallow = [\"x\"]\n[commands.rules.x]\ntarget = \"all\"\ngroup = \"web\"",
+        "[[runners]]\nname = \"w\"\ntoken = \"runner-token\"\ngroups = [\"web\"]",
+    );
+    assert_eq!(problems(ok), "");
+    // The operator's token reused as a runner token.
+    let p = problems(base(
+        "execute = \"runners\"\nallow = [\"x\"]",
+        &format!("[[runners]]\nname = \"w\"\ntoken = \"{ALICE}\""),
+    ));
+    assert!(p.contains("runners[0].token"), "{p}");
+    // [[runners]] without execute = "runners"; target/group in local mode.
+    let p = problems(base(
+        "[[commands.custom]]\nname = \"x\"\nargv = [\"true\"]\n[commands.rules.x]\ntarget = \"all\"",
+        "[[runners]]\nname = \"w\"\ntoken = \"runner-token\"",
+    ));
+    assert!(p.contains("execute"), "{p}");
+    assert!(p.contains("commands.rules.x"), "{p}");
+    // execute = "runners" with no runner; an unknown target.
+    let p = problems(base(
+        "execute = \"runners\"\nallow = [\"x\"]\n[commands.rules.x]\ntarget = \"some\"",
+        "",
+    ));
+    assert!(p.contains("at least one [[runners]]"), "{p}");
+    assert!(p.contains("commands.rules.x.target"), "{p}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_a_runner_cancels_its_job_and_kills_the_process() {
+    let n = Net::new();
+    n.write_gateway("allow = [\"slow\"]", &[("web-1", "tok-web-1", "web")]);
+    let _gw = n.start_gateway().await;
+    let pidfile = n.path("pid");
+    let mut runner = n.start_runner(
+        "web-1",
+        "tok-web-1",
+        "web",
+        &format!(
+            "allow = []\n[[commands.custom]]\nname = \"slow\"\nargv = [\"sh\", \"-c\", \"echo $$ > {}; exec sleep 60\"]\n",
+            pidfile.display()
+        ),
+    );
+    n.wait_connected(&["web-1"]).await;
+    let id = n.start_job("slow").await;
+    let pid = wait_pid(&pidfile).await;
+    signal(runner.pid(), libc::SIGTERM);
+    let rec = n.wait_end(&id).await;
+    assert_eq!(rec["status"], "cancelled", "{rec}");
+    assert_eq!(rec["reason"], "runner shutting down");
+    assert!(!pid_alive(pid));
+    let status = runner.child().wait().unwrap();
+    assert!(status.success(), "{status}");
+}
