@@ -143,14 +143,15 @@ impl Commands {
     pub async fn handle_runner(
         &self,
         req: http::Request<hyper::body::Incoming>,
+        request_id: &str,
     ) -> http::Response<Body> {
         match &self.core.remote {
-            Some(reg) => remote::handle(reg, req).await,
+            Some(reg) => remote::handle(reg, req, &self.core.error_type, request_id).await,
             None => crate::envelope::response(
                 http::StatusCode::NOT_FOUND,
                 &self.core.error_type,
                 "Not found",
-                "",
+                request_id,
             ),
         }
     }

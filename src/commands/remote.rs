@@ -506,29 +506,42 @@ fn reply(status: StatusCode, value: &Value) -> Response<Body> {
     resp
 }
 
-fn refuse(status: StatusCode, message: &str) -> Response<Body> {
-    reply(
-        status,
-        &json!({"error": {"status": status.as_u16(), "message": message}}),
-    )
-}
+/// A refusal: its status and message, answered as the error envelope.
+type Refused = (StatusCode, &'static str);
 
-async fn read_body(req: http::Request<hyper::body::Incoming>) -> Result<Bytes, Response<Body>> {
+const BAD_TOKEN: Refused = (StatusCode::UNAUTHORIZED, "Runner token missing or invalid");
+const NO_SUCH_JOB: Refused = (StatusCode::NOT_FOUND, "no such running job for this runner");
+
+async fn read_body(req: http::Request<hyper::body::Incoming>) -> Result<Bytes, Refused> {
     let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
     match limited.collect().await {
         Ok(b) => Ok(b.to_bytes()),
-        Err(_) => Err(refuse(
+        Err(_) => Err((
             StatusCode::PAYLOAD_TOO_LARGE,
             "body too large or unreadable",
         )),
     }
 }
 
-/// Handles `/__runner__/…`. Never fails: every problem is an answer.
+/// Handles `/__runner__/…`. Never fails: every problem is an error envelope.
 pub(super) async fn handle(
     reg: &Registry,
     req: http::Request<hyper::body::Incoming>,
+    error_type: &str,
+    request_id: &str,
 ) -> Response<Body> {
+    match route(reg, req).await {
+        Ok(r) => r,
+        Err((status, message)) => {
+            crate::envelope::response(status, error_type, message, request_id)
+        }
+    }
+}
+
+async fn route(
+    reg: &Registry,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, Refused> {
     let token = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -538,11 +551,11 @@ pub(super) async fn handle(
     let Some(slot) = token.and_then(|t| reg.find(&t)) else {
         reg.refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("runner request with a missing or unknown token refused");
-        return refuse(StatusCode::UNAUTHORIZED, "Runner token missing or invalid");
+        return Err(BAD_TOKEN);
     };
     if lock(&slot.st).revoked {
         reg.refused.fetch_add(1, Ordering::Relaxed);
-        return refuse(StatusCode::UNAUTHORIZED, "Runner token missing or invalid");
+        return Err(BAD_TOKEN);
     }
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path
@@ -553,10 +566,7 @@ pub(super) async fn handle(
     let method = req.method().clone();
     match (segments.as_slice(), &method) {
         (["poll"], &Method::POST) => {
-            let body = match read_body(req).await {
-                Ok(b) => b,
-                Err(r) => return r,
-            };
+            let body = read_body(req).await?;
             poll(reg, &slot, &body).await
         }
         (["jobs", id, "output"], &Method::POST) => {
@@ -566,31 +576,25 @@ pub(super) async fn handle(
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
             let id = id.to_string();
-            let body = match read_body(req).await {
-                Ok(b) => b,
-                Err(r) => return r,
-            };
+            let body = read_body(req).await?;
             let Some(offset) = offset else {
-                return refuse(StatusCode::BAD_REQUEST, "missing x-portcullis-offset");
+                return Err((StatusCode::BAD_REQUEST, "missing x-portcullis-offset"));
             };
             output(&slot, &id, offset, &body)
         }
         (["jobs", id, "finish"], &Method::POST) => {
             let id = id.to_string();
-            let body = match read_body(req).await {
-                Ok(b) => b,
-                Err(r) => return r,
-            };
+            let body = read_body(req).await?;
             match serde_json::from_slice::<Report>(&body) {
                 Ok(rep) => finish(&slot, &id, rep),
-                Err(_) => refuse(StatusCode::BAD_REQUEST, "invalid report"),
+                Err(_) => Err((StatusCode::BAD_REQUEST, "invalid report")),
             }
         }
-        _ => refuse(StatusCode::NOT_FOUND, "Not found"),
+        _ => Err((StatusCode::NOT_FOUND, "Not found")),
     }
 }
 
-async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Response<Body> {
+async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Result<Response<Body>, Refused> {
     reg.polls.fetch_add(1, Ordering::Relaxed);
     let version = serde_json::from_slice::<Value>(body)
         .ok()
@@ -612,51 +616,57 @@ async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Response<Body> {
         {
             let mut st = lock(&slot.st);
             if st.revoked {
-                return refuse(StatusCode::UNAUTHORIZED, "Runner token missing or invalid");
+                return Err(BAD_TOKEN);
             }
             if st.moved {
-                return reply(StatusCode::OK, &json!({"jobs": [], "cancel": []}));
+                return Ok(reply(StatusCode::OK, &json!({"jobs": [], "cancel": []})));
             }
             if !st.queue.is_empty() || !st.cancels.is_empty() {
                 let jobs: Vec<Dispatch> = st.queue.drain(..).collect();
                 let cancel: Vec<String> = std::mem::take(&mut st.cancels);
-                return reply(StatusCode::OK, &json!({"jobs": jobs, "cancel": cancel}));
+                return Ok(reply(
+                    StatusCode::OK,
+                    &json!({"jobs": jobs, "cancel": cancel}),
+                ));
             }
         }
         tokio::select! {
             _ = &mut notified => {}
             _ = tokio::time::sleep_until(deadline) => {
-                return reply(StatusCode::OK, &json!({"jobs": [], "cancel": []}));
+                return Ok(reply(StatusCode::OK, &json!({"jobs": [], "cancel": []})));
             }
         }
     }
 }
 
-fn output(slot: &Slot, id: &str, offset: u64, bytes: &[u8]) -> Response<Body> {
+fn output(slot: &Slot, id: &str, offset: u64, bytes: &[u8]) -> Result<Response<Body>, Refused> {
     let job = match lock(&slot.st).running.get(id) {
         Some(r) => Arc::clone(&r.job),
-        None => return refuse(StatusCode::NOT_FOUND, "no such running job for this runner"),
+        None => return Err(NO_SUCH_JOB),
     };
-    match job.append(bytes, Some(offset)) {
+    Ok(match job.append(bytes, Some(offset)) {
         Ok(total) => reply(StatusCode::OK, &json!({ "length": total })),
         Err(total) => reply(
             StatusCode::RANGE_NOT_SATISFIABLE,
             &json!({ "length": total }),
         ),
-    }
+    })
 }
 
-fn finish(slot: &Slot, id: &str, rep: Report) -> Response<Body> {
+fn finish(slot: &Slot, id: &str, rep: Report) -> Result<Response<Body>, Refused> {
     let mut st = lock(&slot.st);
     let Some(r) = st.running.get(id) else {
-        return refuse(StatusCode::NOT_FOUND, "no such running job for this runner");
+        return Err(NO_SUCH_JOB);
     };
     let total = lock(&r.job.out).total;
     if total < rep.sent {
-        return reply(StatusCode::RANGE_NOT_SATISFIABLE, &json!({"length": total}));
+        return Ok(reply(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            &json!({"length": total}),
+        ));
     }
     let Some(mut r) = st.running.remove(id) else {
-        return refuse(StatusCode::NOT_FOUND, "no such running job for this runner");
+        return Err(NO_SUCH_JOB);
     };
     drop(st);
     {
@@ -680,5 +690,5 @@ fn finish(slot: &Slot, id: &str, rep: Report) -> Response<Body> {
     if let Some(tx) = r.end.take() {
         let _ = tx.send(end);
     }
-    reply(StatusCode::OK, &json!({"ok": true}))
+    Ok(reply(StatusCode::OK, &json!({"ok": true})))
 }

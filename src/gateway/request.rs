@@ -132,11 +132,11 @@ async fn dispatch(
     let path = routes::normalize(req.uri().path())
         .map_err(|_| GatewayError::BadRequest("Invalid request path"))?;
 
-    if path.starts_with("/__runner__/") {
+    if path == "/__runner__" || path.starts_with("/__runner__/") {
         info.route = Some(state.labels.runner.clone());
         // runners: runner tokens only, accepted nowhere else.
         return match state.commands.get() {
-            Some(commands) => Ok(Box::pin(commands.handle_runner(req)).await),
+            Some(commands) => Ok(Box::pin(commands.handle_runner(req, ctx.id())).await),
             None => Err(GatewayError::NotFound),
         };
     }

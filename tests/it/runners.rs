@@ -4,6 +4,7 @@
 
 use crate::support::commands::{django_available, django_fixture, ALICE};
 use crate::support::runners::{listening_sockets, pid_alive, signal, wait_pid, Net};
+use crate::support::Resp;
 use http::Method;
 use std::time::Duration;
 
@@ -91,28 +92,32 @@ async fn live_output_cancel_and_a_lost_runner() {
     );
     let _gw = n.start_gateway().await;
     let pidfile = n.path("pid");
+    let childfile = n.path("child");
     let runs = n.path("runs");
     let runner_cmds = format!(
         r#"allow = []
 [[commands.custom]]
 name = "slow"
-argv = ["sh", "-c", "echo first; echo $$ > {pid}; exec sleep 60"]
+argv = ["sh", "-c", "echo first; sleep 60 & echo $! > {child}; echo $$ > {pid}; wait"]
 [[commands.custom]]
 name = "sleepy"
 argv = ["sh", "-c", "echo run >> {runs}; echo $$ > {pid}; exec sleep 60"]
 "#,
         pid = pidfile.display(),
+        child = childfile.display(),
         runs = runs.display(),
     );
     let runner = n.start_runner("web-1", "tok-web-1", "web", &runner_cmds);
     n.wait_connected(&["web-1"]).await;
 
-    // Live output before the job ends (SSE), then cancel kills it there.
+    // Live output before the job ends (SSE), then cancel kills its whole
+    // process group there (the shell and the `sleep` it started).
     let id = n.start_job("slow").await;
     n.wait_live(&id, "first").await;
     assert_eq!(n.job(&id).await["status"], "running");
     let pid = wait_pid(&pidfile).await;
-    assert!(pid_alive(pid));
+    let child = wait_pid(&childfile).await;
+    assert!(pid_alive(pid) && pid_alive(child));
     let c = n
         .send(Method::POST, &format!("/__manage__/jobs/{id}/cancel"), "")
         .await;
@@ -120,6 +125,7 @@ argv = ["sh", "-c", "echo run >> {runs}; echo $$ > {pid}; exec sleep 60"]
     let rec = n.wait_end(&id).await;
     assert_eq!(rec["status"], "cancelled", "{rec}");
     assert!(!pid_alive(pid), "the process survived the cancel");
+    assert!(!pid_alive(child), "its child survived the cancel");
     std::fs::remove_file(&pidfile).unwrap();
 
     // SIGKILL of the runner mid-job: lost after the lease, never re-run.
@@ -398,4 +404,87 @@ async fn sigterm_of_a_runner_cancels_its_job_and_kills_the_process() {
     assert!(!pid_alive(pid));
     let status = runner.child().wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_tokens_open_only_the_runner_endpoints_and_nothing_else_opens_them() {
+    let n = Net::new();
+    n.write_gateway("allow = [\"hello\"]", &[("web-1", "tok-web-1", "web")]);
+    let _gw = n.start_gateway().await;
+    // Operator tokens, device keys (as a bearer or as Api-Key) and nothing.
+    let alice = format!("Bearer {ALICE}");
+    for (auth, headers) in [
+        (Some(alice.as_str()), &[][..]),
+        (Some("Bearer device-key"), &[][..]),
+        (None, &[("api-key", "device-key")][..]),
+        (None, &[][..]),
+    ] {
+        n.runner_poll(auth, headers)
+            .await
+            .assert_gateway_error(401, "Runner token missing or invalid");
+    }
+    // The runner's token opens the poll (an empty answer after the hold)...
+    let r = n.runner_poll(Some("Bearer tok-web-1"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["jobs"], serde_json::json!([]));
+    // ...and nothing else: not the operator API, not device routes.
+    for path in ["/__manage__/", "/__manage__/runners", "/__manage__/jobs"] {
+        let r = Resp::read(
+            n.open_as(Some("Bearer tok-web-1"), Method::GET, path, "", &[])
+                .await,
+        )
+        .await;
+        assert_eq!(r.status, 401, "{path}: {}", r.text());
+    }
+    let r = Resp::read(
+        n.open_as(
+            None,
+            Method::GET,
+            "/api/orders/1",
+            "",
+            &[("api-key", "tok-web-1")],
+        )
+        .await,
+    )
+    .await;
+    r.assert_envelope(403);
+    // Every refused runner request was counted.
+    let m = n.metrics().await;
+    assert!(m.contains("portcullis_runner_refused_total 4"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_changed_by_sighup_ends_the_held_poll_and_the_new_token_takes_over() {
+    let n = Net::new();
+    let commands = "allow = [\"hello\"]";
+    // A long lease: a poll is held for 25 s unless something ends it.
+    n.write_gateway_with_lease("60s", commands, &[("web-1", "tok-old", "web")]);
+    let gw = n.start_gateway().await;
+    let held = n.runner_poll(Some("Bearer tok-old"), &[]);
+    let reload = async {
+        n.wait_connected(&["web-1"]).await;
+        n.write_gateway_with_lease("60s", commands, &[("web-1", "tok-new", "web")]);
+        signal(gw.pid(), libc::SIGHUP);
+    };
+    let (r, ()) = tokio::time::timeout(Duration::from_secs(15), async {
+        tokio::join!(held, reload)
+    })
+    .await
+    .expect("the held poll was not ended by the reload");
+    r.assert_gateway_error(401, "Runner token missing or invalid");
+
+    // The old token gets nothing more; a runner with the new one runs jobs.
+    let _new = n.start_runner(
+        "web-1",
+        "tok-new",
+        "web",
+        "allow = []\n[[commands.custom]]\nname = \"hello\"\nargv = [\"echo\", \"hi\"]\n",
+    );
+    n.wait_connected(&["web-1"]).await;
+    let id = n.start_job("hello").await;
+    assert_eq!(n.wait_end(&id).await["status"], "succeeded");
+    assert_eq!(n.output(&id).await, "hi\n");
+    n.runner_poll(Some("Bearer tok-old"), &[])
+        .await
+        .assert_gateway_error(401, "Runner token missing or invalid");
 }

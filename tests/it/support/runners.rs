@@ -65,6 +65,16 @@ impl Net {
     /// (after `execute = "runners"`, `lease = "2s"`, `sync_wait = "0s"`),
     /// `runners` the `[[runners]]` entries as (name, token, groups).
     pub fn write_gateway(&self, commands: &str, runners: &[(&str, &str, &str)]) {
+        self.write_gateway_with_lease("2s", commands, runners);
+    }
+
+    /// [`Net::write_gateway`] with another `commands.lease`.
+    pub fn write_gateway_with_lease(
+        &self,
+        lease: &str,
+        commands: &str,
+        runners: &[(&str, &str, &str)],
+    ) {
         let mut text = format!(
             r#"
 [server]
@@ -85,7 +95,7 @@ token = "{ALICE}"
 
 [commands]
 execute = "runners"
-lease = "2s"
+lease = "{lease}"
 sync_wait = "0s"
 state_dir = "{state}"
 audit_log = "{audit}"
@@ -229,6 +239,21 @@ kill_grace = "1s"
         let r = self.post(cmd).await;
         assert_eq!(r.status, 202, "{}", r.text());
         r.json()["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `POST /__runner__/poll` as a runner would, with `authorization` (or
+    /// none) and `headers`; the whole answer (held until work or the hold ends).
+    pub async fn runner_poll(&self, authorization: Option<&str>, headers: &[(&str, &str)]) -> Resp {
+        let resp = self
+            .open_as(
+                authorization,
+                Method::POST,
+                "/__runner__/poll",
+                r#"{"version": "test"}"#,
+                headers,
+            )
+            .await;
+        Resp::read(resp).await
     }
 
     /// `GET /__manage__/jobs/<id>`.
