@@ -124,7 +124,7 @@ where
     };
 
     let op = match bearer(&req).and_then(|t| core.find_operator(t)) {
-        Some(op) => op.clone(),
+        Some(op) => op,
         None => {
             let reason = if bearer(&req).is_some() {
                 "invalid operator token"
@@ -148,7 +148,7 @@ where
     ctx.operator = Some(op.name.clone());
 
     match (segments.as_slice(), req.method()) {
-        ([], &Method::GET) => list(core, &op),
+        ([], &Method::GET) => list(core, &op).await,
         ([], _) => method_not_allowed(core, "GET", request_id),
         (["jobs", id], &Method::GET) => job_status(core, &op, id, request_id).await,
         (["jobs", _], _) => method_not_allowed(core, "GET", request_id),
@@ -188,47 +188,45 @@ fn clip(s: &str) -> &str {
     }
 }
 
-fn list(core: &Core, op: &super::Op) -> Response<Body> {
-    let cfg = &core.cfg;
-    let describe = |name: &str, kind: &str| {
-        let rule = cfg.rules.get(name);
-        let options = rule.and_then(|r| r.options.as_ref()).map(|o| {
-            o.iter()
-                .map(|(k, spec)| {
-                    (
-                        k.clone(),
-                        Value::from(format!("{:?}", spec.kind).to_ascii_lowercase()),
-                    )
-                })
-                .collect::<Map<_, _>>()
-        });
-        json!({
-            "name": name,
-            "kind": kind,
-            "metadata_only": cfg.is_metadata_only(name),
-            "lock": rule.and_then(|r| r.lock.clone()),
-            "options": options,
-        })
-    };
+async fn list(core: &Core, op: &super::Op) -> Response<Body> {
+    // Right after start or a reload, give Django a moment to answer.
+    core.introspection_settled().await;
+    let cfg = core.cfg();
     let mut commands = Vec::new();
     for c in &cfg.custom {
         if core.may_see(op, &c.name) {
-            commands.push(describe(&c.name, "custom"));
+            commands.push(super::describe::custom(&cfg, &c.name));
         }
     }
     let mut any_other = false;
-    if cfg.django.is_some() {
+    if core.remote.is_some() {
+        // Commands run on runners: described as the runners read them.
         let names: Vec<String> = match (&cfg.mode, &op.commands) {
             (super::config::Mode::Allowlist(list), _) => list.clone(),
             (super::config::Mode::Blocklist(_), Some(own)) => own.clone(),
             (super::config::Mode::Blocklist(_), None) => {
                 any_other = true;
-                Vec::new()
+                core.runner_names()
+            }
+        };
+        let names = names
+            .into_iter()
+            .filter(|n| cfg.custom(n).is_none() && core.may_see(op, n))
+            .collect();
+        commands.extend(core.runner_listing(&cfg, names));
+    } else if cfg.django.is_some() {
+        let names: Vec<String> = match (&cfg.mode, &op.commands) {
+            (super::config::Mode::Allowlist(list), _) => list.clone(),
+            (super::config::Mode::Blocklist(_), Some(own)) => own.clone(),
+            (super::config::Mode::Blocklist(_), None) => {
+                any_other = true;
+                core.intro.borrow().names()
             }
         };
         for n in names {
             if cfg.custom(&n).is_none() && core.may_see(op, &n) {
-                commands.push(describe(&n, "django"));
+                let known = core.intro.borrow().get(&n);
+                commands.push(super::describe::django(&cfg, &n, &known));
             }
         }
     }
@@ -347,7 +345,7 @@ where
         Err(r) => return refusal_response(core, &r, request_id),
     };
     let location = format!("/__manage__/jobs/{}", job.id);
-    if job.wait_final(core.cfg.sync_wait).await {
+    if job.wait_final(core.cfg().sync_wait).await {
         if job.audit_failed.load(std::sync::atomic::Ordering::SeqCst) {
             return error(
                 core,
@@ -388,7 +386,7 @@ async fn run_all(
         Ok(j) => j,
         Err(r) => return refusal_response(core, &r, &ctx.request_id),
     };
-    let deadline = tokio::time::Instant::now() + core.cfg.sync_wait;
+    let deadline = tokio::time::Instant::now() + core.cfg().sync_wait;
     let mut done = true;
     for job in &jobs {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -610,7 +608,8 @@ async fn job_output(
     }
     match live {
         Some(job) => {
-            tokio::spawn(stream_live(job, tx, sse, from));
+            let shutdown = core.shutdown_tx.subscribe();
+            tokio::spawn(stream_live(job, tx, sse, from, shutdown));
         }
         None => {
             let id = rec.id.clone();
@@ -662,7 +661,17 @@ async fn job_output(
 
 /// Streams a running job's output as it arrives, then ends (SSE: with an
 /// `end` event carrying the final status).
-async fn stream_live(job: Arc<Job>, tx: mpsc::Sender<Bytes>, sse: bool, from: u64) {
+/// Streams a live job's output until it ends. A job on a runner goes on
+/// when this gateway process stops: its stream ends then without an `end`
+/// event (the client resumes from the next process with `Last-Event-ID`),
+/// so it does not hold the shutdown's drain.
+async fn stream_live(
+    job: Arc<Job>,
+    tx: mpsc::Sender<Bytes>,
+    sse: bool,
+    from: u64,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut rx = job.version.subscribe();
     let mut offset = if sse { from as usize } else { 0 };
     loop {
@@ -702,7 +711,12 @@ async fn stream_live(job: Arc<Job>, tx: mpsc::Sender<Bytes>, sse: bool, from: u6
             }
             return;
         }
-        match tokio::time::timeout(KEEPALIVE, rx.changed()).await {
+        let on_runner = lock(&job.record).runner.is_some();
+        let changed = tokio::select! {
+            c = tokio::time::timeout(KEEPALIVE, rx.changed()) => c,
+            _ = shutdown.wait_for(|s| *s), if on_runner => return,
+        };
+        match changed {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return,
             Err(_) if sse => {

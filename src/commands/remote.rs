@@ -13,10 +13,18 @@
 //!   that already arrived is never stored twice).
 //! - `POST /__runner__/jobs/<id>/finish` `{"end","raw","reason","sent","output_bytes"}`:
 //!   416 + length when output is still missing, else the job ends.
+//! - `POST /__runner__/describe` `{"commands": {name: {"kind": "django",
+//!   "info"|"error"} | {"kind": "custom"}}}`: the commands the runner's own
+//!   rules allow, Django ones with the options its Django reported. A poll
+//!   carries the SHA-256 of the last description sent (`"described"`); when
+//!   the gateway holds another (a new runner, a restarted gateway) the poll
+//!   answers at once with `"describe": true`, and the runner counts as
+//!   connected only once it has described itself.
 //!
 //! A runner that has not polled for `commands.lease` is lost: its jobs end
 //! `lost` and are never re-run.
 
+use super::introspect::{forbidden_key, CommandInfo};
 use super::jobs::{lock, Job};
 use super::runner::End;
 use crate::body::Body;
@@ -27,7 +35,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -107,6 +115,53 @@ pub struct Dispatch {
     pub data: Map<String, Value>,
 }
 
+/// Most commands one description may name.
+const MAX_DESCRIBED: usize = 5000;
+
+/// What a runner says about one command its rules allow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Described {
+    /// A Django command: its options as the runner's Django reported them,
+    /// or why they could not be read there.
+    Django {
+        /// The options.
+        #[serde(default)]
+        info: Option<CommandInfo>,
+        /// Why they are unknown.
+        #[serde(default)]
+        error: Option<String>,
+    },
+    /// One of the runner's `[[commands.custom]]`.
+    Custom,
+}
+
+/// The body of `POST /__runner__/describe`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Description {
+    /// By command name.
+    pub commands: BTreeMap<String, Described>,
+}
+
+impl Description {
+    /// Drops what the gateway never accepts from a runner: invalid command
+    /// names, and options `settings`/`pythonpath` (or a prefix of them).
+    fn sanitized(mut self) -> Description {
+        self.commands
+            .retain(|name, _| super::config::valid_command_name(name));
+        for d in self.commands.values_mut() {
+            if let Described::Django {
+                info: Some(info), ..
+            } = d
+            {
+                info.options
+                    .retain(|o| !o.keys.iter().any(|(k, _)| forbidden_key(k)));
+            }
+        }
+        self
+    }
+}
+
 /// How a runner reports the end of a job.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -139,6 +194,8 @@ struct SlotState {
     last_seen: Option<Instant>,
     last_seen_wall: Option<SystemTime>,
     version: Option<String>,
+    /// The runner's latest description and the SHA-256 of its body.
+    described: Option<(String, Arc<Description>)>,
     queue: VecDeque<Dispatch>,
     cancels: Vec<String>,
     running: HashMap<String, Running>,
@@ -158,6 +215,9 @@ pub(super) struct Registry {
     refused: AtomicU64,
     lost: AtomicU64,
     dispatched: AtomicU64,
+    /// The gateway is shutting down: jobs on runners are left to the next
+    /// gateway process, never declared lost by this one.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -170,6 +230,7 @@ impl Registry {
             refused: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             dispatched: AtomicU64::new(0),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         reg.update(defs);
         let weak = Arc::downgrade(&reg);
@@ -268,8 +329,61 @@ impl Registry {
             .collect()
     }
 
+    /// What the connected runners of `group` (only `pin`, when given) say
+    /// about `command`, by runner name.
+    pub(super) fn described(
+        &self,
+        command: &str,
+        group: Option<&str>,
+        pin: Option<&str>,
+    ) -> Vec<(String, Described)> {
+        let mut out: Vec<(String, Described)> = lock(&self.slots)
+            .iter()
+            .filter(|s| Self::in_group(s, group) && pin.map_or(true, |p| s.def.name == p))
+            .filter_map(|s| {
+                let st = lock(&s.st);
+                if !self.connected(&st) {
+                    return None;
+                }
+                let (_, d) = st.described.as_ref()?;
+                d.commands
+                    .get(command)
+                    .map(|c| (s.def.name.clone(), c.clone()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Every command some connected runner of `group` describes, sorted.
+    pub(super) fn described_names(&self, group: Option<&str>) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.slots)
+            .iter()
+            .filter(|s| Self::in_group(s, group))
+            .flat_map(|s| {
+                let st = lock(&s.st);
+                match (&st.described, self.connected(&st)) {
+                    (Some((_, d)), true) => d.commands.keys().cloned().collect(),
+                    _ => Vec::new(),
+                }
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Stops declaring jobs lost: this gateway process is shutting down
+    /// (while it drains, runners cannot reach it).
+    pub(super) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
     /// Ends the jobs of runners silent past the lease as `lost`.
     fn expire(&self) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         let slots: Vec<Arc<Slot>> = lock(&self.slots).clone();
         for slot in slots {
             let lost: Vec<Running> = {
@@ -569,6 +683,10 @@ async fn route(
             let body = read_body(req).await?;
             poll(reg, &slot, &body).await
         }
+        (["describe"], &Method::POST) => {
+            let body = read_body(req).await?;
+            describe(&slot, &body)
+        }
         (["jobs", id, "output"], &Method::POST) => {
             let offset = req
                 .headers()
@@ -594,14 +712,42 @@ async fn route(
     }
 }
 
+/// Stores a runner's description; it counts as a renewal of its lease.
+fn describe(slot: &Slot, body: &[u8]) -> Result<Response<Body>, Refused> {
+    let Ok(d) = serde_json::from_slice::<Description>(body) else {
+        return Err((StatusCode::BAD_REQUEST, "invalid description"));
+    };
+    if d.commands.len() > MAX_DESCRIBED {
+        return Err((StatusCode::BAD_REQUEST, "too many commands described"));
+    }
+    let digest = crate::secret::hex(&crate::secret::sha256(body));
+    let d = d.sanitized();
+    tracing::info!(runner = %slot.def.name, commands = d.commands.len(), "runner described its commands");
+    let mut st = lock(&slot.st);
+    st.described = Some((digest, Arc::new(d)));
+    st.last_seen = Some(Instant::now());
+    st.last_seen_wall = Some(SystemTime::now());
+    Ok(reply(StatusCode::OK, &json!({"ok": true})))
+}
+
 async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Result<Response<Body>, Refused> {
     reg.polls.fetch_add(1, Ordering::Relaxed);
-    let version = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("version").and_then(Value::as_str).map(str::to_owned))
-        .map(|v| v.chars().take(64).collect::<String>());
+    let body = serde_json::from_slice::<Value>(body).unwrap_or(Value::Null);
+    let field = |name: &str| {
+        body.get(name)
+            .and_then(Value::as_str)
+            .map(|v| v.chars().take(64).collect::<String>())
+    };
+    let (version, described) = (field("version"), field("described"));
     {
         let mut st = lock(&slot.st);
+        if st.described.as_ref().map(|(d, _)| d) != described.as_ref() {
+            // Not connected until it has told what it runs.
+            return Ok(reply(
+                StatusCode::OK,
+                &json!({"jobs": [], "cancel": [], "describe": true}),
+            ));
+        }
         st.last_seen = Some(Instant::now());
         st.last_seen_wall = Some(SystemTime::now());
         if version.is_some() {

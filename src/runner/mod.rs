@@ -4,10 +4,17 @@
 //! loopback address), long-polls `/__runner__/poll` for work and applies its
 //! own `[commands]` rules to every job before starting it.
 //!
+//! At start it reads its Django commands' options from its own Django
+//! (`describe`) and tells the gateway what it runs; a job for a Django
+//! command is checked against those options, exactly as in local mode.
+//!
 //! Output goes up in order with byte offsets; a 416 answer carries the
 //! gateway's length and the runner resumes from there, so retries never
 //! duplicate or lose bytes.
 
+mod describe;
+
+use crate::commands::introspect::{Known, Snapshot};
 use crate::commands::remote::{Dispatch, Report, OFFSET_HEADER};
 use crate::commands::{args, config as cmdcfg, runner as proc};
 use crate::config::problems::Problems;
@@ -243,11 +250,17 @@ pub async fn run(cfg: RunnerConfig) {
     });
     let slots = Arc::new(Semaphore::new(cfg.commands.max_concurrent));
     let jobs: Arc<Mutex<HashMap<String, watch::Sender<Option<String>>>>> = Arc::default();
+    let offer = describe::read(&cfg.commands).await;
+    let intro = Arc::new(offer.intro);
     let body = Bytes::from(
-        serde_json::to_vec(&json!({"version": env!("CARGO_PKG_VERSION")})).unwrap_or_default(),
+        serde_json::to_vec(
+            &json!({"version": env!("CARGO_PKG_VERSION"), "described": offer.digest}),
+        )
+        .unwrap_or_default(),
     );
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut attempt = 0u32;
+    let mut redescribe = false;
     let mut stop = std::pin::pin!(stop_signal());
     tracing::info!(runner = %cfg.name, "runner started");
     loop {
@@ -272,7 +285,34 @@ pub async fn run(cfg: RunnerConfig) {
                 continue;
             }
         };
-        attempt = 0;
+        if value.get("describe").and_then(Value::as_bool) == Some(true) {
+            // The gateway does not hold this runner's description (yet).
+            // Asked again right after describing: another process uses this
+            // runner's token; back off rather than take turns at full speed.
+            if redescribe {
+                tracing::warn!("the gateway holds another description for this runner: is a second runner using its token?");
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt = attempt.saturating_add(1);
+            }
+            redescribe = true;
+            let sent = client
+                .post(
+                    "/__runner__/describe",
+                    &[],
+                    offer.body.clone(),
+                    Duration::from_secs(30),
+                )
+                .await;
+            if !matches!(&sent, Ok((s, _)) if s.is_success()) {
+                tracing::warn!(answer = ?sent.map(|(s, _)| s.as_u16()), "the gateway did not take this runner's description");
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt = attempt.saturating_add(1);
+                continue;
+            }
+        } else {
+            redescribe = false;
+            attempt = 0;
+        }
         for id in value
             .get("cancel")
             .and_then(Value::as_array)
@@ -295,17 +335,18 @@ pub async fn run(cfg: RunnerConfig) {
             };
             let (tx, rx) = watch::channel(None);
             lock(&jobs).insert(d.id.clone(), tx);
-            let (cfg, client, slots, jobs, active) = (
+            let (cfg, client, slots, jobs, active, intro) = (
                 Arc::clone(&cfg),
                 Arc::clone(&client),
                 Arc::clone(&slots),
                 Arc::clone(&jobs),
                 Arc::clone(&active),
+                Arc::clone(&intro),
             );
             active.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
                 let id = d.id.clone();
-                let (report, up) = run_job(&cfg, &client, &slots, d, rx).await;
+                let (report, up) = run_job(&cfg, &client, &slots, &intro, d, rx).await;
                 lock(&jobs).remove(&id);
                 let up = up.unwrap_or(Upload {
                     client,
@@ -364,12 +405,26 @@ fn rejected(reason: String) -> Report {
     }
 }
 
-/// Why this runner's rules refuse `d`, or its process plan.
-fn check(cfg: &cmdcfg::CommandsConfig, d: &Dispatch) -> Result<proc::Plan, String> {
+/// Why this runner's rules refuse `d`, or its process plan. A Django
+/// command runs only with the options this host's Django reported.
+fn check(
+    cfg: &cmdcfg::CommandsConfig,
+    intro: &Snapshot,
+    d: &Dispatch,
+) -> Result<proc::Plan, String> {
     if !cmdcfg::valid_command_name(&d.command) || !cfg.allowed(&d.command) {
         return Err(format!("{:?} is not allowed on this runner", d.command));
     }
-    let argv = args::build(cfg, &d.command, &d.data).map_err(|e| e.message().to_owned())?;
+    let info = match (cfg.custom(&d.command), &cfg.django) {
+        (None, Some(_)) => match intro.get(&d.command) {
+            Known::Ready(info) => Some(info),
+            Known::Failed(e) => return Err(format!("Command unavailable: {e}")),
+            Known::Pending => return Err("Command unavailable: its options are not read".into()),
+        },
+        _ => None,
+    };
+    let argv = args::build(cfg, &d.command, &d.data, info.as_deref())
+        .map_err(|e| e.message().to_owned())?;
     crate::commands::plan_for(cfg, &d.command, argv)
         .ok_or_else(|| format!("{:?} is not configured on this runner", d.command))
 }
@@ -402,11 +457,12 @@ async fn run_job(
     cfg: &RunnerConfig,
     client: &Arc<Client>,
     slots: &Arc<Semaphore>,
+    intro: &Snapshot,
     d: Dispatch,
     cancel: watch::Receiver<Option<String>>,
 ) -> (Report, Option<Upload>) {
     let c = &cfg.commands;
-    let plan = match check(c, &d) {
+    let plan = match check(c, intro, &d) {
         Ok(p) => p,
         Err(reason) => {
             tracing::warn!(job = %d.id, command = %d.command, %reason, "job refused by this runner's rules");

@@ -172,6 +172,7 @@ methods = ["GET"]
 name = "alice"
 token = "operator-token"
 [commands]
+allow = ["check", "migrate", "clearsessions"]
 django = {{ python = "python3", manage_py = "/srv/app/manage.py" }}
 [commands.rules.migrate]
 [[commands.custom]]

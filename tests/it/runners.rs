@@ -2,7 +2,7 @@
 //! `execute = "runners"`, and `portcullis runner` processes on loopback that
 //! dial in, running custom argv commands and the Django fixture project.
 
-use crate::support::commands::{django_available, django_fixture, ALICE};
+use crate::support::commands::{django_available, fixture, ALICE};
 use crate::support::runners::{listening_sockets, pid_alive, signal, wait_pid, Net};
 use crate::support::Resp;
 use http::Method;
@@ -56,13 +56,13 @@ argv = ["touch", "{}"]
 
     // The runner's own rules refuse what the gateway allows: `touch` is not
     // in this runner's table. Rejected, audited, nothing ran.
+    drop(web);
     let narrow = n.start_runner(
         "web-1",
         "tok-web-1",
         "web",
         "allow = []\n[[commands.custom]]\nname = \"hello\"\nargv = [\"true\"]\n",
     );
-    drop(web);
     n.wait_connected(&["web-1"]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let id = n.start_job("touch").await;
@@ -220,32 +220,116 @@ async fn sighup_removing_a_runner_refuses_it_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn django_commands_run_on_the_runner_host() {
+async fn django_commands_run_on_the_runner_host_with_the_options_its_django_reports() {
     if !django_available() {
         return;
     }
     let n = Net::new();
+    // The gateway has no Django project: it learns the options from the runner.
     n.write_gateway(
-        "allow = [\"check\", \"migrate\"]",
+        "allow = [\"check\", \"ops_report\", \"migrate\"]",
         &[("app-1", "tok-app-1", "app")],
     );
     let _gw = n.start_gateway().await;
-    let root = django_fixture();
+    let root = fixture();
     let _runner = n.start_runner(
         "app-1",
         "tok-app-1",
         "app",
         &format!(
-            "allow = [\"check\"]\ndjango = {{ python = \"python3\", manage_py = \"{}\", cwd = \"{}\" }}\nenv = [\"PATH\", \"PYTHONPATH\", \"HOME\"]\n",
+            "allow = [\"check\", \"ops_report\"]\ndjango = {{ python = \"python3\", manage_py = \"{}\", cwd = \"{}\" }}\nenv = [\"PATH\", \"PYTHONPATH\", \"HOME\"]\n[commands.rules.ops_report]\noptions = {{ name = \"string\", args = \"list\" }}\n",
             root.join("manage.py").display(),
             root.display()
         ),
     );
     n.wait_connected(&["app-1"]).await;
-    let id = n.start_job("check").await;
+
+    // GET /__manage__/ lists the options the runner host's Django reported.
+    let listing = n.send(Method::GET, "/__manage__/", "").await.json();
+    let entry = |name: &str| {
+        listing["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not listed: {listing}"))
+    };
+    let report = entry("ops_report");
+    assert_eq!(report["available"], true, "{report}");
+    assert_eq!(report["runners"], serde_json::json!(["app-1"]));
+    let level = report["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "level")
+        .cloned()
+        .unwrap_or_else(|| panic!("no level option: {report}"));
+    assert_eq!(level["choices"], serde_json::json!(["low", "high"]));
+    assert_eq!(level["help"], "How much to report.");
+    assert!(
+        !report.to_string().contains("\"settings\""),
+        "settings is never an option: {report}"
+    );
+    // The runner does not allow migrate: listed as unavailable.
+    let migrate = entry("migrate");
+    assert_eq!(migrate["available"], false, "{migrate}");
+
+    // An option ops_report does not have, an abbreviation, a wrong type and
+    // --settings: 400 at the gateway naming the key, audited, nothing runs.
+    for (data, key) in [
+        (r#"{"data": {"nme": "x"}}"#, "nme"),
+        (r#"{"data": {"coun": 2}}"#, "coun"),
+        (r#"{"data": {"count": "two"}}"#, "count"),
+        (r#"{"data": {"level": "max"}}"#, "level"),
+        (r#"{"data": {"settings": "evil"}}"#, "settings"),
+    ] {
+        let r = n.post_data("ops_report", data).await;
+        assert_eq!(r.status, 400, "{data}: {}", r.text());
+        assert!(r.text().contains(key), "{data}: {}", r.text());
+    }
+    let refused = n
+        .audit()
+        .iter()
+        .filter(|l| l["status"] == "rejected" && l["http_status"] == 400)
+        .count();
+    assert_eq!(refused, 5);
+
+    // An option Django has and the runner's own schema leaves out: the
+    // gateway passes it, the runner refuses it (its reason, audited).
+    let r = n
+        .post_data("ops_report", r#"{"data": {"name": "n1", "count": 2}}"#)
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let rec = n.wait_end(&id).await;
+    assert_eq!(rec["status"], "rejected", "{rec}");
+    let reason = rec["reason"].as_str().unwrap();
+    assert!(reason.starts_with("runner app-1: "), "{reason}");
+    assert!(reason.contains("count"), "{reason}");
+    assert!(n
+        .audit()
+        .iter()
+        .any(|l| l["job_id"] == id.as_str() && l["status"] == "rejected"));
+
+    // What both allow runs there.
+    let r = n
+        .post_data("ops_report", r#"{"data": {"name": "n1", "args": ["p1"]}}"#)
+        .await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
     let rec = n.wait_end(&id).await;
     assert_eq!(rec["status"], "succeeded", "{rec}");
     assert_eq!(rec["runner"], "app-1");
+    assert!(
+        n.output(&id)
+            .await
+            .contains(r#""items": ["p1"], "loud": false, "name": "n1""#),
+        "{}",
+        n.output(&id).await
+    );
+    let id = n.start_job("check").await;
+    let rec = n.wait_end(&id).await;
+    assert_eq!(rec["status"], "succeeded", "{rec}");
     assert!(n
         .output(&id)
         .await
@@ -254,6 +338,13 @@ async fn django_commands_run_on_the_runner_host() {
     let id = n.start_job("migrate").await;
     let rec = n.wait_end(&id).await;
     assert_eq!(rec["status"], "rejected", "{rec}");
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed on this runner"),
+        "{rec}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
