@@ -1,4 +1,5 @@
-//! The `/__manage__` endpoints (SPEC §5). Order for every request:
+//! The `/__manage__` endpoints, as docs/remote-operations.md describes them.
+//! Order for every request:
 //! bearer token (401) → route (404/405) → permission (403) → body (400/413)
 //! → arguments (400) → lock (409) → capacity (429) → audit + store (503) → run.
 

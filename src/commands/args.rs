@@ -1,4 +1,4 @@
-//! `data` → argv (SPEC §5): `"k": "v"` → `--k=v`, `true` → `--k`, `false`
+//! `data` → argv: `"k": "v"` → `--k=v`, `true` → `--k`, `false`
 //! omitted, a list → the option repeated, `"args": [...]` → positional
 //! arguments after `--`. Values are always glued to their option with `=`, so a
 //! value can never become an option of its own. Nothing here touches a shell.

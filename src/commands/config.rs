@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// djangocommand-runner 0.1.0 `DEFAULT_ALLOWED_COMMANDS` (SPEC §8).
+/// djangocommand-runner 0.1.0 `DEFAULT_ALLOWED_COMMANDS`: what
+/// `"@djangocommand-defaults"` in `commands.allow` stands for.
 pub const DEFAULT_ALLOWED_COMMANDS: &[&str] = &[
     "migrate",
     "showmigrations",
@@ -46,7 +47,7 @@ pub const DEFAULT_ALLOWED_COMMANDS: &[&str] = &[
     "clear_index",
 ];
 
-/// djangocommand-runner 0.1.0 `DEFAULT_DISALLOWED_COMMANDS` (SPEC §8).
+/// djangocommand-runner 0.1.0 `DEFAULT_DISALLOWED_COMMANDS` (blocklist mode's default `deny`).
 pub const DEFAULT_DISALLOWED_COMMANDS: &[&str] = &[
     "flush",
     "sqlflush",
