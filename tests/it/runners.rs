@@ -227,7 +227,7 @@ async fn django_commands_run_on_the_runner_host_with_the_options_its_django_repo
     let n = Net::new();
     // The gateway has no Django project: it learns the options from the runner.
     n.write_gateway(
-        "allow = [\"check\", \"ops_report\", \"migrate\"]",
+        "allow = [\"check\", \"ops_report\", \"migrate\", \"broken_cmd\"]",
         &[("app-1", "tok-app-1", "app")],
     );
     let _gw = n.start_gateway().await;
@@ -237,7 +237,7 @@ async fn django_commands_run_on_the_runner_host_with_the_options_its_django_repo
         "tok-app-1",
         "app",
         &format!(
-            "allow = [\"check\", \"ops_report\"]\ndjango = {{ python = \"python3\", manage_py = \"{}\", cwd = \"{}\" }}\nenv = [\"PATH\", \"PYTHONPATH\", \"HOME\"]\n[commands.rules.ops_report]\noptions = {{ name = \"string\", args = \"list\" }}\n",
+            "allow = [\"check\", \"ops_report\", \"broken_cmd\"]\ndjango = {{ python = \"python3\", manage_py = \"{}\", cwd = \"{}\" }}\nenv = [\"PATH\", \"PYTHONPATH\", \"HOME\"]\n[commands.rules.ops_report]\noptions = {{ name = \"string\", args = \"list\" }}\n",
             root.join("manage.py").display(),
             root.display()
         ),
@@ -274,6 +274,21 @@ async fn django_commands_run_on_the_runner_host_with_the_options_its_django_repo
     // The runner does not allow migrate: listed as unavailable.
     let migrate = entry("migrate");
     assert_eq!(migrate["available"], false, "{migrate}");
+    // broken_cmd cannot be loaded on the runner host: unavailable, and
+    // refused (503, audited) rather than run blind.
+    let broken = entry("broken_cmd");
+    assert_eq!(broken["available"], false, "{broken}");
+    let r = n.post("broken_cmd").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        r.text().contains("Command unavailable on runner app-1"),
+        "{}",
+        r.text()
+    );
+    assert!(n
+        .audit()
+        .iter()
+        .any(|l| l["command"] == "broken_cmd" && l["http_status"] == 503));
 
     // An option ops_report does not have, an abbreviation, a wrong type and
     // --settings: 400 at the gateway naming the key, audited, nothing runs.
