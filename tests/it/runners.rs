@@ -66,20 +66,9 @@ argv = ["touch", "{}"]
     n.wait_connected(&["web-1"]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let id = n.start_job("touch").await;
-    let rec = n.wait_end(&id).await;
-    assert_eq!(rec["status"], "rejected", "{rec}");
-    assert!(
-        rec["reason"]
-            .as_str()
-            .unwrap()
-            .contains("not allowed on this runner"),
-        "{rec}"
-    );
+    n.assert_rejected_by_runner(&id, "not allowed on this runner")
+        .await;
     assert!(!marker.exists(), "the refused command ran");
-    assert!(n
-        .audit()
-        .iter()
-        .any(|l| l["job_id"] == id.as_str() && l["status"] == "rejected"));
     drop(narrow);
 }
 
@@ -317,15 +306,8 @@ async fn django_commands_run_on_the_runner_host_with_the_options_its_django_repo
         .await;
     assert_eq!(r.status, 202, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_owned();
-    let rec = n.wait_end(&id).await;
-    assert_eq!(rec["status"], "rejected", "{rec}");
-    let reason = rec["reason"].as_str().unwrap();
-    assert!(reason.starts_with("runner app-1: "), "{reason}");
-    assert!(reason.contains("count"), "{reason}");
-    assert!(n
-        .audit()
-        .iter()
-        .any(|l| l["job_id"] == id.as_str() && l["status"] == "rejected"));
+    n.assert_rejected_by_runner(&id, "runner app-1: unknown option \"count\"")
+        .await;
 
     // What both allow runs there.
     let r = n
@@ -351,15 +333,8 @@ async fn django_commands_run_on_the_runner_host_with_the_options_its_django_repo
         .contains("System check identified no issues"));
     // The gateway allows migrate; this runner does not.
     let id = n.start_job("migrate").await;
-    let rec = n.wait_end(&id).await;
-    assert_eq!(rec["status"], "rejected", "{rec}");
-    assert!(
-        rec["reason"]
-            .as_str()
-            .unwrap()
-            .contains("not allowed on this runner"),
-        "{rec}"
-    );
+    n.assert_rejected_by_runner(&id, "not allowed on this runner")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,6 +276,21 @@ kill_grace = "1s"
         panic!("job {id} did not end");
     }
 
+    /// Waits for job `id` and asserts the runner refused it: `rejected`,
+    /// a reason containing `needle`, and a `rejected` audit line for it.
+    pub async fn assert_rejected_by_runner(&self, id: &str, needle: &str) -> Value {
+        let rec = self.wait_end(id).await;
+        assert_eq!(rec["status"], "rejected", "{rec}");
+        let reason = rec["reason"].as_str().unwrap_or_default();
+        assert!(reason.starts_with("runner "), "{rec}");
+        assert!(reason.contains(needle), "{rec}");
+        assert!(self
+            .audit()
+            .iter()
+            .any(|l| l["job_id"] == id && l["status"] == "rejected"));
+        rec
+    }
+
     /// `GET /__manage__/jobs/<id>/output` as text.
     pub async fn output(&self, id: &str) -> String {
         self.send(Method::GET, &format!("/__manage__/jobs/{id}/output"), "")
