@@ -104,10 +104,10 @@ rss() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # 1. round trip, local vs one runner
 P1="$(port)"; gateway_config "$DIR/local.toml" "$P1" local 0
-PORTCULLIS_LOG=warn "$BIN" run --config "$DIR/local.toml" >/dev/null & PIDS+=($!); wait_port "$P1"
+PORTCULLIS_LOG=warn "$BIN" run --config "$DIR/local.toml" >/dev/null 2>>"$DIR/gateway.log" & PIDS+=($!); wait_port "$P1"
 measure "$P1" local
 P2="$(port)"; gateway_config "$DIR/remote.toml" "$P2" runners "$NRUNNERS"
-PORTCULLIS_LOG=warn "$BIN" run --config "$DIR/remote.toml" >/dev/null & GW=$!; PIDS+=("$GW"); wait_port "$P2"
+PORTCULLIS_LOG=warn "$BIN" run --config "$DIR/remote.toml" >/dev/null 2>>"$DIR/gateway.log" & GW=$!; PIDS+=("$GW"); wait_port "$P2"
 runner "$P2" 1
 for _ in $(seq 100); do
   curl -s -H 'authorization: Bearer bench-token' "http://127.0.0.1:$P2/__manage__/runners" | grep -q '"connected":true' && break
