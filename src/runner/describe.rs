@@ -58,7 +58,8 @@ pub(super) async fn read(cfg: &cmdcfg::CommandsConfig) -> Offer {
                 },
                 Known::Failed(e) => Described::Django {
                     info: None,
-                    error: Some(e),
+                    // The details are in this runner's log, not the gateway's.
+                    error: Some(e.replace("the gateway log", "the runner's log")),
                 },
                 Known::Pending => Described::Django {
                     info: None,
