@@ -23,7 +23,9 @@
 //! - [`access_log`]: one JSON line per request, written off the request path.
 //! - [`tls`]: TLS termination (rustls, reloading certificates) and TLS to backends.
 //! - [`dev`]: `portcullis demo` and `portcullis dev-certs` (development only).
-//! - [`commands`]: remote operations (`/__manage__`): allow-listed commands, jobs, schedules.
+//! - [`commands`]: remote operations (`/__manage__`): allow-listed commands, jobs, schedules;
+//!   with runners, the gateway side of `/__runner__`.
+//! - [`runner`]: `portcullis runner`, running commands on a backend host for the gateway.
 //! - [`audit`]: the hash-chained audit log of remote operations and its verifier.
 
 pub mod access_log;
@@ -41,6 +43,7 @@ pub mod ratelimit;
 pub mod readahead;
 pub mod request_id;
 pub mod routes;
+pub mod runner;
 pub mod secret;
 pub mod server;
 pub mod sessions;

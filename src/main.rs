@@ -41,6 +41,9 @@ enum Command {
     },
     /// Validate the configuration, print its routes and every problem.
     Check,
+    /// Run commands for a gateway on this host (`--config runner.toml`):
+    /// dials out to the gateway, listens on nothing.
+    Runner,
     /// Read a secret on stdin and print its `sha256:` form.
     HashSecret,
     /// Print a new base64 AES-256 key.
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         ),
         Command::DevCerts { out } => dev_certs(&out),
         Command::Check => check(&cli.config),
+        Command::Runner => runner(&cli.config),
         Command::HashSecret => hash_secret(),
         Command::Keygen => {
             println!("{}", crypto::generate_key());
@@ -121,6 +125,28 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// `portcullis runner`: loads `runner.toml` and serves jobs until SIGTERM.
+fn runner(path: &std::path::Path) -> ExitCode {
+    init_logging();
+    let cfg = match portcullis::runner::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match runtime() {
+        Ok(rt) => {
+            rt.block_on(portcullis::runner::run(cfg));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The async runtime: one worker per CPU this process may run on. With a

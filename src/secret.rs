@@ -131,6 +131,11 @@ impl Matcher {
         })
     }
 
+    /// Whether two matchers hold the same credential (constant-time).
+    pub fn same_as(&self, other: &Matcher) -> bool {
+        self.matches_digest(&other.digest)
+    }
+
     /// Constant-time check of a presented credential's digest.
     pub fn matches_digest(&self, presented: &[u8; 32]) -> bool {
         self.digest.ct_eq(presented).into()

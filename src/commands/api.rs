@@ -207,6 +207,10 @@ where
         (["jobs", _, "output"], _) => method_not_allowed(core, "GET", request_id),
         (["jobs", id, "cancel"], &Method::POST) => cancel(core, &op, &ctx, id, request_id).await,
         (["jobs", _, "cancel"], _) => method_not_allowed(core, "POST", request_id),
+        (["runners"], &Method::GET) => match &core.remote {
+            Some(reg) => json_response(StatusCode::OK, &reg.list()),
+            None => json_response(StatusCode::OK, &serde_json::json!({"runners": []})),
+        },
         ([cmd], &Method::POST) if *cmd != "jobs" => run(core, &op, &ctx, cmd, req).await,
         ([cmd], _) if *cmd != "jobs" => method_not_allowed(core, "POST", request_id),
         _ => error(core, StatusCode::NOT_FOUND, "Not found", request_id),
@@ -233,7 +237,22 @@ async fn list(core: &Core, op: &super::Op) -> Response<Body> {
         }
     }
     let mut any_other = false;
-    if cfg.django.is_some() {
+    if core.remote.is_some() {
+        // Commands run on runners: described as the runners read them.
+        let names: Vec<String> = match (&cfg.mode, &op.commands) {
+            (super::config::Mode::Allowlist(list), _) => list.clone(),
+            (super::config::Mode::Blocklist(_), Some(own)) => own.clone(),
+            (super::config::Mode::Blocklist(_), None) => {
+                any_other = true;
+                core.runner_names()
+            }
+        };
+        let names = names
+            .into_iter()
+            .filter(|n| cfg.custom(n).is_none() && core.may_see(op, n))
+            .collect();
+        commands.extend(core.runner_listing(&cfg, names));
+    } else if cfg.django.is_some() {
         let names: Vec<String> = match (&cfg.mode, &op.commands) {
             (super::config::Mode::Allowlist(list), _) => list.clone(),
             (super::config::Mode::Blocklist(_), Some(own)) => own.clone(),
@@ -322,6 +341,7 @@ fn result_json(rec: &super::store::JobRecord, output: &[u8]) -> Value {
         "reason": rec.reason,
         "exit_code": rec.exit_code,
         "duration_ms": rec.duration_ms,
+        "runner": rec.runner,
         "output": output,
         "output_bytes": rec.output_bytes,
         "output_truncated": rec.output_truncated,
@@ -362,6 +382,9 @@ where
             return refusal_response(core, &r, request_id);
         }
     };
+    if core.fans_out(command) {
+        return run_all(core, ctx, command, &data).await;
+    }
     let job = match core.submit(ctx, command, &data).await {
         Ok(job) => job,
         Err(r) => return refusal_response(core, &r, request_id),
@@ -404,6 +427,47 @@ fn prefers_async<B>(req: &Request<B>) -> bool {
                 .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
         })
     })
+}
+
+/// `target = "all"`: one job per connected runner. Within `sync_wait`,
+/// 200 `{"command", "jobs": [results]}`; else 202 `{"command", "jobs": [{id, runner, location}]}`.
+async fn run_all(
+    core: &Arc<Core>,
+    ctx: &Ctx,
+    command: &str,
+    data: &Map<String, Value>,
+) -> Response<Body> {
+    let jobs = match core.submit_all(ctx, command, data).await {
+        Ok(j) => j,
+        Err(r) => return refusal_response(core, &r, &ctx.request_id),
+    };
+    let deadline = tokio::time::Instant::now() + core.cfg().sync_wait;
+    let mut done = true;
+    for job in &jobs {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        done &= job.wait_final(left).await;
+    }
+    if done {
+        let results: Vec<Value> = jobs
+            .iter()
+            .map(|j| result_json(&j.record(), &lock(&j.out).data))
+            .collect();
+        json_response(
+            StatusCode::OK,
+            &json!({"command": command, "jobs": results}),
+        )
+    } else {
+        let list: Vec<Value> = jobs
+            .iter()
+            .map(|j| {
+                json!({"id": j.id, "runner": j.record().runner, "location": format!("/__manage__/jobs/{}", j.id)})
+            })
+            .collect();
+        json_response(
+            StatusCode::ACCEPTED,
+            &json!({"command": command, "jobs": list}),
+        )
+    }
 }
 
 /// Reads `{"data": {...}}` (an empty body means no data).
@@ -599,7 +663,8 @@ async fn job_output(
     }
     match live {
         Some(job) => {
-            tokio::spawn(stream_live(job, tx, sse, from));
+            let shutdown = core.shutdown_tx.subscribe();
+            tokio::spawn(stream_live(job, tx, sse, from, shutdown));
         }
         None => {
             let id = rec.id.clone();
@@ -651,7 +716,17 @@ async fn job_output(
 
 /// Streams a running job's output as it arrives, then ends (SSE: with an
 /// `end` event carrying the final status).
-async fn stream_live(job: Arc<Job>, tx: mpsc::Sender<Bytes>, sse: bool, from: u64) {
+/// Streams a live job's output until it ends. A job on a runner goes on
+/// when this gateway process stops: its stream ends then without an `end`
+/// event (the client resumes from the next process with `Last-Event-ID`),
+/// so it does not hold the shutdown's drain.
+async fn stream_live(
+    job: Arc<Job>,
+    tx: mpsc::Sender<Bytes>,
+    sse: bool,
+    from: u64,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut rx = job.version.subscribe();
     let mut offset = if sse { from as usize } else { 0 };
     loop {
@@ -691,7 +766,12 @@ async fn stream_live(job: Arc<Job>, tx: mpsc::Sender<Bytes>, sse: bool, from: u6
             }
             return;
         }
-        match tokio::time::timeout(KEEPALIVE, rx.changed()).await {
+        let on_runner = lock(&job.record).runner.is_some();
+        let changed = tokio::select! {
+            c = tokio::time::timeout(KEEPALIVE, rx.changed()) => c,
+            _ = shutdown.wait_for(|s| *s), if on_runner => return,
+        };
+        match changed {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return,
             Err(_) if sse => {

@@ -105,6 +105,8 @@ pub struct RawCommands {
     custom: Vec<RawCustom>,
     #[serde(default)]
     schedules: Vec<RawSchedule>,
+    execute: Option<String>,
+    lease: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -122,6 +124,8 @@ struct RawRule {
     lock: Option<String>,
     timeout: Option<String>,
     max_output: Option<RawSize>,
+    target: Option<String>,
+    group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -249,6 +253,21 @@ pub struct Rule {
     pub timeout: Option<Duration>,
     /// Overrides `commands.max_output`.
     pub max_output: Option<u64>,
+    /// `group`: with `execute = "runners"`, only runners of this group run
+    /// it (any group when absent).
+    pub group: Option<String>,
+    /// `target = "all"`: one job per connected runner of the group.
+    pub all: bool,
+}
+
+/// `commands.execute`: where commands run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Execute {
+    /// On the gateway host (the default).
+    #[default]
+    Local,
+    /// On runners that dial in from the backend hosts (`[[runners]]`).
+    Runners,
 }
 
 /// One `[[commands.schedules]]` entry.
@@ -302,6 +321,10 @@ pub struct CommandsConfig {
     pub rules: BTreeMap<String, Rule>,
     /// Cron schedules.
     pub schedules: Vec<Schedule>,
+    /// `execute`: on the gateway host or on runners.
+    pub execute: Execute,
+    /// `lease`: a runner silent this long is lost (its running jobs end `lost`).
+    pub lease: Duration,
 }
 
 /// Whether `name` is a valid option name: `^[A-Za-z][A-Za-z0-9_-]*$`.
@@ -340,7 +363,7 @@ impl CommandsConfig {
         if self.custom(name).is_some() {
             return true;
         }
-        if self.django.is_none() {
+        if self.django.is_none() && self.execute == Execute::Local {
             return false;
         }
         match &self.mode {
@@ -365,6 +388,12 @@ impl CommandsConfig {
         if self.max_concurrent != new.max_concurrent {
             out.push("commands.max_concurrent".to_owned());
         }
+        if self.execute != new.execute {
+            out.push("commands.execute".to_owned());
+        }
+        if self.lease != new.lease {
+            out.push("commands.lease".to_owned());
+        }
         out
     }
 
@@ -374,6 +403,8 @@ impl CommandsConfig {
         new.state_dir = self.state_dir.clone();
         new.audit_log = self.audit_log.clone();
         new.max_concurrent = self.max_concurrent;
+        new.execute = self.execute;
+        new.lease = self.lease;
         new
     }
 
@@ -455,6 +486,17 @@ fn parse_cron(text: &str) -> Result<croner::Cron, String> {
 
 fn validate_rule(name: &str, r: &RawRule, p: &mut Problems) -> Rule {
     let at = format!("commands.rules.{name}");
+    let all = match r.target.as_deref() {
+        None | Some("one") => false,
+        Some("all") => true,
+        Some(other) => {
+            p.push(
+                format!("{at}.target"),
+                format!("must be \"one\" or \"all\", not {other:?}"),
+            );
+            false
+        }
+    };
     let options = r.options.as_ref().map(|opts| {
         let mut out = BTreeMap::new();
         for (opt, raw) in opts {
@@ -540,6 +582,8 @@ fn validate_rule(name: &str, r: &RawRule, p: &mut Problems) -> Rule {
             .max_output
             .as_ref()
             .map(|m| size(&Some(clone_size(m)), 0, &format!("{at}.max_output"), p)),
+        group: r.group.clone(),
+        all,
     }
 }
 
@@ -561,11 +605,11 @@ pub fn validate(raw: &RawCommands, p: &mut Problems) -> Option<CommandsConfig> {
             Mode::Allowlist(match &raw.allow {
                 Some(list) => allow_list(list, p),
                 None => {
-                    if raw.django.is_some() {
+                    if raw.django.is_some() || raw.execute.as_deref() == Some("runners") {
                         p.push(
                             "commands.allow",
                             format!(
-                                "required with commands.django: list the Django commands operators may run, \
+                                "required with commands.django (and with execute = \"runners\"): list the Django commands operators may run, \
                                  e.g. allow = [\"check\", \"migrate\"]; {DEFAULTS_MARKER:?} stands for \
                                  djangocommand's default list, which includes dumpdata and diffsettings \
                                  (they reveal the database and SECRET_KEY)"
@@ -657,7 +701,18 @@ pub fn validate(raw: &RawCommands, p: &mut Problems) -> Option<CommandsConfig> {
             timeout: duration(&c.timeout, &format!("{at}.timeout"), p),
         });
     }
-    if django.is_none() && custom.is_empty() {
+    let execute = match raw.execute.as_deref() {
+        None | Some("local") => Execute::Local,
+        Some("runners") => Execute::Runners,
+        Some(other) => {
+            p.push(
+                "commands.execute",
+                format!("must be \"local\" or \"runners\", not {other:?}"),
+            );
+            Execute::Local
+        }
+    };
+    if django.is_none() && custom.is_empty() && execute == Execute::Local {
         p.push(
             "commands",
             "neither commands.django nor [[commands.custom]] is configured: nothing could run",
@@ -668,6 +723,12 @@ pub fn validate(raw: &RawCommands, p: &mut Problems) -> Option<CommandsConfig> {
     for (name, r) in &raw.rules {
         if !valid_command_name(name) {
             p.push(format!("commands.rules.{name}"), "invalid command name");
+        }
+        if execute == Execute::Local && (r.target.as_deref() == Some("all") || r.group.is_some()) {
+            p.push(
+                format!("commands.rules.{name}"),
+                "target = \"all\" and group need commands.execute = \"runners\"",
+            );
         }
         rules.insert(name.clone(), validate_rule(name, r, p));
     }
@@ -719,6 +780,8 @@ pub fn validate(raw: &RawCommands, p: &mut Problems) -> Option<CommandsConfig> {
             .unwrap_or(Duration::from_secs(30 * 24 * 3600)),
         rules,
         schedules: Vec::new(),
+        execute,
+        lease: duration(&raw.lease, "commands.lease", p).unwrap_or(Duration::from_secs(30)),
     };
 
     for (i, s) in raw.schedules.iter().enumerate() {

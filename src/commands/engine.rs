@@ -6,13 +6,13 @@
 
 use super::config::CommandsConfig;
 use super::introspect::{self, CommandInfo, Known};
-use super::jobs::{lock, new_job_id, now_rfc3339, Ctx, Job, Op, OutBuf, Refusal, RunSink};
+use super::jobs::{lock, new_job_id, now_rfc3339, Ctx, Job, Op, Refusal, RunSink};
 use super::store::{JobRecord, Status, Store};
-use super::{args, config, runner, store};
+use super::{args, config, remote, runner, store};
 use crate::audit::{self, AuditLog, Event};
 use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,6 +49,8 @@ pub(super) struct Core {
     pub(super) pid_dir: PathBuf,
     pub(super) shutting_down: AtomicBool,
     pub(super) shutdown_tx: watch::Sender<bool>,
+    /// With `execute = "runners"`: the runners and the jobs they hold.
+    pub(super) remote: Option<Arc<remote::Registry>>,
 }
 
 /// The environment of every process: `commands.env` taken from the
@@ -114,6 +116,39 @@ pub(super) fn operator_changes(old: &[Op], new: &[Op]) -> Vec<String> {
     out
 }
 
+/// The introspection run `cfg` needs: the Django preset's python and
+/// `manage.py` with the allowed Django commands (every command in blocklist
+/// mode); `None` without the preset or with no Django command allowed.
+pub fn introspection_job(cfg: &CommandsConfig) -> Option<introspect::Job> {
+    let commands: Vec<String> = match &cfg.mode {
+        config::Mode::Allowlist(list) => list
+            .iter()
+            .filter(|n| cfg.custom(n).is_none())
+            .cloned()
+            .collect(),
+        config::Mode::Blocklist(_) => vec!["*".to_owned()],
+    };
+    let django = cfg.django.clone().filter(|_| !commands.is_empty())?;
+    Some(introspect::Job {
+        python: django.python.to_string_lossy().into_owned(),
+        manage_py: django.manage_py.to_string_lossy().into_owned(),
+        cwd: django.cwd,
+        env: env_of(cfg),
+        commands,
+    })
+}
+
+/// The process to start for `command` with arguments `argv` under `cfg`
+/// (`None` when `cfg` has neither a custom entry nor the Django preset).
+pub fn plan_for(cfg: &CommandsConfig, command: &str, argv: Vec<String>) -> Option<runner::Plan> {
+    let target = match cfg.custom(command) {
+        Some(c) => Program::Custom(c.clone()),
+        None if cfg.django.is_some() => Program::Django,
+        None => return None,
+    };
+    Some(Core::plan(cfg, command, target, argv))
+}
+
 /// What runs a command, before arguments: `manage.py` or a custom argv.
 pub(super) enum Program {
     Django,
@@ -137,15 +172,7 @@ impl Core {
     pub(super) fn introspect(self: &Arc<Self>) {
         let cfg = self.cfg();
         let generation = self.intro_gen.fetch_add(1, Ordering::SeqCst) + 1;
-        let commands: Vec<String> = match &cfg.mode {
-            config::Mode::Allowlist(list) => list
-                .iter()
-                .filter(|n| cfg.custom(n).is_none())
-                .cloned()
-                .collect(),
-            config::Mode::Blocklist(_) => vec!["*".to_owned()],
-        };
-        let Some(django) = cfg.django.clone().filter(|_| !commands.is_empty()) else {
+        let Some(job) = introspection_job(&cfg) else {
             self.intro
                 .send_modify(|s| introspect::store(s, Ok(HashMap::new())));
             return;
@@ -155,13 +182,6 @@ impl Core {
             return;
         };
         self.intro.send_modify(|s| s.running = true);
-        let job = introspect::Job {
-            python: django.python.to_string_lossy().into_owned(),
-            manage_py: django.manage_py.to_string_lossy().into_owned(),
-            cwd: django.cwd,
-            env: env_of(&cfg),
-            commands,
-        };
         let core = Arc::clone(self);
         runtime.spawn(async move {
             let result = introspect::run(&job).await;
@@ -272,7 +292,9 @@ impl Core {
     pub(super) fn target(cfg: &CommandsConfig, command: &str) -> Option<Program> {
         match cfg.custom(command) {
             Some(c) => Some(Program::Custom(c.clone())),
-            None if cfg.django.is_some() => Some(Program::Django),
+            None if cfg.django.is_some() || cfg.execute == config::Execute::Runners => {
+                Some(Program::Django)
+            }
             None => None,
         }
     }
@@ -345,6 +367,17 @@ impl Core {
         command: &str,
         data: &Map<String, Value>,
     ) -> Result<Arc<Job>, Refusal> {
+        self.submit_to(ctx, command, data, None).await
+    }
+
+    /// [`Core::submit`], on runner `pin` when given (`target = "all"`).
+    pub(super) async fn submit_to(
+        self: &Arc<Self>,
+        ctx: &Ctx,
+        command: &str,
+        data: &Map<String, Value>,
+        pin: Option<String>,
+    ) -> Result<Arc<Job>, Refusal> {
         use http::StatusCode as S;
         let cfg = self.cfg();
         let metadata_only = cfg.is_metadata_only(command);
@@ -353,19 +386,39 @@ impl Core {
             let r = Refusal::new(S::FORBIDDEN, "unknown command");
             return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
         };
-        // Django commands run only with their options read from Django.
-        let info = match target {
-            Program::Custom(_) => None,
-            Program::Django => match self.django_info(command).await {
-                Ok(info) => Some(info),
-                Err(r) => {
-                    let redacted = args::redact(&cfg, command, data, true, None);
-                    return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
-                }
-            },
+        if let Some(reg) = &self.remote {
+            let group = cfg.rules.get(command).and_then(|r| r.group.as_deref());
+            if !reg.any_connected(group, pin.as_deref()) {
+                let redacted = args::redact(&cfg, command, data, true, None);
+                let r = Refusal::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "no runner of the command's group is connected",
+                );
+                return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
+            }
+        }
+        // Django commands run only with their options read from Django: here,
+        // or with runners, on the runners (as they reported them).
+        let info = match (&self.remote, &target) {
+            (Some(_), _) => self.runner_info(&cfg, command, pin.as_deref()),
+            (None, Program::Custom(_)) => Ok(None),
+            (None, Program::Django) => self.django_info(command).await.map(Some),
+        };
+        let info = match info {
+            Ok(info) => info,
+            Err(r) => {
+                let redacted = args::redact(&cfg, command, data, true, None);
+                return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
+            }
         };
         let redacted = args::redact(&cfg, command, data, metadata_only, info.as_deref());
-        let argv = match args::build(&cfg, command, data, info.as_deref()) {
+        let argv = match (&self.remote, &info) {
+            // A command no connected runner describes: the static checks
+            // here, the exact ones on the runner that takes it.
+            (Some(_), None) => args::check_static(&cfg, command, data).map(|()| Vec::new()),
+            _ => args::build(&cfg, command, data, info.as_deref()),
+        };
+        let argv = match argv {
             Ok(a) => a,
             Err(e) => {
                 let r = Refusal::new(S::BAD_REQUEST, e.message());
@@ -378,6 +431,7 @@ impl Core {
         }
         let plan = Core::plan(&cfg, command, target, argv);
         let rule = cfg.rules.get(command);
+        let group = rule.and_then(|r| r.group.clone());
         let lock_name = rule.and_then(|r| r.lock.clone());
         let max_output = rule.and_then(|r| r.max_output).unwrap_or(cfg.max_output);
         let id = new_job_id();
@@ -437,6 +491,7 @@ impl Core {
             output_truncated: false,
             output_sha256: None,
             metadata_only,
+            runner: None,
         };
         // The accepted line and the job record go to disk concurrently; the
         // process starts only once both are durable.
@@ -474,30 +529,25 @@ impl Core {
             ));
         }
 
-        let (version, _) = watch::channel(0);
-        let (cancel, _) = watch::channel(None);
-        let job = Arc::new(Job {
-            id: id.clone(),
-            command: command.to_owned(),
-            metadata_only,
-            max_output,
-            record: Mutex::new(rec),
-            out: Mutex::new(OutBuf {
-                data: Vec::new(),
-                total: 0,
-                hasher: (!metadata_only).then(Sha256::new),
-            }),
-            version,
-            cancel,
-            audit_failed: AtomicBool::new(false),
-            pgid: std::sync::atomic::AtomicU32::new(0),
-        });
+        let job = Job::new(rec, metadata_only, max_output);
         lock(&self.state).live.insert(id, Arc::clone(&job));
         let core = Arc::clone(self);
         let run_job = Arc::clone(&job);
         let client = ctx.client.clone();
+        let dispatch = self.remote.is_some().then(|| {
+            (
+                remote::Dispatch {
+                    id: job.id.clone(),
+                    command: command.to_owned(),
+                    data: data.clone(),
+                },
+                group,
+                pin,
+            )
+        });
         tokio::spawn(async move {
-            core.run(run_job, plan, permit, lock_name, client).await;
+            core.run(run_job, plan, permit, lock_name, client, dispatch)
+                .await;
         });
         Ok(job)
     }
@@ -509,6 +559,7 @@ impl Core {
         permit: Option<OwnedSemaphorePermit>,
         lock_name: Option<String>,
         client: Option<String>,
+        dispatch: Option<(remote::Dispatch, Option<String>, Option<String>)>,
     ) {
         let _permit = match permit {
             Some(p) => p,
@@ -552,7 +603,13 @@ impl Core {
             job: Arc::clone(&job),
             pid_file: self.pid_dir.join(&job.id),
         };
-        let end = runner::run(&plan, &sink, job.cancel.subscribe()).await;
+        let end = match (&self.remote, dispatch) {
+            (Some(reg), Some((d, group, pin))) => {
+                reg.run(&self.store, &job, d, group.as_deref(), pin.as_deref())
+                    .await
+            }
+            _ => runner::run(&plan, &sink, job.cancel.subscribe()).await,
+        };
         job.pgid.store(0, Ordering::SeqCst);
         let _ = std::fs::remove_file(&sink.pid_file);
         self.finish(&job, end, Some(started.elapsed()), lock_name, client)
@@ -590,6 +647,8 @@ impl Core {
             runner::End::TimedOut => (Status::TimedOut, None, Some("timeout".to_owned())),
             runner::End::Cancelled(r) => (Status::Cancelled, None, Some(r)),
             runner::End::SpawnFailed(r) => (Status::Failed, None, Some(r)),
+            runner::End::Rejected(r) => (Status::Rejected, None, Some(r)),
+            runner::End::Lost(r) => (Status::Lost, None, Some(r)),
         };
         let (output, total, sha) = {
             let mut out = lock(&job.out);
@@ -644,9 +703,17 @@ impl Core {
 
     /// Marks jobs a previous process left queued or running as failed
     /// ("gateway restarted"), killing what is left of their process groups.
-    pub(super) async fn recover(&self) -> Result<(), String> {
+    pub(super) async fn recover(self: &Arc<Self>) -> Result<(), String> {
         let active = store::blocking(&self.store, |s| s.active()).await?;
         for mut rec in active {
+            // A job running on a runner goes on there: the runner reconnects
+            // and reports the rest (lost after the lease if it does not).
+            if let (Some(reg), Some(name)) = (&self.remote, rec.runner.clone()) {
+                if rec.status == Status::Running && reg.knows(&name) {
+                    self.adopt(rec, name);
+                    continue;
+                }
+            }
             let pid_file = self.pid_dir.join(&rec.id);
             if let Ok(text) = std::fs::read_to_string(&pid_file) {
                 let mut parts = text.split_whitespace();

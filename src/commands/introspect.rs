@@ -15,7 +15,7 @@
 //! - `--settings`, `--pythonpath`, `--help` and `--version` are never options
 //!   (see [`forbidden_key`]).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -51,7 +51,7 @@ pub fn forbidden_key(normalized: &str) -> bool {
 }
 
 /// What kind of value an option takes (the `kind` of `GET /__manage__/`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
     /// Any string.
     String,
@@ -79,7 +79,7 @@ impl Kind {
 }
 
 /// How a list value is passed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Repeat {
     /// One value only.
     No,
@@ -94,8 +94,9 @@ pub enum Repeat {
     },
 }
 
-/// One long option of a Django command.
-#[derive(Debug, Clone)]
+/// One long option of a Django command (runners send it to the gateway as
+/// JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DjangoOption {
     /// Canonical data key: the first long option, `-` → `_`.
     pub name: String,
@@ -132,7 +133,7 @@ impl DjangoOption {
 }
 
 /// What Django says about one command.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommandInfo {
     /// The command's help text.
     pub help: Option<String>,
@@ -406,7 +407,10 @@ pub async fn run(job: &Job) -> Result<HashMap<String, Result<Arc<CommandInfo>, S
                 TIMEOUT.as_secs()
             ))
         }
-        super::runner::End::Cancelled(r) | super::runner::End::SpawnFailed(r) => return fail(r),
+        super::runner::End::Cancelled(r)
+        | super::runner::End::SpawnFailed(r)
+        | super::runner::End::Rejected(r)
+        | super::runner::End::Lost(r) => return fail(r),
     }
     let Some(json) = text
         .rfind(MARK)

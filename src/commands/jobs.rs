@@ -100,6 +100,52 @@ pub(super) fn new_job_id() -> String {
 }
 
 impl Job {
+    pub(super) fn new(rec: JobRecord, metadata_only: bool, max_output: u64) -> Arc<Job> {
+        let (version, _) = watch::channel(0);
+        let (cancel, _) = watch::channel(None);
+        Arc::new(Job {
+            id: rec.id.clone(),
+            command: rec.command.clone(),
+            metadata_only,
+            max_output,
+            record: Mutex::new(rec),
+            out: Mutex::new(OutBuf {
+                data: Vec::new(),
+                total: 0,
+                hasher: (!metadata_only).then(Sha256::new),
+            }),
+            version,
+            cancel,
+            audit_failed: AtomicBool::new(false),
+            pgid: std::sync::atomic::AtomicU32::new(0),
+        })
+    }
+
+    /// Appends output (counted; kept up to the cap unless metadata-only).
+    /// With `at`, only when the output so far is exactly that long, checked
+    /// under the same lock: `Err(current length)` otherwise.
+    pub(super) fn append(&self, bytes: &[u8], at: Option<u64>) -> Result<u64, u64> {
+        let total = {
+            let mut out = lock(&self.out);
+            if at.is_some_and(|at| at != out.total) {
+                return Err(out.total);
+            }
+            out.total = out.total.saturating_add(bytes.len() as u64);
+            if !self.metadata_only {
+                if let Some(h) = out.hasher.as_mut() {
+                    h.update(bytes);
+                }
+                let room = (self.max_output as usize).saturating_sub(out.data.len());
+                let keep = bytes.len().min(room);
+                out.data
+                    .extend_from_slice(bytes.get(..keep).unwrap_or_default());
+            }
+            out.total
+        };
+        self.bump();
+        Ok(total)
+    }
+
     pub(super) fn record(&self) -> JobRecord {
         lock(&self.record).clone()
     }
@@ -151,19 +197,6 @@ impl runner::Sink for RunSink {
     }
 
     fn output(&self, bytes: &[u8]) {
-        {
-            let mut out = lock(&self.job.out);
-            out.total = out.total.saturating_add(bytes.len() as u64);
-            if !self.job.metadata_only {
-                if let Some(h) = out.hasher.as_mut() {
-                    h.update(bytes);
-                }
-                let room = (self.job.max_output as usize).saturating_sub(out.data.len());
-                let keep = bytes.len().min(room);
-                out.data
-                    .extend_from_slice(bytes.get(..keep).unwrap_or_default());
-            }
-        }
-        self.job.bump();
+        let _ = self.job.append(bytes, None);
     }
 }

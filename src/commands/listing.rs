@@ -81,14 +81,8 @@ impl JobFilter {
         is(&self.command, Some(&rec.command))
             && is(&self.status, Some(rec.status.as_str()))
             && is(&self.operator, Some(&rec.operator))
-            && is(&self.runner, runner_of(rec))
+            && is(&self.runner, rec.runner.as_deref())
     }
-}
-
-/// The runner a job ran on. Every job runs on the gateway's own host until
-/// runners exist, so a `runner` filter matches none.
-fn runner_of(_rec: &JobRecord) -> Option<&str> {
-    None
 }
 
 const STATUSES: [&str; 8] = [

@@ -12,6 +12,8 @@
 //! - `api`: the `/__manage__` endpoints; `describe`: how `GET /__manage__/`
 //!   describes a command and its options; `listing`: the job and audit
 //!   listings; `console`: the operator console's embedded page;
+//! - [`remote`]: runners (`execute = "runners"`): registry, `/__runner__` protocol;
+//! - `remote_jobs`: the engine's runner side (fan-out, jobs taken back after a restart);
 //! - `scheduler`: cron schedules, run as operator `scheduler`.
 //!
 //! `config` and `args` import each other on purpose: a schedule's `data` is
@@ -44,6 +46,8 @@ mod engine;
 pub mod introspect;
 mod jobs;
 mod listing;
+pub mod remote;
+mod remote_jobs;
 pub mod runner;
 mod scheduler;
 pub mod store;
@@ -52,6 +56,7 @@ use crate::audit::AuditLog;
 use crate::body::Body;
 use arc_swap::ArcSwap;
 use config::CommandsConfig;
+pub use engine::{introspection_job, plan_for};
 use engine::{ops, prune_loop, Core, JobTable};
 use jobs::{lock, Ctx, Job, Op, Refusal};
 use std::net::IpAddr;
@@ -90,6 +95,7 @@ impl Commands {
     pub async fn start(
         cfg: &CommandsConfig,
         operators: &[crate::config::Operator],
+        runners: &[remote::RunnerDef],
         error_type: &str,
     ) -> Result<Arc<Commands>, String> {
         let audit_path = cfg.audit_log.clone();
@@ -119,6 +125,8 @@ impl Commands {
             pid_dir,
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
+            remote: (cfg.execute == config::Execute::Runners)
+                .then(|| remote::Registry::start(runners, cfg.lease)),
         });
         core.recover().await?;
         core.introspect();
@@ -181,6 +189,42 @@ impl Commands {
         api::handle(&self.core, req, client_ip, request_id).await
     }
 
+    /// Handles `/__runner__/…` (runner tokens only); 404 unless
+    /// `execute = "runners"`.
+    pub async fn handle_runner(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+        request_id: &str,
+    ) -> http::Response<Body> {
+        match &self.core.remote {
+            Some(reg) => remote::handle(reg, req, &self.core.error_type, request_id).await,
+            None => crate::envelope::response(
+                http::StatusCode::NOT_FOUND,
+                &self.core.error_type,
+                "Not found",
+                request_id,
+            ),
+        }
+    }
+
+    /// Runner metrics (OpenMetrics text, no `# EOF`); empty unless
+    /// `execute = "runners"`.
+    pub fn runner_metrics(&self) -> String {
+        self.core
+            .remote
+            .as_ref()
+            .map(|r| r.metrics())
+            .unwrap_or_default()
+    }
+
+    /// Applies a reloaded `[[runners]]` (SIGHUP): removed runners and changed
+    /// tokens are refused at once.
+    pub fn update_runners(&self, runners: &[remote::RunnerDef]) {
+        if let Some(reg) = &self.core.remote {
+            reg.update(runners);
+        }
+    }
+
     /// Stops the scheduler, refuses new runs (503), cancels queued and running
     /// jobs (SIGTERM to their groups, SIGKILL after `kill_grace`; they end as
     /// `cancelled`, reason "gateway shutting down") and waits for them to be
@@ -189,6 +233,9 @@ impl Commands {
         let core = &self.core;
         core.shutting_down.store(true, Ordering::SeqCst);
         core.shutdown_tx.send_replace(true);
+        if let Some(reg) = &core.remote {
+            reg.stop();
+        }
         let handles = std::mem::take(&mut *lock(&self.scheduler));
         for h in handles.into_iter().chain(lock(&self.prune).take()) {
             h.abort();
@@ -196,7 +243,10 @@ impl Commands {
         let deadline = tokio::time::Instant::now() + core.cfg().kill_grace + Duration::from_secs(5);
         loop {
             let notified = core.idle.notified();
-            let jobs: Vec<Arc<Job>> = lock(&core.state).live.values().cloned().collect();
+            let mut jobs: Vec<Arc<Job>> = lock(&core.state).live.values().cloned().collect();
+            // Jobs on runners go on there; the next gateway process takes
+            // their reports.
+            jobs.retain(|j| lock(&j.record).runner.is_none());
             if jobs.is_empty() {
                 return;
             }

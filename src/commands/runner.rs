@@ -52,6 +52,10 @@ pub enum End {
     Cancelled(String),
     /// The process could not be started.
     SpawnFailed(String),
+    /// A runner's own rules refused the job (`execute = "runners"`).
+    Rejected(String),
+    /// Its runner missed its lease (`execute = "runners"`).
+    Lost(String),
 }
 
 /// Receives what the process does.

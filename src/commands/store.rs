@@ -36,6 +36,8 @@ pub enum Status {
     Cancelled,
     /// Refused before running.
     Rejected,
+    /// Its runner vanished (missed its lease); never re-run.
+    Lost,
 }
 
 impl Status {
@@ -54,6 +56,7 @@ impl Status {
             Status::TimedOut => "timed_out",
             Status::Cancelled => "cancelled",
             Status::Rejected => "rejected",
+            Status::Lost => "lost",
         }
     }
 }
@@ -96,6 +99,9 @@ pub struct JobRecord {
     /// Whether output beyond the cap was dropped.
     #[serde(default)]
     pub output_truncated: bool,
+    /// The runner that ran it (`execute = "runners"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
     /// SHA-256 of everything written (absent for metadata-only commands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_sha256: Option<String>,
@@ -291,6 +297,7 @@ mod tests {
             output_truncated: false,
             output_sha256: None,
             metadata_only: false,
+            runner: None,
         }
     }
 

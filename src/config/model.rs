@@ -22,6 +22,8 @@ pub struct Config {
     pub operators: Vec<Operator>,
     /// `[commands]`: remote operations, off when absent.
     pub commands: Option<crate::commands::config::CommandsConfig>,
+    /// `[[runners]]`: runners allowed to dial in (`commands.execute = "runners"`).
+    pub runners: Vec<crate::commands::remote::RunnerDef>,
     /// Accepted settings this build does not act on yet; logged at start-up.
     pub warnings: Vec<String>,
 }

@@ -25,6 +25,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) operators: Vec<RawOperator>,
     pub(super) commands: Option<crate::commands::config::RawCommands>,
+    #[serde(default)]
+    pub(super) runners: Vec<crate::commands::remote::RawRunnerDef>,
 }
 
 #[derive(Deserialize, Default)]
@@ -275,9 +277,10 @@ pub(super) fn read(table: toml::Table, p: &mut Problems) -> (RawConfig, Unread) 
             "rate_limits" => raw.rate_limits = one(value, "rate_limits", p, u).unwrap_or_default(),
             "operators" => raw.operators = many(value, "operators", p, u),
             "commands" => raw.commands = one(value, "commands", p, u),
+            "runners" => raw.runners = many(value, "runners", p, u),
             other => p.push(
                 other,
-                "unknown key (expected server, backend, api_keys, sessions, crypto, routes, limits, rate_limits, operators or commands)",
+                "unknown key (expected server, backend, api_keys, sessions, crypto, routes, limits, rate_limits, operators, commands or runners)",
             ),
         }
     }

@@ -180,6 +180,18 @@ pub(super) fn validate(
             .push("[[operators]] are configured but [commands] is not: /__manage__ is off".into());
     }
 
+    let runners = crate::commands::remote::validate_runners(&raw.runners, commands.as_ref(), p);
+    // A runner token must be usable only by its runner.
+    for (i, r) in runners.iter().enumerate() {
+        if operators.iter().any(|o| o.token.same_as(&r.token))
+            || api_keys.iter().any(|k| k.matcher.same_as(&r.token))
+        {
+            p.push(
+                format!("runners[{i}].token"),
+                "must differ from every operator token and API key",
+            );
+        }
+    }
     Some(Config {
         server: server?,
         backend: backend?,
@@ -190,6 +202,7 @@ pub(super) fn validate(
         limits,
         rate_limits,
         operators,
+        runners,
         commands,
         warnings: std::mem::take(warnings),
     })

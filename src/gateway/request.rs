@@ -132,6 +132,14 @@ async fn dispatch(
     let path = routes::normalize(req.uri().path())
         .map_err(|_| GatewayError::BadRequest("Invalid request path"))?;
 
+    if path == "/__runner__" || path.starts_with("/__runner__/") {
+        info.route = Some(state.labels.runner.clone());
+        // runners: runner tokens only, accepted nowhere else.
+        return match state.commands.get() {
+            Some(commands) => Ok(Box::pin(commands.handle_runner(req, ctx.id())).await),
+            None => Err(GatewayError::NotFound),
+        };
+    }
     if path == "/__manage__" || path.starts_with("/__manage__/") {
         info.route = Some(state.labels.manage.clone());
         // commands: operator tokens only; device API keys never reach here.

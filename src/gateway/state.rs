@@ -55,6 +55,8 @@ pub(super) struct Labels {
     pub(super) login: RouteName,
     pub(super) logout: RouteName,
     pub(super) manage: RouteName,
+    /// `/__runner__/…` (runners).
+    pub(super) runner: RouteName,
 }
 
 impl std::fmt::Debug for State {
@@ -236,9 +238,13 @@ impl State {
                 login: RouteName::fixed("/login"),
                 logout: RouteName::fixed("/logout"),
                 manage: RouteName::fixed("/__manage__"),
+                runner: RouteName::fixed("/__runner__"),
             },
             commands: match previous.and_then(|p| p.commands.get()) {
-                Some(c) => std::sync::OnceLock::from(Arc::clone(c)),
+                Some(c) => {
+                    c.update_runners(&config.runners);
+                    std::sync::OnceLock::from(Arc::clone(c))
+                }
                 None => std::sync::OnceLock::new(),
             },
             config,
@@ -271,8 +277,13 @@ impl State {
         if self.commands.get().is_some() {
             return Ok(());
         }
-        let commands =
-            crate::commands::Commands::start(cfg, &self.config.operators, &self.error_type).await?;
+        let commands = crate::commands::Commands::start(
+            cfg,
+            &self.config.operators,
+            &self.config.runners,
+            &self.error_type,
+        )
+        .await?;
         let _ = self.commands.set(commands);
         Ok(())
     }

@@ -75,10 +75,18 @@ async fn admin(live: &Live, req: Request<Incoming>) -> Response<Body> {
             metrics
                 .response_buffer_bytes
                 .set(i64::try_from(state.read_ahead_bytes()).unwrap_or(i64::MAX));
+            let mut body = metrics.encode();
+            // Runner metrics go before the exposition's final `# EOF`.
+            if let Some(extra) = state.commands().map(|c| c.runner_metrics()) {
+                if !extra.is_empty() {
+                    let at = body.rfind("# EOF").unwrap_or(body.len());
+                    body.insert_str(at, &extra);
+                }
+            }
             text(
                 http::StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics.encode(),
+                body,
             )
         }
         "/healthz" => text(

@@ -21,6 +21,7 @@ mod example_config;
 mod limits;
 mod observability;
 mod proptest_gateway;
+mod runners;
 mod scripts;
 mod sessions;
 mod single_cpu;

@@ -10,7 +10,9 @@
 //! - [`process`]: child processes (the compiled binary, Python servers),
 //!   process limits and the panic watch;
 //! - [`commands`]: the remote operations service (`/__manage__`), its
-//!   operators and audit log (not re-exported: `use crate::support::commands::*`).
+//!   operators and audit log (not re-exported: `use crate::support::commands::*`);
+//! - [`runners`]: the compiled gateway over TLS with `portcullis runner`
+//!   processes dialling in (not re-exported).
 //!
 //! Everything binds `127.0.0.1:0`; everything started here is stopped on
 //! drop, so a failing test leaves nothing running.
@@ -22,6 +24,7 @@ pub mod commands;
 pub mod gateway;
 pub mod process;
 pub mod raw;
+pub mod runners;
 
 pub use backend::*;
 pub use bodies::*;
