@@ -52,6 +52,7 @@ struct RawConfig {
     #[serde(default)]
     operators: Vec<RawOperator>,
     commands: Option<crate::commands::config::RawCommands>,
+    cluster: Option<crate::cluster::config::RawCluster>,
 }
 
 #[derive(Deserialize, Default)]
@@ -204,6 +205,8 @@ pub struct Config {
     pub operators: Vec<Operator>,
     /// `[commands]`: remote operations, off when absent.
     pub commands: Option<crate::commands::config::CommandsConfig>,
+    /// `[cluster]`: instances sharing state through Redis, off when absent.
+    pub cluster: Option<crate::cluster::config::ClusterConfig>,
     /// Accepted settings this build does not act on yet; logged at start-up.
     pub warnings: Vec<String>,
 }
@@ -578,6 +581,17 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
             .push("[[operators]] are configured but [commands] is not: /__manage__ is off".into());
     }
 
+    let cluster = raw
+        .cluster
+        .as_ref()
+        .and_then(|c| crate::cluster::config::validate(c, p));
+    if raw.cluster.is_some() && raw.commands.is_some() {
+        p.push(
+            "cluster",
+            "[commands] cannot be combined with [cluster] yet: remote operations would not be shared between instances",
+        );
+    }
+
     Some(Config {
         server: server?,
         backend: backend?,
@@ -589,6 +603,7 @@ fn validate(raw: RawConfig, p: &mut Problems, warnings: &mut Vec<String>) -> Opt
         rate_limits,
         operators,
         commands,
+        cluster,
         warnings: std::mem::take(warnings),
     })
 }

@@ -182,7 +182,7 @@ impl State {
         };
         let metrics = match previous {
             Some(p) => Arc::clone(&p.metrics),
-            None => Metrics::new(),
+            None => Metrics::with_cluster(config.cluster.is_some()),
         };
         let access_log = match previous {
             Some(p) => {
@@ -204,12 +204,28 @@ impl State {
                 }
                 Arc::clone(&p.sessions)
             }
-            None => Arc::new(Sessions::with_counters(
-                config.sessions.clone(),
-                metrics.session_hits.clone(),
-                metrics.session_misses.clone(),
-            )),
+            None => match &config.cluster {
+                None => Arc::new(Sessions::with_counters(
+                    config.sessions.clone(),
+                    metrics.session_hits.clone(),
+                    metrics.session_misses.clone(),
+                )),
+                Some(c) => Arc::new(Sessions::with_cluster(
+                    config.sessions.clone(),
+                    metrics.session_hits.clone(),
+                    metrics.session_misses.clone(),
+                    Arc::new(
+                        crate::cluster::Cluster::new(c.clone(), b.timeout, metrics.cluster.clone())
+                            .map_err(|e| vec![e])?,
+                    ),
+                )),
+            },
         };
+        if let Some(p) = previous {
+            if p.config.cluster != config.cluster {
+                restart_needed.push("[cluster]".to_owned());
+            }
+        }
         if let Some(p) = previous {
             let (o, n) = (&p.config, &config);
             if o.server.listen != n.server.listen {

@@ -22,10 +22,12 @@
 //! - [`demo`]: `portcullis demo`, a gateway plus a demo backend on loopback.
 //! - [`commands`]: remote operations (`/__manage__`): allow-listed commands, jobs, schedules.
 //! - [`audit`]: the hash-chained audit log of remote operations and its verifier.
+//! - [`cluster`]: cluster mode: sessions, revocations and single flight shared through Redis.
 
 pub mod access_log;
 pub mod audit;
 pub mod body;
+pub mod cluster;
 pub mod coalesce;
 pub mod commands;
 pub mod config;
