@@ -11,6 +11,7 @@
 //!   entries, expiry, rotation, eviction.
 //! - [`upstream`]: bounded keep-alive connection pool to the backend; hop-by-hop rules.
 //! - [`envelope`]: the one place errors become `{"error": {...}}` responses.
+//! - [`request_id`]: time-ordered request ids (a leaf: the connection layer and the gateway use it).
 //! - [`parse_errors`]: hyper's bare answers to unparsable HTTP/1 requests, rewritten as envelopes.
 //! - [`crypto`]: AES-256-GCM encrypted query parameters.
 //! - [`body`]: the body type flowing both ways.
@@ -40,6 +41,7 @@ pub mod metrics;
 pub mod parse_errors;
 pub mod ratelimit;
 pub mod readahead;
+pub mod request_id;
 pub mod routes;
 pub mod secret;
 pub mod server;

@@ -226,7 +226,7 @@ impl<T: WriteNow> Drop for EnvelopeErrors<T> {
         // deadline fired (or the device gave up; then nobody reads this).
         if let Head::Blank | Head::Partial(_) = self.head {
             if self.pending.is_none() {
-                let id = crate::gateway::new_request_id();
+                let id = crate::request_id::new_request_id();
                 let id = id.to_str().unwrap_or("-");
                 tracing::debug!(request_id = id, "request head not received in time: 408");
                 if let Some(bytes) = answer(
@@ -315,7 +315,7 @@ fn replacement(buf: &[u8], style: &ErrorStyle) -> Option<Vec<u8>> {
         return None;
     }
     let status = StatusCode::from_bytes(code).ok()?;
-    let id = crate::gateway::new_request_id();
+    let id = crate::request_id::new_request_id();
     let id = id.to_str().unwrap_or("-");
     let message = match status {
         StatusCode::BAD_REQUEST => "Malformed HTTP request",

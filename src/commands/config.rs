@@ -1,7 +1,8 @@
 //! `[commands]`: raw serde shape (unknown keys rejected) and its validation into
 //! [`CommandsConfig`]. Every problem is reported through [`Problems`].
 
-use crate::config::{parse_duration, parse_size, Problems};
+use crate::config::problems::Problems;
+use crate::config::units::{parse_duration, parse_size};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
