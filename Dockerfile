@@ -1,14 +1,18 @@
 # Multi-stage build: compile with the Rust toolchain, run on a slim image as a
-# non-root user. Build:  docker build -t portcullis .
-# Run:    docker run --rm -p 8080:8080 -v $PWD/config:/etc/portcullis:ro \
-#           -e PORTCULLIS_BACKEND_KEY=… portcullis
-FROM rust:1.95-slim-bookworm AS build
+# non-root user. Image names are fully qualified so that podman and buildah
+# need no short-name resolution. See docs/deployment.md.
+# Build:  docker build -t localhost/portcullis .
+# Run:    docker run --rm -p 8080:8080 -p 127.0.0.1:9090:9090 \
+#           -v $PWD/my-config:/etc/portcullis:ro \
+#           -e PORTCULLIS_BACKEND_KEY=… -e PORTCULLIS_WEB_KEY=… -e PORTCULLIS_PARAM_KEY=… \
+#           localhost/portcullis
+FROM docker.io/library/rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 RUN cargo build --release --locked && strip target/release/portcullis
 
-FROM debian:bookworm-slim
+FROM docker.io/library/debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \

@@ -279,7 +279,7 @@ build_portcullis() {
     [ -x "$PORTCULLIS_BIN" ] || die "no binary at $PORTCULLIS_BIN after the build"
 }
 
-# build_bare_forwarder: sets BARE_BIN (examples/bare_forwarder.rs, release profile)
+# build_bare_forwarder: sets BARE_BIN (bench/bare_forwarder.rs, release profile)
 build_bare_forwarder() {
     command -v cargo >/dev/null 2>&1 || die "cargo not found: the bare target builds an example"
     log "cargo build --release --example bare_forwarder in $REPO_ROOT"

@@ -7,7 +7,7 @@
 #
 # Environment (all optional):
 #   BENCH_TARGETS="direct nginx portcullis"   which rows to measure; add `bare` for a bare
-#                                             hyper forwarder (examples/bare_forwarder.rs:
+#                                             hyper forwarder (bench/bare_forwarder.rs:
 #                                             no checks, the floor under portcullis's path)
 #   BENCH_CONNECTIONS="32 256"                wrk connection counts
 #   BENCH_WARMUP=2s  BENCH_DURATION=8s        wrk warm-up and measured run

@@ -8,7 +8,7 @@
 //! flattens too, but into a per-connection buffer that keeps the capacity of the
 //! largest body it ever carried: fine for the bounded backend pool, not for
 //! thousands of device connections.) Used under hyper on plain device
-//! connections ([`crate::parse_errors::EnvelopeErrors`]); TLS joins the
+//! connections ([`crate::server::conn_io::ConnIo`]); TLS joins the
 //! buffers into one record by itself.
 
 use std::io::{self, IoSlice};

@@ -1,4 +1,4 @@
-//! Encrypted query parameters (SPEC §4).
+//! Encrypted query parameters.
 //!
 //! A value `v` of parameter `n` becomes
 //! `base64url_nopad(0x01 || key_id || nonce(12) || AES-256-GCM(key, nonce, v, aad = n))`.

@@ -139,7 +139,7 @@ fn clip(s: &str) -> String {
     }
 }
 
-/// Normalizes a backend's non-2xx body (SPEC §2 "Backend non-2xx answers"):
+/// Normalizes a backend's non-2xx body:
 /// an `error` object keeps its `type` and `message`; other JSON or an empty body
 /// becomes `BackendError` with the reason phrase; anything else (HTML, text)
 /// gets a generic message and is never passed on.

@@ -1,10 +1,14 @@
 //! portcullis: an API gateway for DMZs.
 //!
 //! Module map (the request path reads top to bottom in [`gateway`]):
-//! - [`server`]: listeners, connection cap, HTTP/1.1 + HTTP/2, graceful drain.
-//! - [`gateway`]: the request path: request id → path → API key → route →
-//!   session → body rules → upstream → response or envelope.
-//! - [`config`]: raw TOML → validated [`config::Config`], every problem reported.
+//! - [`server`]: listeners, connection cap, HTTP/1.1 + HTTP/2, the connection IO
+//!   (read/send deadlines, hyper's bare error answers as envelopes), admin
+//!   listener, SIGHUP reload, graceful drain.
+//! - [`gateway`]: state and reload, the request path (request id → path → API
+//!   key → route → session → body rules → upstream → response or envelope),
+//!   peer identity, login/logout, forwarding rules.
+//! - [`config`]: raw TOML → validated [`config::Config`], every problem reported;
+//!   every default value named in [`config::defaults`].
 //! - [`secret`]: secrets that never print; constant-time key matching.
 //! - [`routes`]: path normalization and exposed-route lookup (radix tree).
 //! - [`sessions`]: the token cache (moka): single-flight validation, negative
@@ -12,15 +16,13 @@
 //! - [`upstream`]: bounded keep-alive connection pool to the backend; hop-by-hop rules.
 //! - [`envelope`]: the one place errors become `{"error": {...}}` responses.
 //! - [`request_id`]: time-ordered request ids (a leaf: the connection layer and the gateway use it).
-//! - [`parse_errors`]: hyper's bare answers to unparsable HTTP/1 requests, rewritten as envelopes.
 //! - [`crypto`]: AES-256-GCM encrypted query parameters.
 //! - [`body`]: the body type flowing both ways.
 //! - [`ratelimit`]: per API key, per client, per route and login rate limits (429).
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`access_log`]: one JSON line per request, written off the request path.
 //! - [`tls`]: TLS termination (rustls, reloading certificates) and TLS to backends.
-//! - [`devcerts`]: a local CA and certificates for development and tests.
-//! - [`demo`]: `portcullis demo`, a gateway plus a demo backend on loopback.
+//! - [`dev`]: `portcullis demo` and `portcullis dev-certs` (development only).
 //! - [`commands`]: remote operations (`/__manage__`): allow-listed commands, jobs, schedules.
 //! - [`audit`]: the hash-chained audit log of remote operations and its verifier.
 //! - [`cluster`]: cluster mode: sessions, revocations and single flight shared through Redis.
@@ -33,12 +35,10 @@ pub mod coalesce;
 pub mod commands;
 pub mod config;
 pub mod crypto;
-pub mod demo;
-pub mod devcerts;
+pub mod dev;
 pub mod envelope;
 pub mod gateway;
 pub mod metrics;
-pub mod parse_errors;
 pub mod ratelimit;
 pub mod readahead;
 pub mod request_id;
@@ -48,3 +48,6 @@ pub mod server;
 pub mod sessions;
 pub mod tls;
 pub mod upstream;
+
+/// The old paths of [`dev::demo`] and [`dev::devcerts`], kept for embedders and tests.
+pub use dev::{demo, devcerts};

@@ -1,4 +1,4 @@
-//! The `portcullis` command line (SPEC §7). All logic lives in the library.
+//! The `portcullis` command line. All logic lives in the library.
 
 use clap::{Parser, Subcommand};
 use portcullis::config::Config;
@@ -185,7 +185,7 @@ fn run(path: &std::path::Path) -> ExitCode {
 
 fn demo(tls: bool) -> ExitCode {
     init_logging();
-    match runtime().and_then(|rt| rt.block_on(portcullis::demo::run(tls))) {
+    match runtime().and_then(|rt| rt.block_on(portcullis::dev::demo::run(tls))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e}");
@@ -195,7 +195,7 @@ fn demo(tls: bool) -> ExitCode {
 }
 
 fn dev_certs(out: &std::path::Path) -> ExitCode {
-    let files = match portcullis::devcerts::write_dev_certs(out) {
+    let files = match portcullis::dev::devcerts::write_dev_certs(out) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("cannot write certificates to {}: {e}", out.display());

@@ -1,4 +1,4 @@
-//! User sessions (SPEC §3): the token cache, validation of unknown tokens with
+//! User sessions: the token cache, validation of unknown tokens with
 //! single flight and negative caching, expiry, rotation and eviction.
 //!
 //! Invariants:
@@ -59,7 +59,7 @@ impl Deadline {
 
 /// A cached answer about one token.
 #[derive(Clone, Debug)]
-pub enum Entry {
+pub enum Cached {
     /// A valid session.
     Valid(Session),
     /// Refused by the validation service (negative entry), until then.
@@ -102,7 +102,7 @@ pub enum CheckError {
 
 /// The session store.
 pub struct Sessions {
-    cache: Cache<u128, Entry>,
+    cache: Cache<u128, Cached>,
     hits: Counter,
     misses: Counter,
     salt: [u8; 32],
@@ -218,20 +218,20 @@ impl Sessions {
         u128::from_le_bytes(k)
     }
 
-    fn session_from(&self, expires: Option<SystemTime>, rotated: Option<String>) -> Entry {
+    fn session_from(&self, expires: Option<SystemTime>, rotated: Option<String>) -> Cached {
         let now = Deadline::now();
         let ttl = match expires {
             None => self.cfg.max_ttl,
             Some(at) => match at.duration_since(SystemTime::now()) {
                 Ok(left) => left.min(self.cfg.max_ttl),
                 Err(_) => {
-                    return Entry::Invalid {
+                    return Cached::Invalid {
                         until: now.plus(self.cfg.negative_ttl),
                     }
                 }
             },
         };
-        Entry::Valid(Session {
+        Cached::Valid(Session {
             fresh_until: now.plus(self.local_ttl(ttl)),
             rotated: rotated.map(Arc::from),
         })
@@ -271,23 +271,23 @@ impl Sessions {
     }
 
     /// A record from the cluster as a local entry (at most `degraded_ttl`).
-    fn entry_from_stored(&self, s: &Stored) -> Entry {
+    fn entry_from_stored(&self, s: &Stored) -> Cached {
         let now = SystemTime::now();
         let left = |at: SystemTime| at.duration_since(now).unwrap_or(Duration::ZERO);
         match s {
             Stored::Valid { expires, rotated } => {
                 if left(*expires).is_zero() {
-                    return Entry::Invalid {
+                    return Cached::Invalid {
                         until: Deadline::now().plus(self.local_ttl(self.cfg.negative_ttl)),
                     };
                 }
-                Entry::Valid(Session {
+                Cached::Valid(Session {
                     fresh_until: Deadline::now()
                         .plus(self.local_ttl(left(*expires).min(self.cfg.max_ttl))),
                     rotated: rotated.as_deref().map(Arc::from),
                 })
             }
-            Stored::Refused { until } => Entry::Invalid {
+            Stored::Refused { until } => Cached::Invalid {
                 until: Deadline::now().plus(self.local_ttl(left(*until))),
             },
         }
@@ -300,7 +300,7 @@ impl Sessions {
         cluster: &Cluster,
         token: &str,
         validate: F,
-    ) -> Result<Entry, CheckError>
+    ) -> Result<Cached, CheckError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Validation, CheckError>>,
@@ -313,7 +313,7 @@ impl Sessions {
             .await?;
         let entry = self.entry_from_stored(&stored);
         if let (
-            Entry::Valid(s),
+            Cached::Valid(s),
             Stored::Valid {
                 rotated: Some(new), ..
             },
@@ -324,7 +324,7 @@ impl Sessions {
                 rotated: None,
             };
             self.cache
-                .insert(self.key(new.as_bytes()), Entry::Valid(plain))
+                .insert(self.key(new.as_bytes()), Cached::Valid(plain))
                 .await;
         }
         Ok(entry)
@@ -339,18 +339,18 @@ impl Sessions {
     {
         let key = self.key(token.as_bytes());
         let stale = match self.cache.get(&key).await {
-            Some(Entry::Valid(s)) if !s.fresh_until.passed() => {
+            Some(Cached::Valid(s)) if !s.fresh_until.passed() => {
                 self.hits.inc();
                 return Ok(s);
             }
-            Some(Entry::Invalid { until }) if !until.passed() => {
+            Some(Cached::Invalid { until }) if !until.passed() => {
                 self.hits.inc();
                 return Err(CheckError::Invalid);
             }
             // Past its freshness (kept for stale_if_error): revalidate.
-            Some(Entry::Valid(s)) => Some(Some(s)),
+            Some(Cached::Valid(s)) => Some(Some(s)),
             // A negative entry past its time: ask again.
-            Some(Entry::Invalid { .. }) => Some(None),
+            Some(Cached::Invalid { .. }) => Some(None),
             None => None,
         };
         // The miss path is boxed: its future (validation call included) is
@@ -383,31 +383,31 @@ impl Sessions {
                 Validation::Valid { expires, rotated } => {
                     let rotated = rotated.filter(|r| r != token);
                     let entry = self.session_from(expires, rotated.clone());
-                    if let (Entry::Valid(s), Some(new)) = (&entry, &rotated) {
+                    if let (Cached::Valid(s), Some(new)) = (&entry, &rotated) {
                         let plain = Session {
                             fresh_until: s.fresh_until,
                             rotated: None,
                         };
                         self.cache
-                            .insert(self.key(new.as_bytes()), Entry::Valid(plain))
+                            .insert(self.key(new.as_bytes()), Cached::Valid(plain))
                             .await;
                     }
                     Ok(entry)
                 }
-                Validation::Refused => Ok(Entry::Invalid {
+                Validation::Refused => Ok(Cached::Invalid {
                     until: Deadline::now().plus(self.cfg.negative_ttl),
                 }),
             }
         };
         match self.cache.try_get_with(key, init).await {
-            Ok(Entry::Valid(s)) => Ok(s),
-            Ok(Entry::Invalid { .. }) => Err(CheckError::Invalid),
+            Ok(Cached::Valid(s)) => Ok(s),
+            Ok(Cached::Invalid { .. }) => Err(CheckError::Invalid),
             Err(e) => match (stale, self.cfg.stale_if_error) {
                 (Some(s), Some(window)) if !s.fresh_until.plus(window).passed() => {
                     tracing::warn!(
                         "validation service failing ({e}); serving a recently valid session"
                     );
-                    self.cache.insert(key, Entry::Valid(s.clone())).await;
+                    self.cache.insert(key, Cached::Valid(s.clone())).await;
                     Ok(s)
                 }
                 _ => Err(*e),
@@ -436,7 +436,7 @@ impl Sessions {
             return true;
         }
         let entry = self.session_from(expires, None);
-        let valid = matches!(entry, Entry::Valid(_));
+        let valid = matches!(entry, Cached::Valid(_));
         if valid {
             self.cache.insert(self.key(token.as_bytes()), entry).await;
         }
@@ -450,12 +450,12 @@ impl Sessions {
             return;
         }
         let old_key = self.key(old.as_bytes());
-        if let Some(Entry::Valid(s)) = self.cache.get(&old_key).await {
+        if let Some(Cached::Valid(s)) = self.cache.get(&old_key).await {
             let fresh_until = s.fresh_until;
             self.cache
                 .insert(
                     self.key(new.as_bytes()),
-                    Entry::Valid(Session {
+                    Cached::Valid(Session {
                         fresh_until,
                         rotated: None,
                     }),
@@ -464,7 +464,7 @@ impl Sessions {
             self.cache
                 .insert(
                     old_key,
-                    Entry::Valid(Session {
+                    Cached::Valid(Session {
                         fresh_until,
                         rotated: Some(Arc::from(new)),
                     }),
@@ -482,7 +482,7 @@ impl Sessions {
     /// together with the token it was rotated to.
     pub async fn evict(&self, token: &str) {
         let mut rotated = None;
-        if let Some(Entry::Valid(s)) = self.cache.remove(&self.key(token.as_bytes())).await {
+        if let Some(Cached::Valid(s)) = self.cache.remove(&self.key(token.as_bytes())).await {
             if let Some(new) = s.rotated {
                 self.cache.invalidate(&self.key(new.as_bytes())).await;
                 rotated = Some(new);

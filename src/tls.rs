@@ -442,7 +442,7 @@ mod tests {
     #[test]
     fn a_replaced_pair_is_picked_up_even_with_the_old_mtime() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::devcerts::DevCa::new("CA").unwrap();
+        let ca = crate::dev::devcerts::DevCa::new("CA").unwrap();
         let (a, b) = (
             ca.issue_server(&["localhost"]).unwrap(),
             ca.issue_server(&["localhost"]).unwrap(),

@@ -21,7 +21,7 @@ pub mod config;
 pub mod seal;
 pub mod shared;
 
-use crate::sessions::Entry;
+use crate::sessions::Cached;
 use config::ClusterConfig;
 use futures_util::StreamExt;
 use moka::future::Cache;
@@ -97,7 +97,7 @@ impl ClusterMetrics {
 /// another instance revokes a token or the subscription reconnects.
 pub struct Local {
     /// The sessions cache (keyed by [`Cluster::local_key`]).
-    pub cache: Cache<u128, Entry>,
+    pub cache: Cache<u128, Cached>,
     /// Bumped after every change that may end a session (see
     /// [`crate::sessions::Sessions::generation`]).
     pub generation: Arc<AtomicU64>,

@@ -17,7 +17,7 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const ACTIVE: TableDefinition<&str, ()> = TableDefinition::new("active");
 const OUTPUT: TableDefinition<&str, &[u8]> = TableDefinition::new("output");
 
-/// The states a job goes through (SPEC §5).
+/// The states of a job; every job ends in exactly one of the final ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {

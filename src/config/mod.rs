@@ -144,4 +144,12 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn the_minimal_example_config_is_valid() {
+        let c = Config::parse(include_str!("../../examples/minimal.toml"))
+            .unwrap_or_else(|p| panic!("{p}"));
+        assert_eq!(c.routes.len(), 2);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
 }

@@ -1,5 +1,8 @@
 //! Validation: raw serde values → the typed model. Every problem is
 //! recorded (not only the first); defaults come from [`super::defaults`].
+//!
+//! Longer than the crate's 600-line guide on purpose: one validator per TOML
+//! section, in file order, so a setting's checks are found by its key.
 
 use super::defaults;
 use super::model::*;

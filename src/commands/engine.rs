@@ -1,0 +1,530 @@
+//! The job engine behind [`super::Commands`]: refusals are audited, runs are
+//! accepted (audit line fsynced, job record committed) before they start,
+//! run in their own process group, and finish (audit line on disk) before
+//! anyone sees them finished; jobs interrupted by a crash are recovered at
+//! start.
+
+use super::config::CommandsConfig;
+use super::jobs::{lock, new_job_id, now_rfc3339, Ctx, Job, Op, OutBuf, Refusal, RunSink};
+use super::store::{JobRecord, Status, Store};
+use super::{args, config, runner, store};
+use crate::audit::{self, AuditLog, Event};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+#[derive(Default)]
+/// The jobs of this process: running ones by id, held locks, queued count.
+pub(super) struct JobTable {
+    pub(super) live: HashMap<String, Arc<Job>>,
+    pub(super) locks: HashMap<String, String>,
+    pub(super) pending: usize,
+}
+
+/// The engine: configuration, audit log, job store, run slots and job table.
+pub(super) struct Core {
+    pub(super) cfg: CommandsConfig,
+    pub(super) operators: Vec<Op>,
+    pub(super) error_type: String,
+    pub(super) audit: Arc<AuditLog>,
+    pub(super) store: Arc<Store>,
+    pub(super) slots: Arc<Semaphore>,
+    pub(super) state: Mutex<JobTable>,
+    pub(super) idle: Notify,
+    pub(super) pid_dir: PathBuf,
+    pub(super) shutting_down: AtomicBool,
+    pub(super) shutdown_tx: watch::Sender<bool>,
+}
+
+/// Deletes ended jobs older than `commands.job_retention`, at start and hourly.
+pub(super) async fn prune_loop(core: Arc<Core>) {
+    loop {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let cutoff = now.saturating_sub(core.cfg.job_retention).as_millis() as u64;
+        let floor = store::id_floor(cutoff);
+        match store::blocking(&core.store, move |s| s.prune(&floor)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "pruned ended jobs past commands.job_retention"),
+            Err(err) => tracing::warn!(error = %err, "could not prune the job store"),
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+/// What runs a command, before arguments: `manage.py` or a custom argv.
+pub(super) enum Program {
+    Django,
+    Custom(config::Custom),
+}
+
+impl Core {
+    pub(super) fn find_operator(&self, token: &[u8]) -> Option<&Op> {
+        crate::secret::find_match(self.operators.iter().map(|o| (&o.token, o)), token)
+    }
+
+    /// Why `op` may not run `command`, if it may not.
+    pub(super) fn forbidden(&self, op: &Op, command: &str) -> Option<&'static str> {
+        if !config::valid_command_name(command) {
+            return Some("invalid command name");
+        }
+        if !self.cfg.allowed(command) {
+            return Some(
+                if self.cfg.custom(command).is_none() && self.cfg.django.is_none() {
+                    "unknown command"
+                } else {
+                    match self.cfg.mode {
+                        config::Mode::Allowlist(_) => "not in the allowlist",
+                        config::Mode::Blocklist(_) => "in the blocklist",
+                    }
+                },
+            );
+        }
+        match &op.commands {
+            Some(list) if !list.iter().any(|c| c == command) => {
+                Some("not in this operator's command list")
+            }
+            _ => None,
+        }
+    }
+
+    pub(super) fn may_see(&self, op: &Op, command: &str) -> bool {
+        self.forbidden(op, command).is_none()
+    }
+
+    /// Writes a `rejected` line and returns the refusal to answer with (503
+    /// instead when the line cannot be written).
+    pub(super) async fn reject(
+        &self,
+        ctx: &Ctx,
+        command: Option<&str>,
+        args: Option<Value>,
+        refusal: Refusal,
+    ) -> Refusal {
+        let mut e = audit::Entry::new(Event::Rejected, &ctx.request_id, Status::Rejected.as_str());
+        e.operator = ctx.operator.clone();
+        e.client = ctx.client.clone();
+        e.command = command.map(str::to_owned);
+        e.args = args;
+        e.http_status = Some(refusal.status.as_u16());
+        e.reason = Some(refusal.message.clone());
+        match self.audit.append_async(e).await {
+            Ok(()) => refusal,
+            Err(err) => {
+                tracing::error!(error = %err, "audit log write failed");
+                Refusal::audit_unavailable()
+            }
+        }
+    }
+
+    pub(super) fn target(&self, command: &str) -> Option<Program> {
+        match self.cfg.custom(command) {
+            Some(c) => Some(Program::Custom(c.clone())),
+            None if self.cfg.django.is_some() => Some(Program::Django),
+            None => None,
+        }
+    }
+
+    pub(super) fn plan(&self, command: &str, target: Program, argv: Vec<String>) -> runner::Plan {
+        let rule = self.cfg.rules.get(command);
+        let mut env: Vec<(String, String)> = self
+            .cfg
+            .env
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+            .collect();
+        let (program, args, cwd, timeout) = match target {
+            Program::Custom(c) => {
+                env.extend(c.env.iter().cloned());
+                let mut full = c.argv.clone();
+                full.extend(argv);
+                let program = if full.is_empty() {
+                    String::new()
+                } else {
+                    full.remove(0)
+                };
+                (program, full, c.cwd.clone(), c.timeout)
+            }
+            Program::Django => {
+                // `target` returns Django only when it is configured.
+                let d = self.cfg.django.clone().unwrap_or(config::Django {
+                    python: PathBuf::new(),
+                    manage_py: PathBuf::new(),
+                    cwd: PathBuf::new(),
+                });
+                let mut args = vec![
+                    d.manage_py.to_string_lossy().into_owned(),
+                    command.to_owned(),
+                ];
+                args.extend(argv);
+                (d.python.to_string_lossy().into_owned(), args, d.cwd, None)
+            }
+        };
+        runner::Plan {
+            program,
+            args,
+            cwd,
+            env,
+            timeout: rule
+                .and_then(|r| r.timeout)
+                .or(timeout)
+                .unwrap_or(self.cfg.timeout),
+            kill_grace: self.cfg.kill_grace,
+        }
+    }
+
+    pub(super) fn release(&self, id: &str, lock_name: Option<&str>) {
+        let mut st = lock(&self.state);
+        st.pending = st.pending.saturating_sub(1);
+        if let Some(l) = lock_name {
+            if st.locks.get(l).is_some_and(|holder| holder == id) {
+                st.locks.remove(l);
+            }
+        }
+        st.live.remove(id);
+        drop(st);
+        self.idle.notify_waiters();
+    }
+
+    /// Validates, audits and starts a run. Permission must already be checked.
+    pub(super) async fn submit(
+        self: &Arc<Self>,
+        ctx: &Ctx,
+        command: &str,
+        data: &Map<String, Value>,
+    ) -> Result<Arc<Job>, Refusal> {
+        use http::StatusCode as S;
+        let metadata_only = self.cfg.is_metadata_only(command);
+        let redacted = args::redact(data, &self.cfg.redact, metadata_only);
+        let argv = match args::build(&self.cfg, command, data) {
+            Ok(a) => a,
+            Err(e) => {
+                let r = Refusal::new(S::BAD_REQUEST, e.message());
+                return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
+            }
+        };
+        let Some(target) = self.target(command) else {
+            let r = Refusal::new(S::FORBIDDEN, "unknown command");
+            return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
+        };
+        if self.shutting_down.load(Ordering::SeqCst) {
+            let r = Refusal::new(S::SERVICE_UNAVAILABLE, "gateway shutting down");
+            return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
+        }
+        let plan = self.plan(command, target, argv);
+        let rule = self.cfg.rules.get(command);
+        let lock_name = rule.and_then(|r| r.lock.clone());
+        let max_output = rule
+            .and_then(|r| r.max_output)
+            .unwrap_or(self.cfg.max_output);
+        let id = new_job_id();
+
+        let refused = {
+            let mut st = lock(&self.state);
+            let holder = lock_name.as_ref().and_then(|l| st.locks.get(l).cloned());
+            if let (Some(l), Some(holder)) = (&lock_name, holder) {
+                Some(Refusal::new(
+                    S::CONFLICT,
+                    format!("lock {l:?} is held by job {holder}"),
+                ))
+            } else if st.pending >= self.cfg.max_concurrent + self.cfg.max_queued {
+                Some(Refusal {
+                    status: S::TOO_MANY_REQUESTS,
+                    message: "too many runs queued; try again later".into(),
+                    retry_after: Some(1),
+                })
+            } else {
+                st.pending += 1;
+                if let Some(l) = &lock_name {
+                    st.locks.insert(l.clone(), id.clone());
+                }
+                None
+            }
+        };
+        if let Some(r) = refused {
+            return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
+        }
+
+        let operator = ctx.operator.clone().unwrap_or_default();
+        let mut e = audit::Entry::new(Event::Accepted, &ctx.request_id, "accepted");
+        e.operator = ctx.operator.clone();
+        e.client = ctx.client.clone();
+        e.command = Some(command.to_owned());
+        e.args = Some(redacted.clone());
+        e.job_id = Some(id.clone());
+        let permit = Arc::clone(&self.slots).try_acquire_owned().ok();
+        let rec = JobRecord {
+            id: id.clone(),
+            command: command.to_owned(),
+            operator,
+            request_id: ctx.request_id.clone(),
+            args: redacted,
+            status: if permit.is_some() {
+                Status::Running
+            } else {
+                Status::Queued
+            },
+            reason: None,
+            exit_code: None,
+            created_at: now_rfc3339(),
+            started_at: permit.as_ref().map(|_| now_rfc3339()),
+            finished_at: None,
+            duration_ms: None,
+            output_bytes: 0,
+            output_truncated: false,
+            output_sha256: None,
+            metadata_only,
+        };
+        // The accepted line and the job record go to disk concurrently; the
+        // process starts only once both are durable.
+        let put = rec.clone();
+        let (audited, stored) = tokio::join!(
+            self.audit.append_async(e),
+            store::blocking(&self.store, move |s| s.put(&put, None)),
+        );
+        if let Err(err) = audited {
+            tracing::error!(error = %err, "audit log write failed; refusing to run");
+            if stored.is_ok() {
+                let mut r = rec.clone();
+                r.status = Status::Rejected;
+                r.reason = Some("audit log unavailable; not run".into());
+                r.finished_at = Some(now_rfc3339());
+                let _ = store::blocking(&self.store, move |s| s.put(&r, None)).await;
+            }
+            self.release(&id, lock_name.as_deref());
+            return Err(Refusal::audit_unavailable());
+        }
+        if let Err(err) = stored {
+            tracing::error!(error = %err, "job store write failed; refusing to run");
+            let mut e =
+                audit::Entry::new(Event::Finished, &ctx.request_id, Status::Failed.as_str());
+            e.operator = ctx.operator.clone();
+            e.client = ctx.client.clone();
+            e.command = Some(command.to_owned());
+            e.job_id = Some(id.clone());
+            e.reason = Some("job store unavailable; not run".into());
+            let _ = self.audit.append_async(e).await;
+            self.release(&id, lock_name.as_deref());
+            return Err(Refusal::new(
+                S::SERVICE_UNAVAILABLE,
+                "Job store unavailable: nothing was run",
+            ));
+        }
+
+        let (version, _) = watch::channel(0);
+        let (cancel, _) = watch::channel(None);
+        let job = Arc::new(Job {
+            id: id.clone(),
+            command: command.to_owned(),
+            metadata_only,
+            max_output,
+            record: Mutex::new(rec),
+            out: Mutex::new(OutBuf {
+                data: Vec::new(),
+                total: 0,
+                hasher: (!metadata_only).then(Sha256::new),
+            }),
+            version,
+            cancel,
+            audit_failed: AtomicBool::new(false),
+            pgid: std::sync::atomic::AtomicU32::new(0),
+        });
+        lock(&self.state).live.insert(id, Arc::clone(&job));
+        let core = Arc::clone(self);
+        let run_job = Arc::clone(&job);
+        let client = ctx.client.clone();
+        tokio::spawn(async move {
+            core.run(run_job, plan, permit, lock_name, client).await;
+        });
+        Ok(job)
+    }
+
+    pub(super) async fn run(
+        self: Arc<Self>,
+        job: Arc<Job>,
+        plan: runner::Plan,
+        permit: Option<OwnedSemaphorePermit>,
+        lock_name: Option<String>,
+        client: Option<String>,
+    ) {
+        let _permit = match permit {
+            Some(p) => p,
+            None => {
+                let mut cancel = job.cancel.subscribe();
+                let acquired = tokio::select! {
+                    p = Arc::clone(&self.slots).acquire_owned() => p.ok(),
+                    _ = cancel.wait_for(Option::is_some) => None,
+                };
+                let Some(p) = acquired else {
+                    let reason = job
+                        .cancel
+                        .borrow()
+                        .clone()
+                        .unwrap_or_else(|| "cancelled".into());
+                    self.finish(
+                        &job,
+                        runner::End::Cancelled(reason),
+                        None,
+                        lock_name,
+                        client,
+                    )
+                    .await;
+                    return;
+                };
+                let rec = {
+                    let mut r = lock(&job.record);
+                    r.status = Status::Running;
+                    r.started_at = Some(now_rfc3339());
+                    r.clone()
+                };
+                job.bump();
+                if let Err(err) = store::blocking(&self.store, move |s| s.put(&rec, None)).await {
+                    tracing::error!(error = %err, job = %job.id, "job store write failed");
+                }
+                p
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let sink = RunSink {
+            job: Arc::clone(&job),
+            pid_file: self.pid_dir.join(&job.id),
+        };
+        let end = runner::run(&plan, &sink, job.cancel.subscribe()).await;
+        job.pgid.store(0, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&sink.pid_file);
+        self.finish(&job, end, Some(started.elapsed()), lock_name, client)
+            .await;
+    }
+
+    /// Records how a run ended: audit line first, then the job store, then
+    /// waiters are told; the lock and slot are released last.
+    pub(super) async fn finish(
+        &self,
+        job: &Arc<Job>,
+        end: runner::End,
+        elapsed: Option<Duration>,
+        lock_name: Option<String>,
+        client: Option<String>,
+    ) {
+        let (status, exit_code, reason) = match end {
+            runner::End::Exited(st) => match st.code() {
+                Some(0) => (Status::Succeeded, Some(0), None),
+                Some(code) => (
+                    Status::Failed,
+                    Some(code),
+                    Some(format!("exit code {code}")),
+                ),
+                None => {
+                    use std::os::unix::process::ExitStatusExt;
+                    let sig = st.signal().unwrap_or(0);
+                    (
+                        Status::Failed,
+                        None,
+                        Some(format!("killed by signal {sig}")),
+                    )
+                }
+            },
+            runner::End::TimedOut => (Status::TimedOut, None, Some("timeout".to_owned())),
+            runner::End::Cancelled(r) => (Status::Cancelled, None, Some(r)),
+            runner::End::SpawnFailed(r) => (Status::Failed, None, Some(r)),
+        };
+        let (output, total, sha) = {
+            let mut out = lock(&job.out);
+            let sha = out.hasher.take().map(|h| crate::secret::hex(&h.finalize()));
+            (out.data.clone(), out.total, sha)
+        };
+        let truncated = !job.metadata_only && total > output.len() as u64;
+        let rec = {
+            let r = lock(&job.record);
+            let mut r = r.clone();
+            r.status = status;
+            r.exit_code = exit_code;
+            r.reason = reason.clone();
+            r.finished_at = Some(now_rfc3339());
+            r.duration_ms = elapsed.map(|d| d.as_millis() as u64);
+            r.output_bytes = total;
+            r.output_truncated = truncated;
+            r.output_sha256 = sha.clone();
+            r
+        };
+
+        let mut e = audit::Entry::new(Event::Finished, &rec.request_id, status.as_str());
+        e.operator = Some(rec.operator.clone());
+        e.client = client;
+        e.command = Some(rec.command.clone());
+        e.args = Some(rec.args.clone());
+        e.job_id = Some(rec.id.clone());
+        e.reason = reason;
+        e.exit_code = exit_code;
+        e.duration_ms = rec.duration_ms;
+        e.output_bytes = Some(total);
+        e.output_sha256 = sha;
+        // Both durable before anyone sees the job as finished.
+        let put = rec.clone();
+        let keep = (!job.metadata_only).then_some(output);
+        let (audited, stored) = tokio::join!(
+            self.audit.append_async(e),
+            store::blocking(&self.store, move |s| s.put(&put, keep.as_deref())),
+        );
+        if let Err(err) = audited {
+            tracing::error!(error = %err, job = %job.id, "audit log write failed for a finished run");
+            job.audit_failed.store(true, Ordering::SeqCst);
+        }
+        if let Err(err) = stored {
+            tracing::error!(error = %err, job = %job.id, "job store write failed");
+        }
+        *lock(&job.record) = rec;
+        job.bump();
+        tracing::info!(job = %job.id, command = %job.command, status = status.as_str(), "command finished");
+        self.release(&job.id, lock_name.as_deref());
+    }
+
+    /// Marks jobs a previous process left queued or running as failed
+    /// ("gateway restarted"), killing what is left of their process groups.
+    pub(super) async fn recover(&self) -> Result<(), String> {
+        let active = store::blocking(&self.store, |s| s.active()).await?;
+        for mut rec in active {
+            let pid_file = self.pid_dir.join(&rec.id);
+            if let Ok(text) = std::fs::read_to_string(&pid_file) {
+                let mut parts = text.split_whitespace();
+                let pid = parts.next().and_then(|p| p.parse::<u32>().ok());
+                let start = parts.next().and_then(|p| p.parse::<u64>().ok());
+                if let (Some(pid), Some(start)) = (pid, start) {
+                    if start != 0 && runner::process_start_time(pid) == Some(start) {
+                        tracing::warn!(job = %rec.id, pid, "killing the process group of an interrupted job");
+                        runner::signal_group(pid, libc::SIGKILL);
+                    }
+                }
+                let _ = std::fs::remove_file(&pid_file);
+            }
+            rec.status = Status::Failed;
+            rec.reason = Some("gateway restarted".into());
+            rec.finished_at = Some(now_rfc3339());
+            let mut e =
+                audit::Entry::new(Event::Finished, &rec.request_id, Status::Failed.as_str());
+            e.operator = Some(rec.operator.clone());
+            e.command = Some(rec.command.clone());
+            e.args = Some(rec.args.clone());
+            e.job_id = Some(rec.id.clone());
+            e.reason = rec.reason.clone();
+            self.audit
+                .append_async(e)
+                .await
+                .map_err(|e| format!("audit log: {e}"))?;
+            let put = rec.clone();
+            store::blocking(&self.store, move |s| s.put(&put, None)).await?;
+            tracing::warn!(job = %rec.id, command = %rec.command, "job interrupted by a gateway restart marked failed");
+        }
+        Ok(())
+    }
+
+    pub(super) fn live(&self, id: &str) -> Option<Arc<Job>> {
+        lock(&self.state).live.get(id).cloned()
+    }
+}

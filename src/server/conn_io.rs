@@ -1,0 +1,476 @@
+//! The IO under hyper on every device connection: [`ConnIo`] keeps the
+//! connection deadlines hyper lacks or keeps per request, and lets
+//! [`super::parse_errors`] rewrite hyper's bare error answers.
+//!
+//! Read deadlines (HTTP/1; hyper's header timer is off):
+//! `limits.idle_timeout` from the last byte written until a new head starts,
+//! `limits.header_read_timeout` from a head's first byte until its end. One
+//! timer per connection, re-armed lazily: a deadline that moved later only
+//! re-arms the timer when the earlier one fires, so a busy keep-alive
+//! connection costs one clock read per answer, not a timer per request. When
+//! a deadline passes the read fails and hyper drops the connection.
+//!
+//! The wrapper follows where the connection is in reading a request head
+//! (bytes read since the last answer, the blank line that ends a head not yet
+//! seen): when the connection is dropped with a head half read (the header
+//! deadline, a slowloris), it writes a 408 envelope without waiting before the
+//! socket closes. An idle keep-alive connection that times out (no byte of a
+//! new head) is closed silently. An interim `100 Continue` ends no head, so a
+//! slow body after it is not cut here (bodies have their own deadline).
+//!
+//! The send deadline (`limits.send_timeout`): a device that accepts no byte
+//! of its answer for that long gets its connection failed, which drops the
+//! answer's body and with it the backend connection feeding it (a slow
+//! reader cannot hold the backend pool).
+
+use super::parse_errors::{
+    answer, is_interim, replacement, replacement_candidate, ErrorStyle, Replacement,
+};
+use crate::body::StallTimer;
+use http::StatusCode;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A device connection's deadlines (from `[limits]`).
+#[derive(Clone, Copy, Debug)]
+pub struct Deadlines {
+    /// `limits.idle_timeout`: from the last answer until a new request head starts.
+    pub idle: Duration,
+    /// `limits.header_read_timeout`: from a head's first byte until its end.
+    pub header_read: Duration,
+    /// `limits.send_timeout`: the longest a write may wait for the device.
+    pub send: Duration,
+}
+
+/// What [`ConnIo`] needs from the configuration; one per server, shared by
+/// every connection (one pointer each, not a copy).
+#[derive(Clone, Debug)]
+pub struct ConnSettings {
+    /// How its own answers look.
+    pub errors: ErrorStyle,
+    /// Its deadlines.
+    pub deadlines: Deadlines,
+}
+
+/// Where the connection is in reading a request head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Head {
+    /// The next byte read starts a new request head.
+    Awaiting,
+    /// Only empty lines so far (which hyper skips before a request line).
+    Blank,
+    /// Part of a head was read; the count is the line feeds seen in a row at
+    /// its end so far (carriage returns aside), two ending the head.
+    Partial(u8),
+    /// The head is complete; what is read next is its body.
+    Complete,
+    /// Not HTTP/1 (HTTP/2 or a protocol hyper refused): never a 408.
+    Off,
+}
+
+impl Head {
+    /// The state after reading `data` (not empty).
+    fn after(self, data: &[u8]) -> Head {
+        let (data, mut feeds) = match self {
+            Head::Complete | Head::Off => return self,
+            Head::Awaiting if data.starts_with(b"PRI * HTTP/2") => return Head::Off,
+            Head::Awaiting | Head::Blank => {
+                let start = data.iter().position(|b| !matches!(b, b'\r' | b'\n'));
+                match start {
+                    None => return Head::Blank,
+                    Some(i) => (&data[i..], 0),
+                }
+            }
+            Head::Partial(n) => (data, n),
+        };
+        // The common case: a whole head (and no body) in one read.
+        if data.ends_with(b"\n\r\n") || data.ends_with(b"\n\n") {
+            return Head::Complete;
+        }
+        for &b in data {
+            match b {
+                b'\n' if feeds == 1 => return Head::Complete,
+                b'\n' => feeds = 1,
+                b'\r' => {}
+                _ => feeds = 0,
+            }
+        }
+        Head::Partial(feeds)
+    }
+}
+
+/// A device connection's IO: read and send deadlines, hyper's bare HTTP/1
+/// error answers turned into envelopes, and a request head cut short by the
+/// header deadline answered with a 408.
+pub struct ConnIo<T: WriteNow> {
+    inner: T,
+    /// Shared by every connection (one pointer each, not a copy).
+    settings: Arc<ConnSettings>,
+    /// One of hyper's answers being replaced by [`super::parse_errors`].
+    pending: Option<Replacement>,
+    head: Head,
+    /// The send deadline (from the first write that waits since the last
+    /// progress).
+    send: StallTimer,
+    /// When the current read wait began: the last write (idle), or the
+    /// first byte of a head.
+    since: Instant,
+    /// The read deadline timer (allocated at the first wait) and the
+    /// deadline it is set to.
+    wait: Option<(Pin<Box<tokio::time::Sleep>>, Instant)>,
+}
+
+impl<T: WriteNow> ConnIo<T> {
+    /// Wraps a connection's (plaintext) IO carrying HTTP/1 (or, with
+    /// `server.h2c`, possibly HTTP/2 with prior knowledge).
+    pub fn new(inner: T, settings: Arc<ConnSettings>) -> ConnIo<T> {
+        ConnIo {
+            inner,
+            settings,
+            pending: None,
+            head: Head::Awaiting,
+            send: StallTimer::default(),
+            since: Instant::now(),
+            wait: None,
+        }
+    }
+
+    /// Wraps a connection that speaks HTTP/2 (ALPN `h2`): no 408 on drop.
+    pub fn http2(inner: T, settings: Arc<ConnSettings>) -> ConnIo<T> {
+        let mut io = ConnIo::new(inner, settings);
+        io.head = Head::Off;
+        io
+    }
+
+    /// Something was written: any answer but an interim one (`100
+    /// Continue`, after which the body follows) ends the head being read,
+    /// and the idle deadline runs from here. hyper may not read again before
+    /// the device sends something, so the timer is armed from here too: when
+    /// it fires, hyper's next read sees the error.
+    fn wrote(&mut self, n: usize, interim: bool, cx: &mut Context<'_>) {
+        self.send.progress();
+        if n > 0 && !interim && self.head != Head::Off {
+            self.head = Head::Awaiting;
+            self.since = Instant::now();
+            if self.read_deadline(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+    }
+
+    /// A read has to wait: runs the idle or header deadline, an error once
+    /// it passed. Bodies (and HTTP/2) have deadlines of their own elsewhere.
+    fn read_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let limit = match self.head {
+            Head::Awaiting => self.settings.deadlines.idle,
+            Head::Blank | Head::Partial(_) => self.settings.deadlines.header_read,
+            Head::Complete | Head::Off => return Poll::Pending,
+        };
+        let deadline = self.since + limit;
+        let (timer, at) = self.wait.get_or_insert_with(|| {
+            (
+                Box::pin(tokio::time::sleep_until(deadline.into())),
+                deadline,
+            )
+        });
+        // Only an earlier deadline re-arms now; a later one waits for the
+        // timer to fire at the old one.
+        if *at > deadline {
+            timer.as_mut().reset(deadline.into());
+            *at = deadline;
+        }
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if *at >= deadline {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    match self.head {
+                        Head::Awaiting => "idle keep-alive connection timed out",
+                        _ => "request head not received in time",
+                    },
+                )));
+            }
+            timer.as_mut().reset(deadline.into());
+            *at = deadline;
+        }
+    }
+
+    /// A write had to wait: runs the send deadline, an error once it passed.
+    fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        ready!(self.send.poll_expired(self.settings.deadlines.send, cx));
+        tracing::debug!("device stopped reading its answer: disconnected");
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "send timeout: the device stopped reading",
+        )))
+    }
+}
+
+impl<T: WriteNow> Drop for ConnIo<T> {
+    fn drop(&mut self) {
+        // Dropped with a head half read and nothing answered: the header
+        // deadline fired (or the device gave up; then nobody reads this).
+        if let Head::Blank | Head::Partial(_) = self.head {
+            if self.pending.is_none() {
+                let id = crate::request_id::new_request_id();
+                let id = id.to_str().unwrap_or("-");
+                tracing::debug!(request_id = id, "request head not received in time: 408");
+                if let Some(bytes) = answer(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "Request timeout",
+                    id,
+                    &self.settings.errors,
+                ) {
+                    self.inner.write_now(&bytes);
+                }
+            }
+        }
+    }
+}
+
+/// A last write that must not wait: what fits in the socket's buffer goes,
+/// the rest is dropped with the connection.
+pub trait WriteNow {
+    /// Whether small vectored writes are best joined into one before
+    /// reaching this stream ([`crate::coalesce`]); TLS joins them itself.
+    const COALESCE: bool;
+
+    /// Writes what `buf` can without blocking.
+    fn write_now(&mut self, buf: &[u8]);
+}
+
+impl WriteNow for TcpStream {
+    const COALESCE: bool = true;
+
+    fn write_now(&mut self, mut buf: &[u8]) {
+        while !buf.is_empty() {
+            match self.try_write(buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf = &buf[n..],
+            }
+        }
+    }
+}
+
+impl WriteNow for tokio_rustls::server::TlsStream<TcpStream> {
+    const COALESCE: bool = false;
+
+    fn write_now(&mut self, buf: &[u8]) {
+        use std::io::Write;
+        /// The socket as a `std::io::Write` that never blocks.
+        struct NoWait<'a>(&'a TcpStream);
+        impl Write for NoWait<'_> {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.try_write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (tcp, tls) = self.get_mut();
+        if tls.writer().write_all(buf).is_err() {
+            return;
+        }
+        tls.send_close_notify();
+        while tls.wants_write() {
+            match tls.write_tls(&mut NoWait(tcp)) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + WriteNow + Unpin> ConnIo<T> {
+    /// Passes a vectored write to the stream, small buffers joined into one
+    /// where the stream gains from it ([`WriteNow::COALESCE`]).
+    fn write_vectored_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let inner = Pin::new(&mut self.inner);
+        if T::COALESCE {
+            crate::coalesce::poll_write(inner, cx, bufs)
+        } else {
+            inner.poll_write_vectored(cx, bufs)
+        }
+    }
+
+    /// Writes the pending replacement; `Ready(Ok(claimed))` once it is out.
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        while let Some(p) = self.pending.as_mut() {
+            if p.written == p.bytes.len() {
+                let claimed = p.claimed;
+                self.pending = None;
+                return Poll::Ready(Ok(claimed));
+            }
+            match Pin::new(&mut self.inner).poll_write(cx, &p.bytes[p.written..]) {
+                Poll::Pending => return self.waiting(cx),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    p.written += n;
+                    self.send.progress();
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(0))
+    }
+}
+
+impl<T: AsyncRead + WriteNow + Unpin> AsyncRead for ConnIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending => this.read_deadline(cx),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                if let Some(read) = buf.filled().get(before..).filter(|r| !r.is_empty()) {
+                    let was = this.head;
+                    this.head = was.after(read);
+                    if was == Head::Awaiting && matches!(this.head, Head::Blank | Head::Partial(_))
+                    {
+                        // The header deadline runs from a head's first byte.
+                        this.since = Instant::now();
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for ConnIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.pending.is_none() {
+            match replacement(buf, &this.settings.errors) {
+                Some(bytes) => {
+                    this.pending = Some(Replacement {
+                        bytes,
+                        written: 0,
+                        claimed: buf.len(),
+                    })
+                }
+                None => {
+                    return match Pin::new(&mut this.inner).poll_write(cx, buf) {
+                        Poll::Pending => this.waiting(cx),
+                        Poll::Ready(result) => {
+                            let n = result?;
+                            this.wrote(n, is_interim(buf), cx);
+                            Poll::Ready(Ok(n))
+                        }
+                    };
+                }
+            }
+        }
+        let n = ready!(this.drive(cx))?;
+        this.wrote(n, false, cx);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let first = bufs.iter().find(|b| !b.is_empty());
+        let intercept = this.pending.is_some()
+            || (bufs.iter().filter(|b| !b.is_empty()).count() == 1
+                && first.is_some_and(|b| replacement_candidate(b)));
+        match first {
+            Some(b) if intercept => Pin::new(this).poll_write(cx, b),
+            _ => match this.write_vectored_inner(cx, bufs) {
+                Poll::Pending => this.waiting(cx),
+                Poll::Ready(result) => {
+                    let n = result?;
+                    this.wrote(n, first.is_some_and(|b| is_interim(b)), cx);
+                    Poll::Ready(Ok(n))
+                }
+            },
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.drive(cx))?;
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.waiting(cx),
+            Poll::Ready(result) => {
+                self.send.progress();
+                Poll::Ready(result)
+            }
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.drive(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_tracking_finds_the_end_of_a_head() {
+        let whole = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(Head::Awaiting.after(whole), Head::Complete);
+        assert_eq!(
+            Head::Awaiting.after(b"GET / HTTP/1.1\nHost: x\n\n"),
+            Head::Complete
+        );
+        // Split anywhere, even inside the blank line.
+        for cut in 1..whole.len() {
+            let first = Head::Awaiting.after(&whole[..cut]);
+            assert!(matches!(first, Head::Partial(_)), "cut {cut}: {first:?}");
+            assert_eq!(first.after(&whole[cut..]), Head::Complete, "cut {cut}");
+        }
+        // A body after the head, in the same read or later, changes nothing.
+        let with_body = b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nab";
+        assert_eq!(Head::Awaiting.after(with_body), Head::Complete);
+        assert_eq!(Head::Complete.after(b"cd"), Head::Complete);
+        // HTTP/2 prior knowledge is never tracked.
+        assert_eq!(
+            Head::Awaiting.after(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Head::Off
+        );
+        assert_eq!(Head::Off.after(b"GET / HTTP/1.1\r\n"), Head::Off);
+        // Empty lines before a request line are skipped, not a head's end.
+        assert_eq!(Head::Awaiting.after(b"\r\n\r\n\r\n"), Head::Blank);
+        assert_eq!(Head::Blank.after(b"\r\n"), Head::Blank);
+        assert_eq!(Head::Blank.after(b"GET / HTTP/1.1\r\n\r\n"), Head::Complete);
+        assert_eq!(
+            Head::Awaiting.after(b"\r\nGET / HTTP/1.1\r\n"),
+            Head::Partial(1)
+        );
+        // A lone line feed in a header line is not the end.
+        assert_eq!(
+            Head::Awaiting.after(b"GET / HTTP/1.1\r\nA: b\r\n"),
+            Head::Partial(1)
+        );
+    }
+}
