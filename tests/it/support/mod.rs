@@ -10,7 +10,9 @@
 //! - [`process`]: child processes (the compiled binary, Python servers),
 //!   process limits and the panic watch;
 //! - [`commands`]: the remote operations service (`/__manage__`), its
-//!   operators and audit log (not re-exported: `use crate::support::commands::*`).
+//!   operators and audit log (not re-exported: `use crate::support::commands::*`);
+//! - [`cluster`]: a real `redis-server` and gateway processes in cluster mode
+//!   (not re-exported: `use crate::support::cluster::*`).
 //!
 //! Everything binds `127.0.0.1:0`; everything started here is stopped on
 //! drop, so a failing test leaves nothing running.
@@ -18,6 +20,7 @@
 pub mod backend;
 pub mod bodies;
 pub mod client;
+pub mod cluster;
 pub mod commands;
 pub mod gateway;
 pub mod process;
