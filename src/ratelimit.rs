@@ -7,7 +7,13 @@
 //!   within its prefix to escape its limit.
 //! - Login names are keyed by a hash, never stored in clear.
 //! - Key state is bounded: idle keys are dropped periodically.
+//! - In cluster mode ([`Limiter::share`]) a limit holds for the whole
+//!   cluster: a request this instance's own limiter admits is then checked
+//!   in Redis (one call); while Redis is unavailable each instance enforces
+//!   its share (the rate divided by the instances last seen). Redis never
+//!   makes a request wait longer than its call deadline.
 
+use crate::cluster::Cluster;
 use crate::config::Rate;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -15,7 +21,53 @@ use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+/// A limit key as bytes stable across instances (hashed before it reaches
+/// Redis).
+pub trait LimitKey: Hash + Eq + Clone {
+    /// Appends the key's bytes to `out`.
+    fn key_bytes(&self, out: &mut Vec<u8>);
+}
+
+impl LimitKey for Arc<str> {
+    fn key_bytes(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes());
+    }
+}
+
+impl LimitKey for IpAddr {
+    fn key_bytes(&self, out: &mut Vec<u8>) {
+        match self {
+            IpAddr::V4(a) => out.extend_from_slice(&a.octets()),
+            IpAddr::V6(a) => out.extend_from_slice(&a.octets()),
+        }
+    }
+}
+
+impl LimitKey for (IpAddr, u64) {
+    fn key_bytes(&self, out: &mut Vec<u8>) {
+        self.0.key_bytes(out);
+        out.extend_from_slice(&self.1.to_le_bytes());
+    }
+}
+
+/// What [`Limiter::check`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Decided here: admitted, or refused with the wait.
+    Done(Result<(), Duration>),
+    /// Admitted here; the cluster decides ([`Limiter::check_cluster`]).
+    AskCluster,
+}
+
+/// A limit shared with the cluster.
+struct Shared {
+    cluster: Arc<Cluster>,
+    /// What distinguishes this limit's keys from another's in Redis.
+    scope: String,
+}
 
 /// Checks between sweeps of idle keys.
 const SWEEP_EVERY: u64 = 8192;
@@ -24,6 +76,7 @@ const SWEEP_EVERY: u64 = 8192;
 pub struct Limiter<K: Hash + Eq + Clone> {
     inner: DefaultKeyedRateLimiter<K>,
     checks: AtomicU64,
+    shared: OnceLock<Shared>,
     /// The rate it enforces.
     pub rate: Rate,
 }
@@ -45,18 +98,86 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         Limiter {
             inner: RateLimiter::keyed(quota),
             checks: AtomicU64::new(0),
+            shared: OnceLock::new(),
             rate,
         }
     }
 
-    /// `Ok` when `key` may proceed, else how long until it may.
-    pub fn check(&self, key: &K) -> Result<(), Duration> {
+    /// Makes this a limit for the whole `cluster` (once; later calls do
+    /// nothing). `scope` names the limit (its kind, or its route).
+    pub fn share(&self, cluster: &Arc<Cluster>, scope: &str) {
+        let _ = self.shared.set(Shared {
+            cluster: Arc::clone(cluster),
+            scope: scope.to_owned(),
+        });
+    }
+
+    /// `Ok` when `key` may proceed, else how long until it may (this
+    /// instance's view only; see [`Limiter::check`] for cluster mode).
+    pub fn check_local(&self, key: &K) -> Result<(), Duration> {
+        self.take(key, 1)
+    }
+
+    /// Decides what it can without Redis: not shared, this instance's
+    /// full-rate limiter refusing, or Redis unavailable (then this
+    /// instance's share of the rate) are decided here; otherwise the
+    /// cluster decides.
+    pub fn check(&self, key: &K) -> Verdict {
+        let Some(shared) = self.shared.get() else {
+            return Verdict::Done(self.take(key, 1));
+        };
+        if !shared.cluster.is_up() {
+            return Verdict::Done(self.take(key, shared.cluster.instances()));
+        }
+        match self.take(key, 1) {
+            Ok(()) => Verdict::AskCluster,
+            refused => Verdict::Done(refused),
+        }
+    }
+
+    /// The cluster's decision after [`Verdict::AskCluster`]: one Redis call
+    /// within its deadline; when Redis fails, this instance's share.
+    pub async fn check_cluster(&self, key: &K) -> Result<(), Duration>
+    where
+        K: LimitKey,
+    {
+        let Some(shared) = self.shared.get() else {
+            return Ok(());
+        };
+        let mut bytes = Vec::with_capacity(24);
+        key.key_bytes(&mut bytes);
+        match shared
+            .cluster
+            .rate_check(&shared.scope, &bytes, self.rate)
+            .await
+        {
+            Some(decided) => decided,
+            // One cell was taken by `check` already.
+            None => self.take(key, shared.cluster.instances().saturating_sub(1)),
+        }
+    }
+
+    /// Takes `cells` of `key`'s allowance here (0: admitted).
+    fn take(&self, key: &K, cells: u32) -> Result<(), Duration> {
         if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.inner.retain_recent();
             self.inner.shrink_to_fit();
         }
-        self.inner
-            .check_key(key)
+        let Some(n) = NonZeroU32::new(cells) else {
+            return Ok(());
+        };
+        let outcome = if n == NonZeroU32::MIN {
+            self.inner.check_key(key)
+        } else {
+            match self.inner.check_key_n(key, n) {
+                Ok(outcome) => outcome.map(|_| ()),
+                // More instances than the burst: each admits one per share.
+                Err(_) => {
+                    return Err(self.rate.per * cells / self.rate.count.max(1));
+                }
+            }
+        };
+        outcome
             .map(|_| ())
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
@@ -121,14 +242,14 @@ mod tests {
             per: Duration::from_secs(60),
         });
         for _ in 0..3 {
-            assert!(l.check(&1u32).is_ok());
+            assert_eq!(l.check(&1u32), Verdict::Done(Ok(())));
         }
-        let wait = l.check(&1u32).unwrap_err();
+        let wait = l.check_local(&1u32).unwrap_err();
         assert!(
             wait > Duration::from_secs(10) && wait <= Duration::from_secs(20),
             "{wait:?}"
         );
-        assert!(l.check(&2u32).is_ok(), "keys are independent");
+        assert!(l.check_local(&2u32).is_ok(), "keys are independent");
         assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
         assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);

@@ -4,6 +4,8 @@
 //! - [`seal`]: keyed token hashes and sealed values (what Redis holds).
 //! - [`shared`]: sessions in Redis: lookup behind the local cache,
 //!   cluster-wide single flight, revocation.
+//! - [`limits`]: rate limits for the whole cluster (GCRA in one Lua call)
+//!   and the count of live instances.
 //! - this module: the Redis connection, its supervisor (health checks,
 //!   reconnection with backoff, the revocation subscription) and metrics.
 //!
@@ -18,6 +20,7 @@
 //! - Every key and channel is under `portcullis:<name>:`.
 
 pub mod config;
+pub mod limits;
 pub mod seal;
 pub mod shared;
 
@@ -32,7 +35,7 @@ use prometheus_client::registry::Registry;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use seal::{Keys, TokenHash};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
@@ -53,6 +56,8 @@ pub struct ClusterMetrics {
     pub shared_hits: Counter,
     /// Redis calls that failed or missed their deadline.
     pub redis_errors: Counter,
+    /// Live instances of this cluster, as last counted.
+    pub instances: Gauge,
 }
 
 impl Default for ClusterMetrics {
@@ -63,6 +68,7 @@ impl Default for ClusterMetrics {
             revocation_lag: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             shared_hits: Counter::default(),
             redis_errors: Counter::default(),
+            instances: Gauge::default(),
         }
     }
 }
@@ -89,6 +95,11 @@ impl ClusterMetrics {
             "cluster_redis_errors",
             "Redis calls that failed or missed their deadline",
             self.redis_errors.clone(),
+        );
+        registry.register(
+            "cluster_instances",
+            "Live instances of this cluster, as last counted (each enforces this share of a rate limit while Redis is unavailable)",
+            self.instances.clone(),
         );
     }
 }
@@ -124,6 +135,9 @@ pub struct Cluster {
     pending: Mutex<Vec<TokenHash>>,
     waiters: Mutex<HashMap<TokenHash, Arc<Notify>>>,
     lock_ttl: Duration,
+    gcra: redis::Script,
+    members_script: redis::Script,
+    members: AtomicU32,
     /// Exported metrics.
     pub metrics: ClusterMetrics,
 }
@@ -186,6 +200,9 @@ impl Cluster {
             pending: Mutex::new(Vec::new()),
             waiters: Mutex::new(HashMap::new()),
             lock_ttl: validation_deadline + Duration::from_secs(1),
+            gcra: redis::Script::new(limits::GCRA),
+            members_script: redis::Script::new(limits::MEMBERS),
+            members: AtomicU32::new(1),
             metrics,
             cfg,
         })
@@ -345,8 +362,8 @@ impl Cluster {
                 .map_err(|e| format!("connecting: {}", e.category()))?;
             let _ = self.conn.set(manager);
         }
-        if !self.ping().await {
-            return Err("no answer to PING".into());
+        if !self.heartbeat().await {
+            return Err("no answer".into());
         }
         let mut pubsub = self
             .client
@@ -371,8 +388,8 @@ impl Cluster {
                     None => return "subscription lost",
                 },
                 _ = health.tick() => {
-                    if !self.ping().await {
-                        return "no answer to PING";
+                    if !self.heartbeat().await {
+                        return "no answer to the health check";
                     }
                 }
                 () = self.kick.notified() => {

@@ -23,6 +23,8 @@ pub type TokenHash = [u8; 32];
 /// Keys derived from `cluster.secret`.
 pub struct Keys {
     token_mac: Hmac<Sha256>,
+    limit_mac: Hmac<Sha256>,
+    login_salt: u64,
     seal: Aes256Gcm,
 }
 
@@ -47,9 +49,15 @@ impl Keys {
     pub fn new(secret: &Secret) -> Keys {
         let mac_key = derive(secret, b"portcullis cluster v1 token hash");
         let seal_key = derive(secret, b"portcullis cluster v1 seal");
+        let limit_key = derive(secret, b"portcullis cluster v1 rate limit");
+        let [s0, s1, s2, s3, s4, s5, s6, s7, ..] =
+            derive(secret, b"portcullis cluster v1 login salt");
         Keys {
             token_mac: <Hmac<Sha256> as Mac>::new_from_slice(&mac_key)
                 .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length")),
+            limit_mac: <Hmac<Sha256> as Mac>::new_from_slice(&limit_key)
+                .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length")),
+            login_salt: u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
             seal: Aes256Gcm::new(&seal_key.into()),
         }
     }
@@ -59,6 +67,22 @@ impl Keys {
         let mut mac = self.token_mac.clone();
         mac.update(token);
         mac.finalize().into_bytes().into()
+    }
+
+    /// The keyed hash of a rate-limit key (`scope` is the limit's kind or
+    /// route, `key` what it counts: an API key name, an address).
+    pub fn limit_hash(&self, scope: &str, key: &[u8]) -> TokenHash {
+        let mut mac = self.limit_mac.clone();
+        mac.update(scope.as_bytes());
+        mac.update(&[0]);
+        mac.update(key);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The salt of login-name hashes, the same on every instance (so the
+    /// login rate limit counts one name once for the cluster).
+    pub fn login_salt(&self) -> u64 {
+        self.login_salt
     }
 
     /// Seals `plain` for storage under the Redis key `aad`.

@@ -209,6 +209,9 @@ impl State {
             Some(p) if p.config.rate_limits == config.rate_limits => Arc::clone(&p.rate_limits),
             _ => Arc::new(RateLimiters::new(&config.rate_limits)),
         };
+        if let Some(cluster) = sessions.cluster() {
+            share_limits(cluster, &rate_limits, &router);
+        }
         if let Some(p) = previous {
             // Remote operations keep running jobs across a reload; their
             // settings apply after a restart.
@@ -224,7 +227,11 @@ impl State {
             router,
             api_keys,
             rate_limits,
-            login_salt: previous.map_or_else(|| fastrand::u64(..), |p| p.login_salt),
+            login_salt: match (previous, sessions.cluster()) {
+                (Some(p), _) => p.login_salt,
+                (None, Some(cluster)) => cluster.login_salt(),
+                (None, None) => fastrand::u64(..),
+            },
             sessions,
             upstream,
             uploads,
@@ -301,4 +308,22 @@ pub(super) struct DeviceKey {
     pub(super) name: Arc<str>,
     pub(super) header_value: HeaderValue,
     pub(super) matcher: Matcher,
+}
+
+/// Cluster mode: every rate limit holds for the whole cluster.
+fn share_limits(cluster: &Arc<crate::cluster::Cluster>, limits: &RateLimiters, router: &Router) {
+    if let Some(l) = &limits.per_api_key {
+        l.share(cluster, "api_key");
+    }
+    if let Some(l) = &limits.per_client_ip {
+        l.share(cluster, "client_ip");
+    }
+    if let Some(l) = &limits.login {
+        l.share(cluster, "login");
+    }
+    for route in router.routes() {
+        if let Some(l) = &route.rate_limit {
+            l.share(cluster, &format!("route {}", route.config.path));
+        }
+    }
 }

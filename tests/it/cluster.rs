@@ -114,11 +114,24 @@ impl Cluster {
         validation_delay: Duration,
         cluster_lines: &[&str],
     ) -> Cluster {
+        Cluster::start_with(name, login_token, validation_delay, cluster_lines, "").await
+    }
+
+    /// [`Cluster::start`] with `extra_toml` appended to every configuration.
+    async fn start_with(
+        name: &str,
+        login_token: &str,
+        validation_delay: Duration,
+        cluster_lines: &[&str],
+        extra_toml: &str,
+    ) -> Cluster {
         let redis = RedisServer::start().await;
         let backend = Backend::start().await;
         let accounts = Accounts::default();
         accounts.serve(&backend, login_token, validation_delay);
-        let cfg = GatewayConfig::new(backend.url()).sessions("logout_path = \"/logout\"");
+        let cfg = GatewayConfig::new(backend.url())
+            .sessions("logout_path = \"/logout\"")
+            .extra(extra_toml);
         let (a, b, c) = tokio::join!(
             Node::start(&cfg, &redis, name, "gw-a", cluster_lines),
             Node::start(&cfg, &redis, name, "gw-b", cluster_lines),
@@ -169,12 +182,7 @@ async fn refused_on_within(node: &Node, path: &str, token: &str, bound: Duration
 /// or value contains any of `secrets`.
 async fn assert_redis_holds_nothing_readable(redis: &RedisServer, name: &str, secrets: &[&str]) {
     let dump = redis.dump().await;
-    assert!(
-        dump.iter()
-            .any(|(k, _)| k.starts_with(&format!("portcullis:{name}:s:"))),
-        "no session record in Redis: {:?}",
-        dump.iter().map(|(k, _)| k).collect::<Vec<_>>()
-    );
+    assert!(!dump.is_empty(), "Redis holds nothing at all");
     let prefix = format!("portcullis:{name}:");
     for (key, value) in &dump {
         assert!(key.starts_with(&prefix), "key outside the namespace: {key}");
@@ -214,6 +222,11 @@ async fn login_on_one_serves_on_all_and_logout_refuses_on_all() {
         "B and C used the session A created without validating it"
     );
     assert_eq!(backend.count("/profile"), 3);
+    let keys: Vec<String> = redis.dump().await.into_iter().map(|(k, _)| k).collect();
+    assert!(
+        keys.iter().any(|k| k.starts_with("portcullis:login:s:")),
+        "no session record in Redis: {keys:?}"
+    );
     assert_redis_holds_nothing_readable(&redis, "login", &[token, EMAIL, FULL_NAME, "Clusterova"])
         .await;
 
@@ -481,5 +494,110 @@ async fn a_logout_during_an_outage_holds_everywhere_after_degraded_ttl() {
             node.instance
         );
     }
+    redis.resume();
+}
+
+/// Floods `nodes` with public GETs for `time` over `per_node` keep-alive
+/// connections each (at most 3000 requests per connection); returns
+/// (admitted, refused with 429, elapsed).
+async fn flood(nodes: &[&Node], per_node: usize, time: Duration) -> (usize, usize, Duration) {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for node in nodes {
+        for _ in 0..per_node {
+            let addr = node.addr;
+            tasks.push(tokio::spawn(async move {
+                let mut conn = KeepAlive::open(addr).await;
+                let (mut ok, mut limited) = (0, 0);
+                for _ in 0..3000 {
+                    if start.elapsed() >= time {
+                        break;
+                    }
+                    let r = Req::new(addr, "GET", "/api/status")
+                        .api_key(IOS_KEY)
+                        .send_on(&mut conn)
+                        .await;
+                    match r.status {
+                        200 => ok += 1,
+                        429 => {
+                            assert!(r.header("retry-after").is_some());
+                            limited += 1;
+                        }
+                        other => panic!("{other}: {}", r.text()),
+                    }
+                }
+                (ok, limited)
+            }));
+        }
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        let (o, l) = t.await.unwrap();
+        ok += o;
+        limited += l;
+    }
+    (ok, limited, start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_holds_for_the_cluster_and_splits_without_redis() {
+    const RATE: f64 = 50.0;
+    let Cluster {
+        redis,
+        backend: _backend,
+        accounts: _accounts,
+        nodes: [a, b, c],
+    } = Cluster::start_with(
+        "limits",
+        "unused",
+        Duration::ZERO,
+        &["timeout = \"200ms\""],
+        "[rate_limits]\nper_api_key = \"50/s\"",
+    )
+    .await;
+    for node in [&a, &b, &c] {
+        node.wait_metric("portcullis_cluster_instances", 3.0).await;
+    }
+
+    // Three instances, one limit: 50/s with a burst of 50 for the cluster.
+    let (ok, limited, took) = flood(&[&a, &b, &c], 4, Duration::from_secs(2)).await;
+    let secs = took.as_secs_f64();
+    eprintln!(
+        "cluster: {ok} admitted, {limited} refused in {took:?} (limit {RATE}/s + burst {RATE})"
+    );
+    assert!(
+        (ok + limited) as f64 > 1.5 * (RATE * secs + RATE),
+        "the test did not offer enough load to measure the limit: {}",
+        ok + limited
+    );
+    assert!(
+        (ok as f64) <= 1.1 * RATE * secs + RATE,
+        "{ok} admitted in {secs:.2}s: more than 10% + one burst over {RATE}/s"
+    );
+    assert!(
+        (ok as f64) >= 0.9 * RATE * secs,
+        "{ok} admitted in {secs:.2}s: more than 10% under {RATE}/s"
+    );
+    assert_redis_holds_nothing_readable(&redis, "limits", &["ios-app", IOS_KEY, "127.0.0.1"]).await;
+
+    // Redis frozen: each instance enforces a third of the limit on its own.
+    redis.pause();
+    for node in [&a, &b, &c] {
+        node.wait_metric("portcullis_cluster_up", 0.0).await;
+    }
+    let (ok, limited, took) = flood(&[&a], 2, Duration::from_secs(2)).await;
+    let share = RATE / 3.0;
+    let secs = took.as_secs_f64();
+    eprintln!(
+        "degraded, one instance: {ok} admitted, {limited} refused in {took:?} (share {share:.1}/s)"
+    );
+    assert!(
+        (ok as f64) <= 1.1 * share * secs + share,
+        "{ok} admitted by one instance in {secs:.2}s, its share is {share:.1}/s"
+    );
+    assert!(
+        (ok as f64) >= 0.9 * share * secs - share,
+        "{ok} admitted by one instance in {secs:.2}s, its share is {share:.1}/s"
+    );
     redis.resume();
 }
