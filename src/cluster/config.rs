@@ -216,6 +216,20 @@ degraded_ttl = "5s""#),
     }
 
     #[test]
+    fn tls_urls_are_accepted() {
+        let mut p = Problems::default();
+        let c = validate(
+            &raw(r#"redis = "rediss://user:pw@redis.internal:6380/2"
+name = "prod"
+secret = "0123456789abcdef0123456789abcdef"
+instance = "gw-1""#),
+            &mut p,
+        );
+        assert!(p.0.is_empty(), "{p}");
+        assert!(c.is_some());
+    }
+
+    #[test]
     fn every_problem_is_reported() {
         let mut p = Problems::default();
         let c = validate(

@@ -152,12 +152,22 @@ impl Node {
         instance: &str,
         cluster_lines: &[&str],
     ) -> Node {
+        Node::start_url(cfg, &redis.url(), name, instance, cluster_lines).await
+    }
+
+    /// [`Node::start`] with any Redis URL (e.g. one naming an ACL user).
+    pub async fn start_url(
+        cfg: &GatewayConfig,
+        redis_url: &str,
+        name: &str,
+        instance: &str,
+        cluster_lines: &[&str],
+    ) -> Node {
         let dir = tempfile::tempdir().expect("node dir");
         let addr = free_addr();
         let admin = free_addr();
         let mut table = format!(
-            "[cluster]\nredis = \"{}\"\nname = \"{name}\"\nsecret = \"{CLUSTER_SECRET}\"\ninstance = \"{instance}\"\n",
-            redis.url()
+            "[cluster]\nredis = \"{redis_url}\"\nname = \"{name}\"\nsecret = \"{CLUSTER_SECRET}\"\ninstance = \"{instance}\"\n"
         );
         for l in cluster_lines {
             table.push_str(l);
