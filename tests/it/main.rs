@@ -15,6 +15,7 @@ mod cluster;
 mod commands_binary;
 mod commands_custom;
 mod commands_django;
+mod commands_options;
 mod encryption;
 mod example_config;
 mod limits;
