@@ -677,3 +677,51 @@ async fn the_documented_redis_acl_is_all_the_gateways_need() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_on_one_instance_is_followed_by_all() {
+    let Cluster {
+        redis: _redis,
+        backend,
+        accounts,
+        nodes: [a, b, c],
+    } = Cluster::start("rotate", "unused", Duration::ZERO, &[]).await;
+    let (old, new) = ("tok-rotate-old-1a2b", "tok-rotate-new-3c4d");
+    accounts.open(old);
+    for node in [&a, &b, &c] {
+        assert_eq!(node.get("/api/profile", old).send().await.status, 200);
+    }
+    // The backend rotates the session on a call through A.
+    let rotating = accounts.clone();
+    backend.on_fn("/orders/1", move |r| {
+        if r.header("user-token") == Some(old) {
+            rotating.open(new);
+        }
+        Reply::json(200, json!({"id": 1})).header("user-token", new)
+    });
+    let r = a.get("/api/orders/1", old).send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("user-token"), Some(new));
+
+    // B and C forward the old token's calls with the new token and hand it
+    // to the device; the new token works everywhere without a validation.
+    for node in [&b, &c] {
+        let followed = within(Duration::from_secs(2), || async {
+            let r = node.get("/api/profile", old).send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.header("user-token") == Some(new)
+        })
+        .await;
+        assert!(
+            followed.is_some(),
+            "{} did not follow the rotation",
+            node.instance
+        );
+        assert_eq!(backend.last("/profile").header("user-token"), Some(new));
+    }
+    for node in [&c, &b, &a] {
+        assert_eq!(node.get("/api/profile", new).send().await.status, 200);
+    }
+    assert_eq!(validations(&backend, new), 0);
+    assert_eq!(validations(&backend, old), 1);
+}
