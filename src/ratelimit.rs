@@ -8,21 +8,54 @@
 //! - Login names are keyed by a hash, never stored in clear.
 //! - Key state is bounded: idle keys are dropped periodically.
 //! - In cluster mode ([`Limiter::share`]) a limit holds for the whole
-//!   cluster: a request this instance's own limiter admits is then checked
-//!   in Redis (one call); while Redis is unavailable each instance enforces
-//!   its share (the rate divided by the instances last seen). Redis never
-//!   makes a request wait longer than its call deadline.
+//!   cluster. A request this instance's own (full-rate) limiter admits
+//!   spends a cell of the key's [`Lease`]: cells taken from the cluster's
+//!   GCRA in Redis in advance, at most [`LEASE`] of the rate, spent here
+//!   without a Redis call and forgotten after [`LEASE`] (so nothing is
+//!   admitted beyond the cluster's GCRA, shifted by at most [`LEASE`]). The
+//!   lease size adapts: it doubles while leases run out before they expire
+//!   and halves when they expire unspent, so a busy instance calls Redis
+//!   about ten times a second per key and a quiet one wastes little. A
+//!   refusal from Redis is remembered until its wait ends. While Redis is
+//!   unavailable each instance enforces its share (the rate divided by the
+//!   instances last seen). Redis never makes a request wait longer than its
+//!   call deadline.
 
 use crate::cluster::Cluster;
 use crate::config::Rate;
+use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long cells leased from the cluster may be spent, and the most of a
+/// rate leased at once.
+pub const LEASE: Duration = Duration::from_millis(100);
+
+/// Milliseconds since this process first asked.
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Cells of one key taken from the cluster in advance (cluster mode).
+#[derive(Debug, Default)]
+pub struct Lease {
+    /// Cells left (may dip below zero when requests race for the last one).
+    cells: AtomicI64,
+    /// When the cells stop being spendable ([`now_ms`]).
+    until_ms: AtomicU64,
+    /// Cells to ask for next time.
+    want: AtomicU32,
+    /// Redis refused until then: refuse here without asking again.
+    refused_until_ms: AtomicU64,
+}
 
 /// A limit key as bytes stable across instances (hashed before it reaches
 /// Redis).
@@ -77,6 +110,7 @@ pub struct Limiter<K: Hash + Eq + Clone> {
     inner: DefaultKeyedRateLimiter<K>,
     checks: AtomicU64,
     shared: OnceLock<Shared>,
+    leases: DashMap<K, Arc<Lease>>,
     /// The rate it enforces.
     pub rate: Rate,
 }
@@ -99,6 +133,7 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
             inner: RateLimiter::keyed(quota),
             checks: AtomicU64::new(0),
             shared: OnceLock::new(),
+            leases: DashMap::new(),
             rate,
         }
     }
@@ -119,9 +154,9 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
     }
 
     /// Decides what it can without Redis: not shared, this instance's
-    /// full-rate limiter refusing, or Redis unavailable (then this
-    /// instance's share of the rate) are decided here; otherwise the
-    /// cluster decides.
+    /// full-rate limiter refusing, Redis unavailable (then this instance's
+    /// share of the rate), a cell left in the key's lease, or a refusal from
+    /// Redis still running are decided here; otherwise the cluster decides.
     pub fn check(&self, key: &K) -> Verdict {
         let Some(shared) = self.shared.get() else {
             return Verdict::Done(self.take(key, 1));
@@ -129,14 +164,28 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         if !shared.cluster.is_up() {
             return Verdict::Done(self.take(key, shared.cluster.instances()));
         }
-        match self.take(key, 1) {
-            Ok(()) => Verdict::AskCluster,
-            refused => Verdict::Done(refused),
+        if let Err(wait) = self.take(key, 1) {
+            return Verdict::Done(Err(wait));
         }
+        let now = now_ms();
+        let Some(lease) = self.leases.get(key).map(|l| Arc::clone(&l)) else {
+            return Verdict::AskCluster;
+        };
+        let refused = lease.refused_until_ms.load(Ordering::Acquire);
+        if now < refused {
+            return Verdict::Done(Err(Duration::from_millis(refused - now)));
+        }
+        if now < lease.until_ms.load(Ordering::Acquire)
+            && lease.cells.fetch_sub(1, Ordering::AcqRel) > 0
+        {
+            return Verdict::Done(Ok(()));
+        }
+        Verdict::AskCluster
     }
 
     /// The cluster's decision after [`Verdict::AskCluster`]: one Redis call
-    /// within its deadline; when Redis fails, this instance's share.
+    /// within its deadline that also leases cells for the next requests;
+    /// when Redis fails, this instance's share.
     pub async fn check_cluster(&self, key: &K) -> Result<(), Duration>
     where
         K: LimitKey,
@@ -144,17 +193,57 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         let Some(shared) = self.shared.get() else {
             return Ok(());
         };
+        let lease = Arc::clone(&self.leases.entry(key.clone()).or_default());
+        let now = now_ms();
+        let want = lease.want.load(Ordering::Acquire).max(1);
+        let next = if now < lease.until_ms.load(Ordering::Acquire) {
+            // Spent before it expired: ask for more next time.
+            want.saturating_mul(2).min(self.most_leased())
+        } else if lease.cells.load(Ordering::Acquire) > 0 {
+            // Expired unspent: ask for less.
+            (want / 2).max(1)
+        } else {
+            want
+        };
         let mut bytes = Vec::with_capacity(24);
         key.key_bytes(&mut bytes);
         match shared
             .cluster
-            .rate_check(&shared.scope, &bytes, self.rate)
+            .rate_check(&shared.scope, &bytes, self.rate, want)
             .await
         {
-            Some(decided) => decided,
+            Some(Ok(granted)) => {
+                // One cell is this request's.
+                lease.cells.store(i64::from(granted) - 1, Ordering::Release);
+                lease.until_ms.store(
+                    now_ms() + u64::try_from(LEASE.as_millis()).unwrap_or(0),
+                    Ordering::Release,
+                );
+                lease.want.store(next, Ordering::Release);
+                Ok(())
+            }
+            Some(Err(wait)) => {
+                let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                lease
+                    .refused_until_ms
+                    .store(now_ms().saturating_add(ms), Ordering::Release);
+                lease.want.store(1, Ordering::Release);
+                Err(wait)
+            }
             // One cell was taken by `check` already.
             None => self.take(key, shared.cluster.instances().saturating_sub(1)),
         }
+    }
+
+    /// The most cells leased at once: [`LEASE`] of the rate (at least 1, at
+    /// most the burst).
+    fn most_leased(&self) -> u32 {
+        let per_ms = self.rate.per.as_millis().max(1);
+        let lease_ms = LEASE.as_millis();
+        let most = u128::from(self.rate.count) * lease_ms / per_ms;
+        u32::try_from(most)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.rate.count.max(1))
     }
 
     /// Takes `cells` of `key`'s allowance here (0: admitted).
@@ -162,6 +251,11 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.inner.retain_recent();
             self.inner.shrink_to_fit();
+            let now = now_ms();
+            self.leases.retain(|_, l| {
+                now < l.until_ms.load(Ordering::Acquire)
+                    || now < l.refused_until_ms.load(Ordering::Acquire)
+            });
         }
         let Some(n) = NonZeroU32::new(cells) else {
             return Ok(());

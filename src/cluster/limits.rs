@@ -2,39 +2,41 @@
 //!
 //! - `portcullis:<name>:rl:<hash>`: one limit key's GCRA state (its
 //!   theoretical arrival time, in microseconds of Redis's clock), updated by
-//!   one Lua call per admitted-locally request; `<hash>` is keyed by the
-//!   cluster secret, so neither API key names nor addresses reach Redis.
+//!   one Lua call that leases cells to an instance
+//!   ([`crate::ratelimit::Lease`]); `<hash>` is keyed by the cluster secret,
+//!   so neither API key names nor addresses reach Redis.
 //! - `portcullis:<name>:members`: live instances (a sorted set scored by
 //!   the last health check), counted for the degraded share of each limit.
 //!
-//! One Lua call per request was chosen over local shares synchronised in the
-//! background: it is exact (the admitted rate is the configured one, however
-//! traffic is spread), it costs a Redis round trip only on requests a limit
-//! applies to and that the instance's own full-rate limiter admitted (a flood
-//! on one instance is refused locally without reaching Redis), and the
-//! cached-token path without limits makes no call at all (docs/cluster.md,
-//! "Cost").
+//! Measured with `bench/cluster.sh` (docs/cluster.md, "Cost"): one Lua call
+//! per limited request cost about 1.3–1.6× the CPU per request of a single
+//! instance; leasing cells (GCRA still decides, in Redis, how many) brings
+//! limited requests back to the cached-token cost, and the admitted rate
+//! stays within the cluster's GCRA shifted by at most one lease period.
 
 use super::Cluster;
 use crate::config::Rate;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// GCRA in one call. KEYS[1]: the limit key; ARGV[1]: emission interval
-/// (µs); ARGV[2]: burst tolerance (µs). Returns 0 when admitted, else the
-/// wait in µs. Uses Redis's clock, so instances' clocks do not matter.
+/// GCRA in one call, taking up to ARGV[3] cells at once. KEYS[1]: the limit
+/// key; ARGV[1]: emission interval (µs); ARGV[2]: burst tolerance (µs).
+/// Returns {cells granted, 0}, or {0, wait in µs} when none is left. Uses
+/// Redis's clock, so instances' clocks do not matter.
 pub(super) const GCRA: &str = r#"
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
 local tat = tonumber(redis.call("GET", KEYS[1])) or now
 if tat < now then tat = now end
-local wait = tat - now - tolerance
-if wait > 0 then return math.ceil(wait) end
-local new = tat + interval
+local room = math.floor((tolerance - (tat - now)) / interval) + 1
+if room < 1 then return {0, math.ceil(tat - now - tolerance)} end
+local granted = math.min(want, room)
+local new = tat + granted * interval
 redis.call("SET", KEYS[1], string.format("%.0f", new), "PX", math.ceil((new - now) / 1000) + 1)
-return 0
+return {granted, 0}
 "#;
 
 /// Marks this instance alive and counts the live ones. KEYS[1]: the members
@@ -52,15 +54,17 @@ return redis.call("ZCARD", KEYS[1])
 pub(super) const MEMBER_TTL: Duration = Duration::from_secs(5);
 
 impl Cluster {
-    /// Checks one request against a limit for the whole cluster: `Some(Ok)`
-    /// when admitted, `Some(Err(wait))` when refused, `None` when Redis
-    /// failed or was late (the caller falls back to its local share).
+    /// Takes up to `want` cells of a limit for the whole cluster:
+    /// `Some(Ok(granted))` (at least 1), `Some(Err(wait))` when none is
+    /// left, `None` when Redis failed or was late (the caller falls back to
+    /// its local share).
     pub async fn rate_check(
         &self,
         scope: &str,
         key: &[u8],
         rate: Rate,
-    ) -> Option<Result<(), Duration>> {
+        want: u32,
+    ) -> Option<Result<u32, Duration>> {
         if !self.is_up() {
             return None;
         }
@@ -71,13 +75,15 @@ impl Cluster {
         let redis_key = format!("{}rl:{}", self.prefix, crate::secret::hex(&hash));
         let mut call = self.gcra.key(redis_key);
         call.arg(u64::try_from(interval).unwrap_or(u64::MAX))
-            .arg(u64::try_from(tolerance).unwrap_or(u64::MAX));
-        let wait_us: i64 = self.invoke(&call).await?;
-        Some(match u64::try_from(wait_us) {
-            Ok(0) => Ok(()),
-            Ok(us) => Err(Duration::from_micros(us)),
-            // A negative answer cannot come from the script: admit.
-            Err(_) => Ok(()),
+            .arg(u64::try_from(tolerance).unwrap_or(u64::MAX))
+            .arg(want.max(1));
+        let (granted, wait_us): (i64, i64) = self.invoke(&call).await?;
+        Some(match u32::try_from(granted) {
+            Ok(g) if g > 0 => Ok(g),
+            // None left: the wait (at least a microsecond).
+            _ => Err(Duration::from_micros(
+                u64::try_from(wait_us).unwrap_or(0).max(1),
+            )),
         })
     }
 

@@ -498,7 +498,7 @@ async fn a_logout_during_an_outage_holds_everywhere_after_degraded_ttl() {
 }
 
 /// Floods `nodes` with public GETs for `time` over `per_node` keep-alive
-/// connections each (at most 3000 requests per connection); returns
+/// connections each (at most 10,000 requests per connection); returns
 /// (admitted, refused with 429, elapsed).
 async fn flood(nodes: &[&Node], per_node: usize, time: Duration) -> (usize, usize, Duration) {
     let start = Instant::now();
@@ -509,7 +509,7 @@ async fn flood(nodes: &[&Node], per_node: usize, time: Duration) -> (usize, usiz
             tasks.push(tokio::spawn(async move {
                 let mut conn = KeepAlive::open(addr).await;
                 let (mut ok, mut limited) = (0, 0);
-                for _ in 0..3000 {
+                for _ in 0..10_000 {
                     if start.elapsed() >= time {
                         break;
                     }
