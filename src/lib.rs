@@ -27,10 +27,12 @@
 //!   with runners, the gateway side of `/__runner__`.
 //! - [`runner`]: `portcullis runner`, running commands on a backend host for the gateway.
 //! - [`audit`]: the hash-chained audit log of remote operations and its verifier.
+//! - [`cluster`]: cluster mode: sessions, revocations and single flight shared through Redis.
 
 pub mod access_log;
 pub mod audit;
 pub mod body;
+pub mod cluster;
 pub mod coalesce;
 pub mod commands;
 pub mod config;

@@ -303,6 +303,15 @@ fn check(path: &std::path::Path) -> ExitCode {
             cmds.audit_log.display()
         );
     }
+    if let Some(cl) = &c.cluster {
+        println!(
+            "cluster: {:?} as instance {:?}, degraded_ttl {}, Redis call deadline {} (Redis not contacted by check)",
+            cl.name,
+            cl.instance,
+            humantime::format_duration(cl.degraded_ttl),
+            humantime::format_duration(cl.timeout),
+        );
+    }
     for w in &c.warnings {
         println!("warning: {w}");
     }

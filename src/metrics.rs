@@ -146,6 +146,8 @@ pub struct Metrics {
     pub response_buffer_bytes: Gauge,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// Cluster mode's metrics (exported only in cluster mode).
+    pub cluster: crate::cluster::ClusterMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -162,6 +164,11 @@ fn latency_histogram() -> Histogram {
 impl Metrics {
     /// A fresh set of metrics, registered under the `portcullis_` prefix.
     pub fn new() -> Arc<Metrics> {
+        Metrics::with_cluster(false)
+    }
+
+    /// A fresh set of metrics; with `cluster`, cluster mode's too.
+    pub fn with_cluster(cluster: bool) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("portcullis");
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<RouteLabels, Histogram>::new_with_constructor(
@@ -180,6 +187,7 @@ impl Metrics {
             open_connections: Gauge::default(),
             response_buffer_bytes: Gauge::default(),
             access_log_dropped: Counter::default(),
+            cluster: crate::cluster::ClusterMetrics::default(),
             requests: requests.clone(),
             latency: latency.clone(),
             upstream_latency: upstream_latency.clone(),
@@ -247,6 +255,9 @@ impl Metrics {
             "Access-log lines dropped because the writer fell behind",
             m.access_log_dropped.clone(),
         );
+        if cluster {
+            m.cluster.register(&mut registry);
+        }
         Arc::new(Metrics { registry, ..m })
     }
 

@@ -10,6 +10,8 @@
 //! - A refused token is remembered for `negative_ttl` and never served from
 //!   `stale_if_error`.
 
+use crate::cluster::seal::Stored;
+use crate::cluster::{Cluster, Local};
 use crate::config::SessionsConfig;
 use moka::future::Cache;
 use prometheus_client::metrics::counter::Counter;
@@ -47,6 +49,11 @@ impl Deadline {
     /// Whether the deadline is reached.
     pub fn passed(self) -> bool {
         Deadline::now() >= self
+    }
+
+    /// The time left until the deadline (zero once passed).
+    pub fn left(self) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(Deadline::now().0))
     }
 }
 
@@ -101,7 +108,9 @@ pub struct Sessions {
     salt: [u8; 32],
     cfg: SessionsConfig,
     /// Bumped after every eviction and rotation (see [`Sessions::generation`]).
-    generation: AtomicU64,
+    generation: Arc<AtomicU64>,
+    /// Cluster mode: Redis behind the cache, revocations shared.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -120,6 +129,27 @@ impl Sessions {
 
     /// An empty store that counts cache hits and misses into the given counters.
     pub fn with_counters(cfg: SessionsConfig, hits: Counter, misses: Counter) -> Sessions {
+        Sessions::build(cfg, hits, misses, None)
+    }
+
+    /// An empty store in cluster mode: sessions are shared through Redis,
+    /// and every local entry is checked again at least every
+    /// `cluster.degraded_ttl`.
+    pub fn with_cluster(
+        cfg: SessionsConfig,
+        hits: Counter,
+        misses: Counter,
+        cluster: Arc<Cluster>,
+    ) -> Sessions {
+        Sessions::build(cfg, hits, misses, Some(cluster))
+    }
+
+    fn build(
+        cfg: SessionsConfig,
+        hits: Counter,
+        misses: Counter,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Sessions {
         let mut salt = [0u8; 32];
         {
             use aes_gcm::aead::rand_core::RngCore;
@@ -133,14 +163,27 @@ impl Sessions {
             .max_capacity(cfg.max_entries)
             .time_to_live((cfg.max_ttl + stale_window).max(cfg.negative_ttl))
             .build();
+        let generation = Arc::new(AtomicU64::new(0));
+        if let Some(c) = &cluster {
+            c.attach(Local {
+                cache: cache.clone(),
+                generation: Arc::clone(&generation),
+            });
+        }
         Sessions {
             cache,
             hits,
             misses,
             salt,
             cfg,
-            generation: AtomicU64::new(0),
+            generation,
+            cluster,
         }
+    }
+
+    /// The cluster this store shares sessions with, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// A number that changes whenever a session may have ended or been
@@ -163,6 +206,9 @@ impl Sessions {
 
     /// The cache key of a token: a keyed hash, so the token itself is never stored.
     pub fn key(&self, token: &[u8]) -> u128 {
+        if let Some(c) = &self.cluster {
+            return Cluster::local_key(&c.token_hash(token));
+        }
         let digest = Sha256::new()
             .chain_update(self.salt)
             .chain_update(token)
@@ -186,9 +232,102 @@ impl Sessions {
             },
         };
         Cached::Valid(Session {
-            fresh_until: now.plus(ttl),
+            fresh_until: now.plus(self.local_ttl(ttl)),
             rotated: rotated.map(Arc::from),
         })
+    }
+
+    /// How long an entry may live locally: in cluster mode at most
+    /// `degraded_ttl`, so a missed revocation cannot outlive it.
+    fn local_ttl(&self, ttl: Duration) -> Duration {
+        match &self.cluster {
+            Some(c) => ttl.min(c.config().degraded_ttl),
+            None => ttl,
+        }
+    }
+
+    /// A validation's outcome as the cluster stores it.
+    fn stored_from(&self, v: Validation, token: &str) -> Stored {
+        let now = SystemTime::now();
+        let refused = Stored::Refused {
+            until: now + self.cfg.negative_ttl,
+        };
+        match v {
+            Validation::Valid { expires, rotated } => {
+                let left = match expires {
+                    None => self.cfg.max_ttl,
+                    Some(at) => match at.duration_since(now) {
+                        Ok(left) => left.min(self.cfg.max_ttl),
+                        Err(_) => return refused,
+                    },
+                };
+                Stored::Valid {
+                    expires: now + left,
+                    rotated: rotated.filter(|r| r != token),
+                }
+            }
+            Validation::Refused => refused,
+        }
+    }
+
+    /// A record from the cluster as a local entry (at most `degraded_ttl`).
+    fn entry_from_stored(&self, s: &Stored) -> Cached {
+        let now = SystemTime::now();
+        let left = |at: SystemTime| at.duration_since(now).unwrap_or(Duration::ZERO);
+        match s {
+            Stored::Valid { expires, rotated } => {
+                if left(*expires).is_zero() {
+                    return Cached::Invalid {
+                        until: Deadline::now().plus(self.local_ttl(self.cfg.negative_ttl)),
+                    };
+                }
+                Cached::Valid(Session {
+                    fresh_until: Deadline::now()
+                        .plus(self.local_ttl(left(*expires).min(self.cfg.max_ttl))),
+                    rotated: rotated.as_deref().map(Arc::from),
+                })
+            }
+            Stored::Refused { until } => Cached::Invalid {
+                until: Deadline::now().plus(self.local_ttl(left(*until))),
+            },
+        }
+    }
+
+    /// The miss path in cluster mode: Redis, else one validation for the
+    /// whole cluster.
+    async fn resolve_shared<F, Fut>(
+        &self,
+        cluster: &Cluster,
+        token: &str,
+        validate: F,
+    ) -> Result<Cached, CheckError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Validation, CheckError>>,
+    {
+        let hash = cluster.token_hash(token.as_bytes());
+        let stored = cluster
+            .resolve(&hash, || async {
+                Ok(self.stored_from(validate().await?, token))
+            })
+            .await?;
+        let entry = self.entry_from_stored(&stored);
+        if let (
+            Cached::Valid(s),
+            Stored::Valid {
+                rotated: Some(new), ..
+            },
+        ) = (&entry, &stored)
+        {
+            let plain = Session {
+                fresh_until: s.fresh_until,
+                rotated: None,
+            };
+            self.cache
+                .insert(self.key(new.as_bytes()), Cached::Valid(plain))
+                .await;
+        }
+        Ok(entry)
     }
 
     /// Checks a token: from the cache when fresh, otherwise through `validate`
@@ -237,6 +376,9 @@ impl Sessions {
         let stale = outdated.flatten();
         self.misses.inc();
         let init = async {
+            if let Some(c) = &self.cluster {
+                return self.resolve_shared(c, token, validate).await;
+            }
             match validate().await? {
                 Validation::Valid { expires, rotated } => {
                     let rotated = rotated.filter(|r| r != token);
@@ -276,6 +418,23 @@ impl Sessions {
     /// Caches a session established by `/login`. Returns false (and caches
     /// nothing) when the expiry is already past.
     pub async fn insert_login(&self, token: &str, expires: Option<SystemTime>) -> bool {
+        if let Some(c) = &self.cluster {
+            let stored = self.stored_from(
+                Validation::Valid {
+                    expires,
+                    rotated: None,
+                },
+                token,
+            );
+            if !matches!(stored, Stored::Valid { .. }) {
+                return false;
+            }
+            let hash = c.token_hash(token.as_bytes());
+            let entry = self.entry_from_stored(&stored);
+            self.cache.insert(Cluster::local_key(&hash), entry).await;
+            c.store(&hash, &stored).await;
+            return true;
+        }
         let entry = self.session_from(expires, None);
         let valid = matches!(entry, Cached::Valid(_));
         if valid {
@@ -312,18 +471,29 @@ impl Sessions {
                 )
                 .await;
             self.changed();
+            if let Some(c) = &self.cluster {
+                let fallback = SystemTime::now() + fresh_until.left();
+                c.rotate(&c.token_hash(old.as_bytes()), new, fallback).await;
+            }
         }
     }
 
     /// Forgets a token (logout, or the backend answered 401/403 for it),
     /// together with the token it was rotated to.
     pub async fn evict(&self, token: &str) {
+        let mut rotated = None;
         if let Some(Cached::Valid(s)) = self.cache.remove(&self.key(token.as_bytes())).await {
             if let Some(new) = s.rotated {
                 self.cache.invalidate(&self.key(new.as_bytes())).await;
+                rotated = Some(new);
             }
         }
         self.changed();
+        if let Some(c) = &self.cluster {
+            let mut hashes = vec![c.token_hash(token.as_bytes())];
+            hashes.extend(rotated.map(|new| c.token_hash(new.as_bytes())));
+            c.revoke(&hashes).await;
+        }
     }
 
     /// Entries currently cached (after applying pending cache maintenance).

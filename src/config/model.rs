@@ -24,6 +24,8 @@ pub struct Config {
     pub commands: Option<crate::commands::config::CommandsConfig>,
     /// `[[runners]]`: runners allowed to dial in (`commands.execute = "runners"`).
     pub runners: Vec<crate::commands::remote::RunnerDef>,
+    /// `[cluster]`: instances sharing state through Redis, off when absent.
+    pub cluster: Option<crate::cluster::config::ClusterConfig>,
     /// Accepted settings this build does not act on yet; logged at start-up.
     pub warnings: Vec<String>,
 }

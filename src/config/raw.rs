@@ -27,6 +27,7 @@ pub(super) struct RawConfig {
     pub(super) commands: Option<crate::commands::config::RawCommands>,
     #[serde(default)]
     pub(super) runners: Vec<crate::commands::remote::RawRunnerDef>,
+    pub(super) cluster: Option<crate::cluster::config::RawCluster>,
 }
 
 #[derive(Deserialize, Default)]
@@ -278,9 +279,10 @@ pub(super) fn read(table: toml::Table, p: &mut Problems) -> (RawConfig, Unread) 
             "operators" => raw.operators = many(value, "operators", p, u),
             "commands" => raw.commands = one(value, "commands", p, u),
             "runners" => raw.runners = many(value, "runners", p, u),
+            "cluster" => raw.cluster = one(value, "cluster", p, u),
             other => p.push(
                 other,
-                "unknown key (expected server, backend, api_keys, sessions, crypto, routes, limits, rate_limits, operators, commands or runners)",
+                "unknown key (expected server, backend, api_keys, sessions, crypto, routes, limits, rate_limits, operators, commands, runners or cluster)",
             ),
         }
     }

@@ -192,6 +192,17 @@ pub(super) fn validate(
             );
         }
     }
+    let cluster = raw
+        .cluster
+        .as_ref()
+        .and_then(|c| crate::cluster::config::validate(c, p));
+    if raw.cluster.is_some() && raw.commands.is_some() {
+        p.push(
+            "cluster",
+            "[commands] cannot be combined with [cluster] yet: remote operations would not be shared between instances",
+        );
+    }
+
     Some(Config {
         server: server?,
         backend: backend?,
@@ -204,6 +215,7 @@ pub(super) fn validate(
         operators,
         runners,
         commands,
+        cluster,
         warnings: std::mem::take(warnings),
     })
 }

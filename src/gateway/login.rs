@@ -52,7 +52,7 @@ pub(super) async fn login(
             ratelimit::client_key(ctx.client_ip),
             ratelimit::login_key(&name, state.login_salt),
         );
-        limited(state, limit, &key, "login")?;
+        limited(state, limit, &key, "login").await?;
     }
     // Credentials must be remembered for nothing but this one forward.
     parts.uri = Uri::try_from(state.config.sessions.login_path.as_str())

@@ -115,7 +115,8 @@ async fn dispatch(
             limit,
             &ratelimit::client_key(ctx.client_ip),
             "client_ip",
-        )?;
+        )
+        .await?;
     }
     // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host (hyper does
     // not check); ambiguous ones are refused rather than guessed at.
@@ -182,7 +183,7 @@ async fn dispatch(
     };
     info.api_client = Some(api_key.header_value.clone());
     if let Some(limit) = &state.rate_limits.per_api_key {
-        limited(state, limit, &api_key.name, "api_key")?;
+        limited(state, limit, &api_key.name, "api_key").await?;
     }
 
     match &*path {
@@ -208,7 +209,7 @@ async fn dispatch(
     };
     info.route = Some(route.label.clone());
     if let Some(limit) = &route.rate_limit {
-        limited(state, limit, &api_key.name, "route")?;
+        limited(state, limit, &api_key.name, "route").await?;
     }
     let cfg = &route.config;
     let mut deadline = ctx.start + cfg.timeout.unwrap_or(state.backend_timeout);
@@ -318,14 +319,19 @@ async fn dispatch(
     Ok(resp)
 }
 
-/// Applies one rate limit: 429 with `Retry-After` when exceeded.
-pub(super) fn limited<K: std::hash::Hash + Eq + Clone>(
+/// Applies one rate limit: 429 with `Retry-After` when exceeded. In cluster
+/// mode the limit may take one Redis call (boxed: a rare await).
+pub(super) async fn limited<K: ratelimit::LimitKey>(
     state: &State,
     limit: &ratelimit::Limiter<K>,
     key: &K,
     kind: &'static str,
 ) -> Result<(), GatewayError> {
-    limit.check(key).map_err(|wait| {
+    let decided = match limit.check(key) {
+        ratelimit::Verdict::Done(decided) => decided,
+        ratelimit::Verdict::AskCluster => Box::pin(limit.check_cluster(key)).await,
+    };
+    decided.map_err(|wait| {
         state.metrics.rate_limited(kind);
         GatewayError::TooManyRequests {
             retry_after_secs: ratelimit::retry_after_secs(wait),

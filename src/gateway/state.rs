@@ -138,7 +138,7 @@ impl State {
         };
         let metrics = match previous {
             Some(p) => Arc::clone(&p.metrics),
-            None => Metrics::new(),
+            None => Metrics::with_cluster(config.cluster.is_some()),
         };
         let access_log = match previous {
             Some(p) => {
@@ -160,12 +160,28 @@ impl State {
                 }
                 Arc::clone(&p.sessions)
             }
-            None => Arc::new(Sessions::with_counters(
-                config.sessions.clone(),
-                metrics.session_hits.clone(),
-                metrics.session_misses.clone(),
-            )),
+            None => match &config.cluster {
+                None => Arc::new(Sessions::with_counters(
+                    config.sessions.clone(),
+                    metrics.session_hits.clone(),
+                    metrics.session_misses.clone(),
+                )),
+                Some(c) => Arc::new(Sessions::with_cluster(
+                    config.sessions.clone(),
+                    metrics.session_hits.clone(),
+                    metrics.session_misses.clone(),
+                    Arc::new(
+                        crate::cluster::Cluster::new(c.clone(), b.timeout, metrics.cluster.clone())
+                            .map_err(|e| vec![e])?,
+                    ),
+                )),
+            },
         };
+        if let Some(p) = previous {
+            if p.config.cluster != config.cluster {
+                restart_needed.push("[cluster]".to_owned());
+            }
+        }
         if let Some(p) = previous {
             let (o, n) = (&p.config, &config);
             if o.server.listen != n.server.listen {
@@ -195,6 +211,9 @@ impl State {
             Some(p) if p.config.rate_limits == config.rate_limits => Arc::clone(&p.rate_limits),
             _ => Arc::new(RateLimiters::new(&config.rate_limits)),
         };
+        if let Some(cluster) = sessions.cluster() {
+            share_limits(cluster, &rate_limits, &router);
+        }
         if let Some(p) = previous {
             // Remote operations keep running jobs across a reload; operators
             // and most of [commands] apply to the next request.
@@ -218,7 +237,11 @@ impl State {
             router,
             api_keys,
             rate_limits,
-            login_salt: previous.map_or_else(|| fastrand::u64(..), |p| p.login_salt),
+            login_salt: match (previous, sessions.cluster()) {
+                (Some(p), _) => p.login_salt,
+                (None, Some(cluster)) => cluster.login_salt(),
+                (None, None) => fastrand::u64(..),
+            },
             sessions,
             upstream,
             uploads,
@@ -304,4 +327,22 @@ pub(super) struct DeviceKey {
     pub(super) name: Arc<str>,
     pub(super) header_value: HeaderValue,
     pub(super) matcher: Matcher,
+}
+
+/// Cluster mode: every rate limit holds for the whole cluster.
+fn share_limits(cluster: &Arc<crate::cluster::Cluster>, limits: &RateLimiters, router: &Router) {
+    if let Some(l) = &limits.per_api_key {
+        l.share(cluster, "api_key");
+    }
+    if let Some(l) = &limits.per_client_ip {
+        l.share(cluster, "client_ip");
+    }
+    if let Some(l) = &limits.login {
+        l.share(cluster, "login");
+    }
+    for route in router.routes() {
+        if let Some(l) = &route.rate_limit {
+            l.share(cluster, &format!("route {}", route.config.path));
+        }
+    }
 }

@@ -37,6 +37,9 @@ pub async fn serve_live(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let state = live.state();
+    if let Some(cluster) = state.sessions().cluster() {
+        cluster.start();
+    }
     state
         .start_commands()
         .await

@@ -11,6 +11,7 @@ mod adversarial_slow;
 mod adversarial_smuggling;
 mod binary;
 mod bodies;
+mod cluster;
 mod commands_binary;
 mod commands_custom;
 mod commands_django;

@@ -13,6 +13,8 @@
 //!   operators and audit log (not re-exported: `use crate::support::commands::*`);
 //! - [`runners`]: the compiled gateway over TLS with `portcullis runner`
 //!   processes dialling in (not re-exported).
+//! - [`cluster`]: a real `redis-server` and gateway processes in cluster mode
+//!   (not re-exported: `use crate::support::cluster::*`).
 //!
 //! Everything binds `127.0.0.1:0`; everything started here is stopped on
 //! drop, so a failing test leaves nothing running.
@@ -20,6 +22,7 @@
 pub mod backend;
 pub mod bodies;
 pub mod client;
+pub mod cluster;
 pub mod commands;
 pub mod gateway;
 pub mod process;

@@ -1,0 +1,272 @@
+//! Cluster mode: a real `redis-server` on a loopback port ([`RedisServer`])
+//! and compiled gateway processes sharing it ([`Node`]). Both are stopped on
+//! drop. `scripts/test` installs `redis-server` when it is missing.
+
+use super::gateway::{GatewayConfig, IOS_KEY};
+use super::process::{binary, free_addr, free_port, send_signal, spawn_listening, ChildGuard};
+use super::{Req, TIMEOUT};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The shared secret every test node uses (40 bytes).
+pub const CLUSTER_SECRET: &str = "cluster-secret-0123456789-0123456789-abc";
+
+/// A `redis-server` on an ephemeral loopback port, without persistence.
+pub struct RedisServer {
+    pub port: u16,
+    guard: ChildGuard,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers.
+    pub async fn start() -> RedisServer {
+        let dir = tempfile::tempdir().expect("redis dir");
+        let port = free_port();
+        let guard = Self::spawn(port, dir.path()).await;
+        RedisServer { port, guard, dir }
+    }
+
+    async fn spawn(port: u16, dir: &std::path::Path) -> ChildGuard {
+        assert!(
+            which("redis-server"),
+            "redis-server is required by the cluster tests: run them with scripts/test, which installs it (apt-get install redis-server)"
+        );
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        spawn_listening(cmd, addr).await
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        send_signal(&self.guard, "-STOP");
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        send_signal(&self.guard, "-CONT");
+    }
+
+    /// Kills the server and starts an empty one on the same port.
+    pub async fn restart(&mut self) {
+        if let Some(mut c) = self.guard.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.guard = Self::spawn(self.port, self.dir.path()).await;
+    }
+
+    /// A connection for the test itself.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis")
+    }
+
+    /// Every key with its value's bytes (strings) or its members (other
+    /// types, joined), as Redis holds them right now.
+    pub async fn dump(&self) -> Vec<(String, Vec<u8>)> {
+        let mut conn = self.connection().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        let mut out = Vec::new();
+        for key in keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .expect("TYPE");
+            let value: Vec<u8> = match kind.as_str() {
+                "string" => redis::cmd("GET")
+                    .arg(&key)
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+                    .expect("GET")
+                    .unwrap_or_default(),
+                "none" => continue,
+                other => {
+                    // Streams, hashes, sets: their whole content as text.
+                    let dump: Option<Vec<u8>> = redis::cmd("DUMP")
+                        .arg(&key)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("DUMP");
+                    let mut v = other.as_bytes().to_vec();
+                    v.extend(dump.unwrap_or_default());
+                    v
+                }
+            };
+            out.push((key, value));
+        }
+        out
+    }
+}
+
+fn which(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// One compiled gateway process in cluster mode.
+pub struct Node {
+    /// The device listener.
+    pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/readyz`).
+    pub admin: SocketAddr,
+    pub instance: String,
+    _guard: ChildGuard,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Starts `portcullis` with `cfg` plus `[cluster]` (namespace `name`,
+    /// this `instance`, and `cluster_lines`) and waits until its Redis
+    /// connection is up.
+    pub async fn start(
+        cfg: &GatewayConfig,
+        redis: &RedisServer,
+        name: &str,
+        instance: &str,
+        cluster_lines: &[&str],
+    ) -> Node {
+        Node::start_url(cfg, &redis.url(), name, instance, cluster_lines).await
+    }
+
+    /// [`Node::start`] with any Redis URL (e.g. one naming an ACL user).
+    pub async fn start_url(
+        cfg: &GatewayConfig,
+        redis_url: &str,
+        name: &str,
+        instance: &str,
+        cluster_lines: &[&str],
+    ) -> Node {
+        let dir = tempfile::tempdir().expect("node dir");
+        let addr = free_addr();
+        let admin = free_addr();
+        let mut table = format!(
+            "[cluster]\nredis = \"{redis_url}\"\nname = \"{name}\"\nsecret = \"{CLUSTER_SECRET}\"\ninstance = \"{instance}\"\n"
+        );
+        for l in cluster_lines {
+            table.push_str(l);
+            table.push('\n');
+        }
+        let cfg = cfg
+            .clone()
+            .server(&format!("admin_listen = \"{admin}\""))
+            .extra(&table);
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, cfg.toml(addr)).expect("write config");
+        let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
+        let mut cmd = binary(&path);
+        cmd.env("PORTCULLIS_LOG", "info").stderr(log);
+        let guard = spawn_listening(cmd, addr).await;
+        let node = Node {
+            addr,
+            admin,
+            instance: instance.to_owned(),
+            _guard: guard,
+            dir,
+        };
+        node.wait_metric("portcullis_cluster_up", 1.0).await;
+        node
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Log lines containing `needle`.
+    pub fn log_lines(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// A metric's value from `/metrics` on the admin listener (the sum over
+    /// its label sets), or `None` when absent.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = Req::new(self.admin, "GET", "/metrics").send().await.text();
+        let mut found = None;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                continue;
+            }
+            if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                *found.get_or_insert(0.0) += v;
+            }
+        }
+        found
+    }
+
+    /// Waits (at most 15 s) until `name` reads `value`.
+    pub async fn wait_metric(&self, name: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = self.metric(name).await;
+            if now == Some(value) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: {name} is {now:?}, waited for {value}\n{}",
+                self.instance,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A request to this node with the `ios-app` key.
+    pub fn req(&self, method: &str, path: &str) -> Req {
+        Req::new(self.addr, method, path).api_key(IOS_KEY)
+    }
+
+    /// A GET of `path` with the session `token`.
+    pub fn get(&self, path: &str, token: &str) -> Req {
+        self.req("GET", path).token(token)
+    }
+}
+
+/// Retries `f` every 10 ms until it returns true, at most `within`; returns
+/// how long it took, or `None` when it never did.
+pub async fn within<F, Fut>(within: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if f().await {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= within.min(TIMEOUT) {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
