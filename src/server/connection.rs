@@ -1,29 +1,44 @@
 //! One device connection served by hyper: the per-request service (each
-//! request takes the state current when it arrives), the drain, and the idle
-//! watchdog HTTP/2 connections need (HTTP/1.1's idle deadline is kept by
-//! [`super::conn_io`]).
+//! request takes the state current when it arrives), the drain, the parking
+//! of idle HTTP/1.1 connections, and the idle watchdog HTTP/2 connections
+//! need (HTTP/1.1's idle deadline is kept by [`super::conn_io`]).
+//!
+//! Parking: an HTTP/1.1 connection runs hyper's connection in a box of its
+//! own. When the IO reports the park point ([`Quiet`]: idle since its last
+//! answer for `Deadlines::park`, no byte of a new head, nothing in flight),
+//! the task asks hyper for a graceful shutdown, which ends an idle hyper
+//! connection at once without closing the socket; it takes back the IO, the
+//! bytes hyper read ahead and the service, and drops the box (hyper's
+//! buffers with it). The parked task holds the IO and waits for the socket
+//! to be readable, the idle deadline or the drain; bytes start a fresh hyper
+//! connection on the same IO and service (same peer, same request-id rules,
+//! same limits). A hyper connection that is not idle when asked (a request
+//! body still arriving after its answer) is left to finish and then closed,
+//! as a graceful shutdown does.
 
+use super::conn_io::{ConnIo, DeviceIo, Quiet};
 use super::live::Live;
 use crate::body::Body;
 use crate::gateway;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 /// What one accepted connection needs.
 pub(super) struct ConnContext {
-    pub(super) builder: Arc<auto::Builder<TokioExecutor>>,
-    /// Whether this connection needs the idle watchdog (HTTP/2 may).
-    pub(super) watch_idle: bool,
     pub(super) live: Arc<Live>,
     pub(super) peer: SocketAddr,
     pub(super) tls: bool,
@@ -59,6 +74,89 @@ impl Drop for InFlight {
     }
 }
 
+/// An answer being sent on a parkable connection: counted from the service
+/// call until hyper drops the answer's body (its end, or the connection's).
+struct Answering(Arc<Quiet>);
+
+impl Answering {
+    fn new(quiet: &Arc<Quiet>) -> Answering {
+        quiet.in_flight.fetch_add(1, Ordering::Relaxed);
+        Answering(Arc::clone(quiet))
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body holding its [`Answering`] until dropped.
+    struct Counted {
+        #[pin]
+        body: Body,
+        answering: Answering,
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A parkable connection's answer future: the answer's body counted
+    /// until it is dropped.
+    struct CountedFuture<F> {
+        #[pin]
+        inner: F,
+        answering: Option<Answering>,
+    }
+}
+
+impl<F: Future<Output = Response<Body>>> Future for CountedFuture<F> {
+    type Output = Result<Response<Counted>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx));
+        let Some(answering) = this.answering.take() else {
+            // Polled after completion: hyper never does.
+            return Poll::Pending;
+        };
+        Poll::Ready(Ok(resp.map(|body| Counted { body, answering })))
+    }
+}
+
+/// Until the server drains (or is gone).
+async fn drained(drain: &mut watch::Receiver<bool>) {
+    let _ = drain.wait_for(|d| *d).await;
+}
+
+/// How a hyper connection on a parkable connection ended.
+enum Ended {
+    /// Closed (by the device, an error, a deadline, `connection: close`, the drain).
+    Closed(hyper::Result<()>),
+    /// Idle and handed back: park it.
+    Parked,
+}
+
 /// A response future as the `Result` hyper's services answer with.
 fn async_infallible<F: Future<Output = Response<Body>>>(
     f: F,
@@ -85,16 +183,134 @@ impl<F: Future<Output = Response<Body>>> Future for InfallibleFuture<F> {
 }
 
 impl ConnContext {
-    /// Serves HTTP/1.1 or HTTP/2 on `io` until the peer leaves, the
-    /// connection stays idle past `limits.idle_timeout`, or the server drains
-    /// (then in-flight requests finish first).
-    pub(super) async fn serve<I>(self, io: I)
-    where
+    /// Serves HTTP/1.1 on `io` (made with [`ConnIo::parkable`] and `quiet`)
+    /// until the peer leaves, the connection stays idle past
+    /// `limits.idle_timeout`, or the server drains (then in-flight requests
+    /// finish first); parked while idle (see the module documentation).
+    pub(super) async fn serve_http1<T>(
+        self,
+        builder: &http1::Builder,
+        io: ConnIo<T>,
+        quiet: Arc<Quiet>,
+    ) where
+        T: AsyncRead + AsyncWrite + DeviceIo + Unpin + Send + 'static,
+    {
+        let ConnContext {
+            live,
+            peer,
+            tls,
+            idle_timeout: _,
+            mut drain,
+            done,
+        } = self;
+        let metrics = Arc::clone(live.state().metrics());
+        metrics.open_connections.inc();
+        let device = Arc::new(gateway::Peer::new(peer, tls));
+        let mut service = {
+            let quiet = Arc::clone(&quiet);
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let answering = Some(Answering::new(&quiet));
+                // Boxed, as in `serve`; the guard rides on the answer's body.
+                let answer = gateway::handle(live.state(), req, Arc::clone(&device), ());
+                Box::pin(CountedFuture {
+                    inner: answer,
+                    answering,
+                })
+            })
+        };
+        let mut io = io;
+        let mut closing = false;
+        loop {
+            // Boxed: while parked, hyper's connection (its buffers, its
+            // state) is dropped whole and the task keeps only the IO.
+            let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service));
+            let ended = loop {
+                tokio::select! {
+                    biased;
+                    result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                        break Ended::Closed(result);
+                    }
+                    () = drained(&mut drain), if !closing => {
+                        closing = true;
+                        Pin::new(&mut *conn).graceful_shutdown();
+                    }
+                    () = std::future::poll_fn(|_| {
+                        // Raised by the IO's timer, which wakes this task.
+                        if quiet.ready_to_park() { Poll::Ready(()) } else { Poll::Pending }
+                    }), if !closing => {
+                        // An idle hyper connection ends at once (without
+                        // closing the socket); a busy one finishes its
+                        // exchange and is closed.
+                        Pin::new(&mut *conn).graceful_shutdown();
+                        let polled = std::future::poll_fn(|cx| {
+                            Poll::Ready(conn.poll_without_shutdown(cx))
+                        })
+                        .await;
+                        match polled {
+                            Poll::Ready(Ok(())) => break Ended::Parked,
+                            Poll::Ready(Err(e)) => break Ended::Closed(Err(e)),
+                            Poll::Pending => closing = true,
+                        }
+                    }
+                }
+            };
+            match ended {
+                Ended::Closed(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    break;
+                }
+                Ended::Closed(Ok(())) => {
+                    // What hyper's own future does at its end.
+                    let mut io = conn.into_parts().io.into_inner();
+                    let _ = io.shutdown().await;
+                    break;
+                }
+                Ended::Parked => {
+                    let parts = conn.into_parts();
+                    io = parts.io.into_inner();
+                    service = parts.service;
+                    if !parts.read_buf.is_empty() {
+                        // A request (or part of one) read ahead: served at
+                        // once by a fresh hyper connection, never lost.
+                        io.replay(parts.read_buf);
+                        continue;
+                    }
+                }
+            }
+            metrics.parked_connections.inc();
+            let woken = tokio::select! {
+                biased;
+                result = io.parked() => Some(result.is_ok()),
+                () = drained(&mut drain) => None,
+            };
+            metrics.parked_connections.dec();
+            match woken {
+                Some(true) => {}
+                // The idle deadline (closed without a word, as unparked).
+                Some(false) => break,
+                // Draining: closed as hyper closes an idle connection.
+                None => {
+                    let _ = io.shutdown().await;
+                    break;
+                }
+            }
+        }
+        metrics.open_connections.dec();
+        drop(done);
+    }
+
+    /// Serves HTTP/2, or HTTP/1.1 and HTTP/2 (`server.h2c`), on `io` until
+    /// the peer leaves, the connection stays idle past `limits.idle_timeout`,
+    /// or the server drains (then in-flight requests finish first).
+    pub(super) async fn serve<I>(
+        self,
+        builder: &auto::Builder<TokioExecutor>,
+        watch_idle: bool,
+        io: I,
+    ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let ConnContext {
-            builder,
-            watch_idle,
             live,
             peer,
             tls,
