@@ -48,8 +48,7 @@ pub async fn serve_live(
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let builders = Arc::new(Builders {
         http1: http1_builder(&limits),
-        http2: http_builder(&limits, Protocols::Http2),
-        both: http_builder(&limits, Protocols::Both),
+        http2: http2_builder(&limits),
     });
     let h2c = live.state().config.server.h2c;
     // hyper's own answers to unparsable requests become envelopes too.
@@ -123,8 +122,10 @@ pub async fn serve_live(
             // and HTTP/2 prior knowledge when `server.h2c` is on.
             None if h2c => {
                 tokio::spawn(async move {
-                    let io = TokioIo::new(ConnIo::new(stream, settings));
-                    conn.serve(&builders.both, true, io).await;
+                    let quiet = Arc::new(Quiet::default());
+                    let io = ConnIo::parkable(stream, settings, Arc::clone(&quiet));
+                    conn.serve_h2c(&builders.http1, &builders.http2, io, quiet)
+                        .await;
                     drop(permit);
                 });
             }
@@ -178,20 +179,12 @@ pub async fn serve_live(
     Ok(())
 }
 
-/// Which protocols an auto connection builder speaks.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Protocols {
-    Http2,
-    Both,
-}
-
-/// One builder per protocol choice: an HTTP/1.1-only connection uses
-/// hyper's HTTP/1 connection directly (no HTTP/2 preface detection, and it
-/// can hand its IO back to be parked).
+/// One builder per protocol: HTTP/1.1 uses hyper's HTTP/1 connection
+/// directly (it can hand its IO back to be parked); with `server.h2c` the
+/// connection task reads the first bytes itself to choose.
 struct Builders {
     http1: http1::Builder,
     http2: auto::Builder<TokioExecutor>,
-    both: auto::Builder<TokioExecutor>,
 }
 
 /// How long an HTTP/1.1 connection idles before it is parked: a second, or
@@ -216,21 +209,9 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
     builder
 }
 
-/// An auto (HTTP/2, or HTTP/1.1 and HTTP/2) connection builder with the
-/// `[limits]` applied.
-fn http_builder(limits: &Limits, protocols: Protocols) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder = match protocols {
-        Protocols::Http2 => builder.http2_only(),
-        Protocols::Both => builder,
-    };
-    // HTTP/1.1 (h2c): as `http1_builder`.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers);
+/// The HTTP/2 connection builder with the `[limits]` applied.
+fn http2_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -203,25 +203,61 @@ impl<T: DeviceIo> ConnIo<T> {
     }
 
     /// Hands `bytes` (read ahead by the hyper connection just ended) to the
-    /// next reads, before anything from the socket. They were seen when first
-    /// read: the head state does not change.
-    pub fn replay(&mut self, bytes: Bytes) {
-        self.replay = bytes;
-        self.unpark();
+    /// next reads, before anything from the socket; they were seen when first
+    /// read, so the head state does not change. Returns whether they hold a
+    /// whole head, to be served at once; otherwise (part of a pipelined head)
+    /// they are kept in a buffer of their own while parked.
+    pub fn replay(&mut self, bytes: Bytes) -> bool {
+        let whole = Head::Awaiting.after(&bytes) == Head::Complete;
+        self.replay = if whole {
+            self.unpark();
+            bytes
+        } else {
+            Bytes::copy_from_slice(&bytes)
+        };
+        whole
     }
 
-    /// Waits, parked, for the device: `Ok` when the socket is readable (or
-    /// bytes are waiting to be replayed), an error when the idle deadline
-    /// passes (or the socket failed).
+    /// With `server.h2c`, before any protocol is chosen: reads until the
+    /// bytes read either are HTTP/2's connection preface or cannot be
+    /// (under the idle, then the header deadline), and keeps them to be read
+    /// again by the connection chosen. `Ok(None)`: closed before a byte.
+    pub async fn sniff_http2(&mut self) -> io::Result<Option<bool>>
+    where
+        T: AsyncRead + Unpin,
+    {
+        const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let mut buf = [0u8; 24];
+        let mut filled = 0;
+        let http2 = loop {
+            let n = tokio::io::AsyncReadExt::read(self, &mut buf[filled..]).await?;
+            if n == 0 && filled == 0 {
+                return Ok(None);
+            }
+            filled += n;
+            let read = buf.get(..filled).unwrap_or_default();
+            if n == 0 || !PREFACE.starts_with(read) {
+                break false;
+            }
+            if filled == PREFACE.len() {
+                break true;
+            }
+        };
+        self.replay = Bytes::copy_from_slice(buf.get(..filled).unwrap_or_default());
+        if http2 {
+            self.head = Head::Off;
+            self.park = Park::Never;
+            self.quiet = None;
+        }
+        Ok(Some(http2))
+    }
+
+    /// Waits, parked, for the device: `Ok` when the socket is readable, an
+    /// error when the idle deadline passes (or the socket failed).
     pub async fn parked(&mut self) -> io::Result<()> {
-        std::future::poll_fn(|cx| {
-            if !self.replay.is_empty() {
-                return Poll::Ready(Ok(()));
-            }
-            match self.inner.poll_read_ready(cx) {
-                Poll::Ready(result) => Poll::Ready(result),
-                Poll::Pending => self.read_deadline(cx),
-            }
+        std::future::poll_fn(|cx| match self.inner.poll_read_ready(cx) {
+            Poll::Ready(result) => Poll::Ready(result),
+            Poll::Pending => self.read_deadline(cx),
         })
         .await?;
         self.unpark();

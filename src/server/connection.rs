@@ -195,6 +195,48 @@ impl ConnContext {
     ) where
         T: AsyncRead + AsyncWrite + DeviceIo + Unpin + Send + 'static,
     {
+        self.serve_parkable(builder, None, io, quiet).await;
+    }
+
+    /// [`ConnContext::serve_http1`], or with `server.h2c` (`http2` given)
+    /// HTTP/2 with prior knowledge when the device starts with its preface.
+    pub(super) async fn serve_h2c<T>(
+        self,
+        builder: &http1::Builder,
+        http2: &auto::Builder<TokioExecutor>,
+        io: ConnIo<T>,
+        quiet: Arc<Quiet>,
+    ) where
+        T: AsyncRead + AsyncWrite + DeviceIo + Unpin + Send + 'static,
+    {
+        self.serve_parkable(builder, Some(http2), io, quiet).await;
+    }
+
+    async fn serve_parkable<T>(
+        self,
+        builder: &http1::Builder,
+        http2: Option<&auto::Builder<TokioExecutor>>,
+        mut io: ConnIo<T>,
+        quiet: Arc<Quiet>,
+    ) where
+        T: AsyncRead + AsyncWrite + DeviceIo + Unpin + Send + 'static,
+    {
+        if let Some(http2) = http2 {
+            // Counted open while the protocol is not known yet.
+            let metrics = Arc::clone(self.live.state().metrics());
+            metrics.open_connections.inc();
+            let sniffed = io.sniff_http2().await;
+            metrics.open_connections.dec();
+            match sniffed {
+                Ok(Some(true)) => return self.serve(http2, true, TokioIo::new(io)).await,
+                Ok(Some(false)) => {}
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+                    return;
+                }
+            }
+        }
         let ConnContext {
             live,
             peer,
@@ -218,7 +260,6 @@ impl ConnContext {
                 })
             })
         };
-        let mut io = io;
         let mut closing = false;
         loop {
             // Boxed: while parked, hyper's connection (its buffers, its
@@ -269,10 +310,10 @@ impl ConnContext {
                     let parts = conn.into_parts();
                     io = parts.io.into_inner();
                     service = parts.service;
-                    if !parts.read_buf.is_empty() {
-                        // A request (or part of one) read ahead: served at
-                        // once by a fresh hyper connection, never lost.
-                        io.replay(parts.read_buf);
+                    // Bytes read ahead (pipelined) are never lost: a whole
+                    // head is served at once by a fresh hyper connection,
+                    // part of one waits parked for the rest.
+                    if !parts.read_buf.is_empty() && io.replay(parts.read_buf) {
                         continue;
                     }
                 }

@@ -18,6 +18,7 @@ mod encryption;
 mod example_config;
 mod limits;
 mod observability;
+mod parking;
 mod proptest_gateway;
 mod scripts;
 mod sessions;
