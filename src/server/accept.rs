@@ -114,50 +114,42 @@ pub async fn serve_live(
             idle_timeout: limits.idle_timeout,
             drain: drain_rx.clone(),
             done: done_tx.clone(),
+            permit,
         };
         let settings = Arc::clone(&settings);
         let builders = Arc::clone(&builders);
         match &tls {
             // Plain connections: HTTP/1.1 (parked while idle), or HTTP/1.1
-            // and HTTP/2 prior knowledge when `server.h2c` is on.
-            None if h2c => {
-                tokio::spawn(async move {
-                    let quiet = Arc::new(Quiet::default());
-                    let io = ConnIo::parkable(stream, settings, Arc::clone(&quiet));
-                    conn.serve_h2c(&builders.http1, &builders.http2, io, quiet)
-                        .await;
-                    drop(permit);
-                });
-            }
+            // and HTTP/2 prior knowledge when `server.h2c` is on. The
+            // connection's future is the whole task (no wrapping block that
+            // would keep copies of its arguments).
             None => {
-                tokio::spawn(async move {
-                    let quiet = Arc::new(Quiet::default());
-                    let io = ConnIo::parkable(stream, settings, Arc::clone(&quiet));
-                    conn.serve_http1(&builders.http1, io, quiet).await;
-                    drop(permit);
-                });
+                let quiet = Arc::new(Quiet::default());
+                let io = ConnIo::parkable(stream, settings, Arc::clone(&quiet));
+                let task = conn.serve_parkable(builders, h2c, io, quiet);
+                tokio::spawn(task);
             }
             // TLS: what ALPN chose.
             Some(tls) => {
                 let acceptor = tls.acceptor.clone();
                 let handshake_timeout = limits.tls_handshake_timeout;
-                tokio::spawn(async move {
+                let task = async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                                 let io = TokioIo::new(ConnIo::http2(stream, settings));
-                                conn.serve(&builders.http2, true, io).await;
+                                Box::pin(conn.serve(&builders.http2, true, io)).await;
                             } else {
                                 let quiet = Arc::new(Quiet::default());
                                 let io = ConnIo::parkable(stream, settings, Arc::clone(&quiet));
-                                conn.serve_http1(&builders.http1, io, quiet).await;
+                                conn.serve_parkable(builders, false, io, quiet).await;
                             }
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                    drop(permit);
-                });
+                };
+                tokio::spawn(task);
             }
         }
     }
@@ -182,9 +174,9 @@ pub async fn serve_live(
 /// One builder per protocol: HTTP/1.1 uses hyper's HTTP/1 connection
 /// directly (it can hand its IO back to be parked); with `server.h2c` the
 /// connection task reads the first bytes itself to choose.
-struct Builders {
-    http1: http1::Builder,
-    http2: auto::Builder<TokioExecutor>,
+pub(super) struct Builders {
+    pub(super) http1: http1::Builder,
+    pub(super) http2: auto::Builder<TokioExecutor>,
 }
 
 /// How long an HTTP/1.1 connection idles before it is parked: a second, or

@@ -16,13 +16,13 @@
 //! body still arriving after its answer) is left to finish and then closed,
 //! as a graceful shutdown does.
 
+use super::accept::Builders;
 use super::conn_io::{ConnIo, DeviceIo, Quiet};
 use super::live::Live;
 use crate::body::Body;
 use crate::gateway;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
@@ -35,7 +35,7 @@ use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 /// What one accepted connection needs.
 pub(super) struct ConnContext {
@@ -45,6 +45,8 @@ pub(super) struct ConnContext {
     pub(super) idle_timeout: Duration,
     pub(super) drain: watch::Receiver<bool>,
     pub(super) done: mpsc::Sender<()>,
+    /// The connection's place under `limits.max_connections`, held until it ends.
+    pub(super) permit: OwnedSemaphorePermit,
 }
 
 /// Per-connection activity, for the idle timeout.
@@ -187,48 +189,31 @@ impl ConnContext {
     /// until the peer leaves, the connection stays idle past
     /// `limits.idle_timeout`, or the server drains (then in-flight requests
     /// finish first); parked while idle (see the module documentation).
-    pub(super) async fn serve_http1<T>(
+    /// With `h2c`, HTTP/2 with prior knowledge when the device starts with
+    /// its preface. This future is a plain connection's whole task: what it
+    /// keeps across a park is what an idle connection costs.
+    pub(super) async fn serve_parkable<T>(
         self,
-        builder: &http1::Builder,
-        io: ConnIo<T>,
-        quiet: Arc<Quiet>,
-    ) where
-        T: AsyncRead + AsyncWrite + DeviceIo + Unpin + Send + 'static,
-    {
-        self.serve_parkable(builder, None, io, quiet).await;
-    }
-
-    /// [`ConnContext::serve_http1`], or with `server.h2c` (`http2` given)
-    /// HTTP/2 with prior knowledge when the device starts with its preface.
-    pub(super) async fn serve_h2c<T>(
-        self,
-        builder: &http1::Builder,
-        http2: &auto::Builder<TokioExecutor>,
-        io: ConnIo<T>,
-        quiet: Arc<Quiet>,
-    ) where
-        T: AsyncRead + AsyncWrite + DeviceIo + Unpin + Send + 'static,
-    {
-        self.serve_parkable(builder, Some(http2), io, quiet).await;
-    }
-
-    async fn serve_parkable<T>(
-        self,
-        builder: &http1::Builder,
-        http2: Option<&auto::Builder<TokioExecutor>>,
+        builders: Arc<Builders>,
+        h2c: bool,
         mut io: ConnIo<T>,
         quiet: Arc<Quiet>,
     ) where
         T: AsyncRead + AsyncWrite + DeviceIo + Unpin + Send + 'static,
     {
-        if let Some(http2) = http2 {
+        if h2c {
             // Counted open while the protocol is not known yet.
             let metrics = Arc::clone(self.live.state().metrics());
             metrics.open_connections.inc();
             let sniffed = io.sniff_http2().await;
             metrics.open_connections.dec();
             match sniffed {
-                Ok(Some(true)) => return self.serve(http2, true, TokioIo::new(io)).await,
+                // Boxed: HTTP/2's connection future is large, and inline it
+                // would size every HTTP/1.1 connection's task (parked ones too).
+                Ok(Some(true)) => {
+                    let io = TokioIo::new(io);
+                    return Box::pin(self.serve(&builders.http2, true, io)).await;
+                }
                 Ok(Some(false)) => {}
                 Ok(None) => return,
                 Err(e) => {
@@ -237,14 +222,10 @@ impl ConnContext {
                 }
             }
         }
-        let ConnContext {
-            live,
-            peer,
-            tls,
-            idle_timeout: _,
-            mut drain,
-            done,
-        } = self;
+        let builder = &builders.http1;
+        let tls = self.tls;
+        let (live, peer, mut drain, done, permit) =
+            (self.live, self.peer, self.drain, self.done, self.permit);
         let metrics = Arc::clone(live.state().metrics());
         metrics.open_connections.inc();
         let device = Arc::new(gateway::Peer::new(peer, tls));
@@ -302,7 +283,7 @@ impl ConnContext {
                 }
                 Ended::Closed(Ok(())) => {
                     // What hyper's own future does at its end.
-                    let mut io = conn.into_parts().io.into_inner();
+                    io = conn.into_parts().io.into_inner();
                     let _ = io.shutdown().await;
                     break;
                 }
@@ -338,6 +319,7 @@ impl ConnContext {
         }
         metrics.open_connections.dec();
         drop(done);
+        drop(permit);
     }
 
     /// Serves HTTP/2, or HTTP/1.1 and HTTP/2 (`server.h2c`), on `io` until
@@ -358,6 +340,7 @@ impl ConnContext {
             idle_timeout,
             mut drain,
             done,
+            permit,
         } = self;
         let metrics = Arc::clone(live.state().metrics());
         metrics.open_connections.inc();
@@ -434,5 +417,6 @@ impl ConnContext {
         }
         metrics.open_connections.dec();
         drop(done);
+        drop(permit);
     }
 }
