@@ -9,7 +9,9 @@
 #      proxy's RSS (nginx: master + worker) over its RSS before, divided by the connections,
 #      is the figure. Over plain HTTP/1.1 (goal <= 2 KiB), HTTPS/1.1 (TLS 1.3; goal <= nginx's
 #      figure of the same run) and HTTP/2 over TLS (measured), with the same certificate
-#      (`portcullis dev-certs`) for both proxies.
+#      (`portcullis dev-certs`) for both proxies. Both keep at most 64 idle backend
+#      connections (portcullis `backend.max_idle = 64`, nginx `keepalive 64`): the backend
+#      pool filled by the burst of first requests is part of the growth measured.
 #
 #   bench/memory.sh
 #   PORTCULLIS_BIN=/path/to/portcullis MEM_PARTS="conns tls-conns h2-conns" bench/memory.sh
@@ -190,12 +192,17 @@ idle_part() {
         IDLE_ARGS=(--tls-ca "$CERTS/ca.crt")
         [ "$proto" = h2 ] && IDLE_ARGS+=(--h2)
     fi
+    # fresh ports for each part: the previous part's closed connections may still hold its own
+    alloc_port PORTCULLIS_PORT
+    alloc_port NGINX_PORT
     case $t in
     portcullis)
         alloc_port ADMIN_PORT
         local extra="admin_listen = \"127.0.0.1:$ADMIN_PORT\""
         [ "$proto" != http ] && extra+=$'\n'"tls = { cert = \"$CERTS/server.crt\", key = \"$CERTS/server.key\" }"
-        PORTCULLIS_SERVER_EXTRA="$extra" start_portcullis "$PORTCULLIS_PORT" "$BACKEND_PORT"
+        # idle backend connections kept: 64, as nginx's `keepalive 64` (default 256)
+        PORTCULLIS_BACKEND_EXTRA="max_idle = 64" PORTCULLIS_SERVER_EXTRA="$extra" \
+            start_portcullis "$PORTCULLIS_PORT" "$BACKEND_PORT"
         check_200 portcullis "$scheme://localhost:$PORTCULLIS_PORT/api/data"
         METRICS_URL="http://127.0.0.1:$ADMIN_PORT/metrics"
         sleep 1
