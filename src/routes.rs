@@ -216,10 +216,20 @@ pub struct Router {
 impl Router {
     /// Builds the router; every conflict or bad template is reported.
     pub fn new(configs: &[RouteConfig]) -> Result<Router, Vec<String>> {
+        Router::numbered(configs, |i| i)
+    }
+
+    /// [`Router::new`], naming `configs[i]` as `routes[index(i)]` in problems
+    /// (configuration checks build it from the routes that validated).
+    pub fn numbered(
+        configs: &[RouteConfig],
+        index: impl Fn(usize) -> usize,
+    ) -> Result<Router, Vec<String>> {
         let mut problems = Vec::new();
         let mut tree = matchit::Router::new();
         let mut routes = Vec::new();
-        for (i, cfg) in configs.iter().enumerate() {
+        for (n, cfg) in configs.iter().enumerate() {
+            let i = index(n);
             let template = match parse_template(&cfg.backend_path) {
                 Ok(t) => t,
                 Err(e) => {

@@ -137,6 +137,16 @@ impl Matcher {
     }
 }
 
+/// Two matchers are equal when they accept the same credential (their
+/// digests compared in constant time): how a reload tells a changed token.
+impl PartialEq for Matcher {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest.ct_eq(&other.digest).into()
+    }
+}
+
+impl Eq for Matcher {}
+
 impl fmt::Debug for Matcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Matcher(***)")

@@ -1,4 +1,5 @@
-//! The `/__manage__` endpoints (SPEC §5). Order for every request:
+//! The `/__manage__` endpoints, as docs/remote-operations.md describes them.
+//! Order for every request:
 //! bearer token (401) → route (404/405) → permission (403) → body (400/413)
 //! → arguments (400) → lock (409) → capacity (429) → audit + store (503) → run.
 
@@ -124,7 +125,7 @@ where
     };
 
     let op = match bearer(&req).and_then(|t| core.find_operator(t)) {
-        Some(op) => op.clone(),
+        Some(op) => op,
         None => {
             let reason = if bearer(&req).is_some() {
                 "invalid operator token"
@@ -148,7 +149,7 @@ where
     ctx.operator = Some(op.name.clone());
 
     match (segments.as_slice(), req.method()) {
-        ([], &Method::GET) => list(core, &op),
+        ([], &Method::GET) => list(core, &op).await,
         ([], _) => method_not_allowed(core, "GET", request_id),
         (["jobs", id], &Method::GET) => job_status(core, &op, id, request_id).await,
         (["jobs", _], _) => method_not_allowed(core, "GET", request_id),
@@ -184,32 +185,14 @@ fn clip(s: &str) -> &str {
     }
 }
 
-fn list(core: &Core, op: &super::Op) -> Response<Body> {
-    let cfg = &core.cfg;
-    let describe = |name: &str, kind: &str| {
-        let rule = cfg.rules.get(name);
-        let options = rule.and_then(|r| r.options.as_ref()).map(|o| {
-            o.iter()
-                .map(|(k, spec)| {
-                    (
-                        k.clone(),
-                        Value::from(format!("{:?}", spec.kind).to_ascii_lowercase()),
-                    )
-                })
-                .collect::<Map<_, _>>()
-        });
-        json!({
-            "name": name,
-            "kind": kind,
-            "metadata_only": cfg.is_metadata_only(name),
-            "lock": rule.and_then(|r| r.lock.clone()),
-            "options": options,
-        })
-    };
+async fn list(core: &Core, op: &super::Op) -> Response<Body> {
+    // Right after start or a reload, give Django a moment to answer.
+    core.introspection_settled().await;
+    let cfg = core.cfg();
     let mut commands = Vec::new();
     for c in &cfg.custom {
         if core.may_see(op, &c.name) {
-            commands.push(describe(&c.name, "custom"));
+            commands.push(super::describe::custom(&cfg, &c.name));
         }
     }
     let mut any_other = false;
@@ -219,12 +202,13 @@ fn list(core: &Core, op: &super::Op) -> Response<Body> {
             (super::config::Mode::Blocklist(_), Some(own)) => own.clone(),
             (super::config::Mode::Blocklist(_), None) => {
                 any_other = true;
-                Vec::new()
+                core.intro.borrow().names()
             }
         };
         for n in names {
             if cfg.custom(&n).is_none() && core.may_see(op, &n) {
-                commands.push(describe(&n, "django"));
+                let known = core.intro.borrow().get(&n);
+                commands.push(super::describe::django(&cfg, &n, &known));
             }
         }
     }
@@ -339,7 +323,7 @@ where
         Err(r) => return refusal_response(core, &r, request_id),
     };
     let location = format!("/__manage__/jobs/{}", job.id);
-    if job.wait_final(core.cfg.sync_wait).await {
+    if job.wait_final(core.cfg().sync_wait).await {
         if job.audit_failed.load(std::sync::atomic::Ordering::SeqCst) {
             return error(
                 core,

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// djangocommand-runner 0.1.0 `DEFAULT_ALLOWED_COMMANDS` (SPEC §8).
+/// djangocommand-runner 0.1.0 `DEFAULT_ALLOWED_COMMANDS`: what
+/// `"@djangocommand-defaults"` in `commands.allow` stands for.
 pub const DEFAULT_ALLOWED_COMMANDS: &[&str] = &[
     "migrate",
     "showmigrations",
@@ -46,7 +47,7 @@ pub const DEFAULT_ALLOWED_COMMANDS: &[&str] = &[
     "clear_index",
 ];
 
-/// djangocommand-runner 0.1.0 `DEFAULT_DISALLOWED_COMMANDS` (SPEC §8).
+/// djangocommand-runner 0.1.0 `DEFAULT_DISALLOWED_COMMANDS` (blocklist mode's default `deny`).
 pub const DEFAULT_DISALLOWED_COMMANDS: &[&str] = &[
     "flush",
     "sqlflush",
@@ -67,6 +68,9 @@ pub const DEFAULT_DISALLOWED_COMMANDS: &[&str] = &[
     "delete_squashed_migrations",
     "clean_pyc",
 ];
+
+/// Written in `commands.allow`, stands for [`DEFAULT_ALLOWED_COMMANDS`].
+pub const DEFAULTS_MARKER: &str = "@djangocommand-defaults";
 
 /// The option name that carries positional arguments (`"args": [...]`).
 pub const POSITIONAL: &str = "args";
@@ -171,7 +175,8 @@ enum RawSize {
 /// Which Django commands may run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
-    /// Only these names run (default: [`DEFAULT_ALLOWED_COMMANDS`]).
+    /// Only these names run (with the Django preset the list must be
+    /// written; `"@djangocommand-defaults"` adds [`DEFAULT_ALLOWED_COMMANDS`]).
     Allowlist(Vec<String>),
     /// Everything but these names runs (default: [`DEFAULT_DISALLOWED_COMMANDS`]).
     Blocklist(Vec<String>),
@@ -227,6 +232,8 @@ pub struct OptionSpec {
     pub max: Option<i64>,
     /// Every value (each item of a list) must match this, anchored.
     pub regex: Option<regex_lite::Regex>,
+    /// The regex as written.
+    pub pattern: Option<String>,
     /// The option must be present.
     pub required: bool,
 }
@@ -343,6 +350,42 @@ impl CommandsConfig {
     }
 }
 
+impl CommandsConfig {
+    /// The settings fixed when remote operations start (the job store, the
+    /// audit log, the run slots) that differ in `new`, for the reload's
+    /// "restart needed" report. Everything else applies on reload.
+    pub fn restart_needed(&self, new: &CommandsConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.state_dir != new.state_dir {
+            out.push("commands.state_dir".to_owned());
+        }
+        if self.audit_log != new.audit_log {
+            out.push("commands.audit_log".to_owned());
+        }
+        if self.max_concurrent != new.max_concurrent {
+            out.push("commands.max_concurrent".to_owned());
+        }
+        out
+    }
+
+    /// `new` with the settings fixed at start (see [`Self::restart_needed`])
+    /// kept from `self`.
+    pub fn keep_fixed(&self, mut new: CommandsConfig) -> CommandsConfig {
+        new.state_dir = self.state_dir.clone();
+        new.audit_log = self.audit_log.clone();
+        new.max_concurrent = self.max_concurrent;
+        new
+    }
+
+    /// Whether both have the same schedules (command, expression, data).
+    pub fn same_schedules(&self, other: &CommandsConfig) -> bool {
+        self.schedules.len() == other.schedules.len()
+            && self.schedules.iter().zip(&other.schedules).all(|(a, b)| {
+                a.command == b.command && a.cron_text == b.cron_text && a.data == b.data
+            })
+    }
+}
+
 fn size(raw: &Option<RawSize>, default: u64, at: &str, p: &mut Problems) -> u64 {
     match raw {
         None => default,
@@ -377,6 +420,31 @@ fn names(list: &[String], at: &str, p: &mut Problems) -> Vec<String> {
     list.to_vec()
 }
 
+/// `commands.allow`: names, with [`DEFAULTS_MARKER`] expanded.
+fn allow_list(list: &[String], p: &mut Problems) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, n) in list.iter().enumerate() {
+        if n == DEFAULTS_MARKER {
+            out.extend(DEFAULT_ALLOWED_COMMANDS.iter().map(|s| s.to_string()));
+        } else if n.starts_with('@') {
+            p.push(
+                format!("commands.allow[{i}]"),
+                format!("unknown list {n:?} (the only one is {DEFAULTS_MARKER:?})"),
+            );
+        } else if !valid_command_name(n) {
+            p.push(
+                format!("commands.allow[{i}]"),
+                format!("invalid command name {n:?}"),
+            );
+        } else {
+            out.push(n.clone());
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|n| seen.insert(n.clone()));
+    out
+}
+
 fn parse_cron(text: &str) -> Result<croner::Cron, String> {
     croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Optional)
@@ -393,6 +461,13 @@ fn validate_rule(name: &str, r: &RawRule, p: &mut Problems) -> Rule {
             let oat = format!("{at}.options.{opt}");
             if !valid_option_name(opt) {
                 p.push(&oat, "invalid option name");
+                continue;
+            }
+            if super::introspect::forbidden_key(&super::introspect::normalize(opt)) {
+                p.push(
+                    &oat,
+                    "never accepted from data: --settings and --pythonpath (or a prefix argparse could expand into them) would let Django import any module on disk",
+                );
                 continue;
             }
             let (kind, min, max, regex, required) = match raw {
@@ -430,6 +505,7 @@ fn validate_rule(name: &str, r: &RawRule, p: &mut Problems) -> Rule {
             if regex.is_some() && !matches!(kind, OptionType::String | OptionType::List) {
                 p.push(&oat, "regex applies to string and list options only");
             }
+            let pattern = regex.map(str::to_owned);
             let regex = regex.and_then(|re| match regex_lite::Regex::new(&format!("^(?:{re})$")) {
                 Ok(r) => Some(r),
                 Err(e) => {
@@ -444,6 +520,7 @@ fn validate_rule(name: &str, r: &RawRule, p: &mut Problems) -> Rule {
                     min,
                     max,
                     regex,
+                    pattern,
                     required,
                 },
             );
@@ -482,11 +559,21 @@ pub fn validate(raw: &RawCommands, p: &mut Problems) -> Option<CommandsConfig> {
                 p.push("commands.deny", "only used with mode = \"blocklist\"");
             }
             Mode::Allowlist(match &raw.allow {
-                Some(list) => names(list, "commands.allow", p),
-                None => DEFAULT_ALLOWED_COMMANDS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
+                Some(list) => allow_list(list, p),
+                None => {
+                    if raw.django.is_some() {
+                        p.push(
+                            "commands.allow",
+                            format!(
+                                "required with commands.django: list the Django commands operators may run, \
+                                 e.g. allow = [\"check\", \"migrate\"]; {DEFAULTS_MARKER:?} stands for \
+                                 djangocommand's default list, which includes dumpdata and diffsettings \
+                                 (they reveal the database and SECRET_KEY)"
+                            ),
+                        );
+                    }
+                    Vec::new()
+                }
             })
         }
         "blocklist" => {
@@ -650,7 +737,7 @@ pub fn validate(raw: &RawCommands, p: &mut Problems) -> Option<CommandsConfig> {
             }
         };
         if cfg.allowed(&s.command) {
-            if let Err(e) = super::args::build(&cfg, &s.command, &s.data) {
+            if let Err(e) = super::args::check_static(&cfg, &s.command, &s.data) {
                 p.push(format!("{at}.data"), e.message());
             }
         }
@@ -682,17 +769,53 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_djangocommands() {
-        let c = parse(
+    fn django_preset_needs_an_explicit_allow_list() {
+        let e = parse(
             r#"
             django = { python = "python3", manage_py = "/srv/app/manage.py" }
             "#,
         )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("commands.allow") && e.contains("allow = [\"check\", \"migrate\"]"),
+            "{e}"
+        );
+        assert!(e.contains("@djangocommand-defaults"), "{e}");
+        let c = parse(
+            r#"
+            allow = ["@djangocommand-defaults", "ops_report", "check"]
+            django = { python = "python3", manage_py = "/srv/app/manage.py" }
+            "#,
+        )
         .unwrap();
-        assert!(c.allowed("migrate"));
+        assert!(c.allowed("migrate") && c.allowed("dumpdata") && c.allowed("ops_report"));
         assert!(!c.allowed("flush"));
         assert!(!c.allowed("../x"));
+        let Mode::Allowlist(list) = &c.mode else {
+            panic!("allowlist expected")
+        };
+        assert_eq!(list.len(), DEFAULT_ALLOWED_COMMANDS.len() + 1);
         assert_eq!(c.django.unwrap().cwd, PathBuf::from("/srv/app"));
+        let e = parse(
+            r#"
+            allow = ["@everything"]
+            django = { python = "python3", manage_py = "manage.py" }
+            [rules.check]
+            options = { settings = "string", set = "string", pythonpath = "string" }
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "commands.allow[0]",
+            "options.settings",
+            "options.set",
+            "options.pythonpath",
+        ] {
+            assert!(e.contains(needle), "{needle} missing from\n{e}");
+        }
+        // Blocklist mode keeps djangocommand's deny list as its default.
         let c = parse(
             r#"
             mode = "blocklist"

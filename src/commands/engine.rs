@@ -5,15 +5,17 @@
 //! start.
 
 use super::config::CommandsConfig;
+use super::introspect::{self, CommandInfo, Known};
 use super::jobs::{lock, new_job_id, now_rfc3339, Ctx, Job, Op, OutBuf, Refusal, RunSink};
 use super::store::{JobRecord, Status, Store};
 use super::{args, config, runner, store};
 use crate::audit::{self, AuditLog, Event};
+use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -28,8 +30,16 @@ pub(super) struct JobTable {
 
 /// The engine: configuration, audit log, job store, run slots and job table.
 pub(super) struct Core {
-    pub(super) cfg: CommandsConfig,
-    pub(super) operators: Vec<Op>,
+    /// The current `[commands]` (swapped on reload; the settings fixed at
+    /// start keep their first values, see [`CommandsConfig::restart_needed`]).
+    pub(super) cfg: ArcSwap<CommandsConfig>,
+    /// The current operators (swapped on reload: a removed or changed token
+    /// is refused from the next request on).
+    pub(super) operators: ArcSwap<Vec<Op>>,
+    /// What Django said about its commands.
+    pub(super) intro: watch::Sender<introspect::Snapshot>,
+    /// Bumped per introspection run; only the latest run's result is kept.
+    pub(super) intro_gen: AtomicU64,
     pub(super) error_type: String,
     pub(super) audit: Arc<AuditLog>,
     pub(super) store: Arc<Store>,
@@ -41,13 +51,22 @@ pub(super) struct Core {
     pub(super) shutdown_tx: watch::Sender<bool>,
 }
 
+/// The environment of every process: `commands.env` taken from the
+/// gateway's own environment, nothing else.
+fn env_of(cfg: &CommandsConfig) -> Vec<(String, String)> {
+    cfg.env
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+        .collect()
+}
+
 /// Deletes ended jobs older than `commands.job_retention`, at start and hourly.
 pub(super) async fn prune_loop(core: Arc<Core>) {
     loop {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
-        let cutoff = now.saturating_sub(core.cfg.job_retention).as_millis() as u64;
+        let cutoff = now.saturating_sub(core.cfg().job_retention).as_millis() as u64;
         let floor = store::id_floor(cutoff);
         match store::blocking(&core.store, move |s| s.prune(&floor)).await {
             Ok(0) => {}
@@ -58,6 +77,43 @@ pub(super) async fn prune_loop(core: Arc<Core>) {
     }
 }
 
+/// The operators as the service keeps them.
+pub(super) fn ops(operators: &[crate::config::Operator]) -> Vec<Op> {
+    operators
+        .iter()
+        .map(|o| Op {
+            name: o.name.clone(),
+            token: o.token.clone(),
+            commands: o.commands.clone(),
+        })
+        .collect()
+}
+
+/// What changed between two operator lists, by name (tokens compared as
+/// digests, never printed).
+pub(super) fn operator_changes(old: &[Op], new: &[Op]) -> Vec<String> {
+    let mut out = Vec::new();
+    for o in old {
+        match new.iter().find(|n| n.name == o.name) {
+            None => out.push(format!("operator {:?} removed", o.name)),
+            Some(n) => {
+                if n.token != o.token {
+                    out.push(format!("operator {:?}: token changed", o.name));
+                }
+                if n.commands != o.commands {
+                    out.push(format!("operator {:?}: command list changed", o.name));
+                }
+            }
+        }
+    }
+    for n in new {
+        if !old.iter().any(|o| o.name == n.name) {
+            out.push(format!("operator {:?} added", n.name));
+        }
+    }
+    out
+}
+
 /// What runs a command, before arguments: `manage.py` or a custom argv.
 pub(super) enum Program {
     Django,
@@ -65,26 +121,116 @@ pub(super) enum Program {
 }
 
 impl Core {
-    pub(super) fn find_operator(&self, token: &[u8]) -> Option<&Op> {
-        crate::secret::find_match(self.operators.iter().map(|o| (&o.token, o)), token)
+    /// The current configuration.
+    pub(super) fn cfg(&self) -> Arc<CommandsConfig> {
+        self.cfg.load_full()
+    }
+
+    pub(super) fn find_operator(&self, token: &[u8]) -> Option<Op> {
+        let ops = self.operators.load();
+        crate::secret::find_match(ops.iter().map(|o| (&o.token, o)), token).cloned()
+    }
+
+    /// Starts reading the Django commands' options in the background (at
+    /// start and on reload); requests for them wait for the result (at most
+    /// [`introspect::PENDING_WAIT`]). Results of an older run are dropped.
+    pub(super) fn introspect(self: &Arc<Self>) {
+        let cfg = self.cfg();
+        let generation = self.intro_gen.fetch_add(1, Ordering::SeqCst) + 1;
+        let commands: Vec<String> = match &cfg.mode {
+            config::Mode::Allowlist(list) => list
+                .iter()
+                .filter(|n| cfg.custom(n).is_none())
+                .cloned()
+                .collect(),
+            config::Mode::Blocklist(_) => vec!["*".to_owned()],
+        };
+        let Some(django) = cfg.django.clone().filter(|_| !commands.is_empty()) else {
+            self.intro
+                .send_modify(|s| introspect::store(s, Ok(HashMap::new())));
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!("no runtime to read the Django commands' options on");
+            return;
+        };
+        self.intro.send_modify(|s| s.running = true);
+        let job = introspect::Job {
+            python: django.python.to_string_lossy().into_owned(),
+            manage_py: django.manage_py.to_string_lossy().into_owned(),
+            cwd: django.cwd,
+            env: env_of(&cfg),
+            commands,
+        };
+        let core = Arc::clone(self);
+        runtime.spawn(async move {
+            let result = introspect::run(&job).await;
+            if core.intro_gen.load(Ordering::SeqCst) != generation {
+                return; // a reload started a newer run
+            }
+            if let Ok(found) = &result {
+                let ready = found.values().filter(|r| r.is_ok()).count();
+                tracing::info!(
+                    commands = ready,
+                    failed = found.len() - ready,
+                    "read the Django commands' options"
+                );
+            }
+            core.intro.send_modify(|s| introspect::store(s, result));
+        });
+    }
+
+    /// What Django said about `command`: waits while it is being read (at
+    /// most [`introspect::PENDING_WAIT`]); 503 when unknown.
+    pub(super) async fn django_info(&self, command: &str) -> Result<Arc<CommandInfo>, Refusal> {
+        let mut rx = self.intro.subscribe();
+        let deadline = tokio::time::Instant::now() + introspect::PENDING_WAIT;
+        loop {
+            let known = rx.borrow_and_update().get(command);
+            match known {
+                Known::Ready(info) => return Ok(info),
+                Known::Failed(e) => {
+                    return Err(Refusal::new(
+                        http::StatusCode::SERVICE_UNAVAILABLE,
+                        format!("Command unavailable: {e}"),
+                    ))
+                }
+                Known::Pending => {}
+            }
+            if !matches!(
+                tokio::time::timeout_at(deadline, rx.changed()).await,
+                Ok(Ok(()))
+            ) {
+                return Err(Refusal {
+                    status: http::StatusCode::SERVICE_UNAVAILABLE,
+                    message: "Command unavailable: its options are still being read from Django; try again shortly".into(),
+                    retry_after: Some(2),
+                });
+            }
+        }
+    }
+
+    /// Waits (at most [`introspect::PENDING_WAIT`]) until no introspection is running.
+    pub(super) async fn introspection_settled(&self) {
+        let mut rx = self.intro.subscribe();
+        let _ = tokio::time::timeout(introspect::PENDING_WAIT, rx.wait_for(|s| !s.running)).await;
     }
 
     /// Why `op` may not run `command`, if it may not.
     pub(super) fn forbidden(&self, op: &Op, command: &str) -> Option<&'static str> {
+        let cfg = self.cfg();
         if !config::valid_command_name(command) {
             return Some("invalid command name");
         }
-        if !self.cfg.allowed(command) {
-            return Some(
-                if self.cfg.custom(command).is_none() && self.cfg.django.is_none() {
-                    "unknown command"
-                } else {
-                    match self.cfg.mode {
-                        config::Mode::Allowlist(_) => "not in the allowlist",
-                        config::Mode::Blocklist(_) => "in the blocklist",
-                    }
-                },
-            );
+        if !cfg.allowed(command) {
+            return Some(if cfg.custom(command).is_none() && cfg.django.is_none() {
+                "unknown command"
+            } else {
+                match cfg.mode {
+                    config::Mode::Allowlist(_) => "not in the allowlist",
+                    config::Mode::Blocklist(_) => "in the blocklist",
+                }
+            });
         }
         match &op.commands {
             Some(list) if !list.iter().any(|c| c == command) => {
@@ -123,22 +269,22 @@ impl Core {
         }
     }
 
-    pub(super) fn target(&self, command: &str) -> Option<Program> {
-        match self.cfg.custom(command) {
+    pub(super) fn target(cfg: &CommandsConfig, command: &str) -> Option<Program> {
+        match cfg.custom(command) {
             Some(c) => Some(Program::Custom(c.clone())),
-            None if self.cfg.django.is_some() => Some(Program::Django),
+            None if cfg.django.is_some() => Some(Program::Django),
             None => None,
         }
     }
 
-    pub(super) fn plan(&self, command: &str, target: Program, argv: Vec<String>) -> runner::Plan {
-        let rule = self.cfg.rules.get(command);
-        let mut env: Vec<(String, String)> = self
-            .cfg
-            .env
-            .iter()
-            .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
-            .collect();
+    pub(super) fn plan(
+        cfg: &CommandsConfig,
+        command: &str,
+        target: Program,
+        argv: Vec<String>,
+    ) -> runner::Plan {
+        let rule = cfg.rules.get(command);
+        let mut env = env_of(cfg);
         let (program, args, cwd, timeout) = match target {
             Program::Custom(c) => {
                 env.extend(c.env.iter().cloned());
@@ -153,7 +299,7 @@ impl Core {
             }
             Program::Django => {
                 // `target` returns Django only when it is configured.
-                let d = self.cfg.django.clone().unwrap_or(config::Django {
+                let d = cfg.django.clone().unwrap_or(config::Django {
                     python: PathBuf::new(),
                     manage_py: PathBuf::new(),
                     cwd: PathBuf::new(),
@@ -174,8 +320,8 @@ impl Core {
             timeout: rule
                 .and_then(|r| r.timeout)
                 .or(timeout)
-                .unwrap_or(self.cfg.timeout),
-            kill_grace: self.cfg.kill_grace,
+                .unwrap_or(cfg.timeout),
+            kill_grace: cfg.kill_grace,
         }
     }
 
@@ -200,29 +346,40 @@ impl Core {
         data: &Map<String, Value>,
     ) -> Result<Arc<Job>, Refusal> {
         use http::StatusCode as S;
-        let metadata_only = self.cfg.is_metadata_only(command);
-        let redacted = args::redact(data, &self.cfg.redact, metadata_only);
-        let argv = match args::build(&self.cfg, command, data) {
+        let cfg = self.cfg();
+        let metadata_only = cfg.is_metadata_only(command);
+        let Some(target) = Core::target(&cfg, command) else {
+            let redacted = args::redact(&cfg, command, data, true, None);
+            let r = Refusal::new(S::FORBIDDEN, "unknown command");
+            return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
+        };
+        // Django commands run only with their options read from Django.
+        let info = match target {
+            Program::Custom(_) => None,
+            Program::Django => match self.django_info(command).await {
+                Ok(info) => Some(info),
+                Err(r) => {
+                    let redacted = args::redact(&cfg, command, data, true, None);
+                    return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
+                }
+            },
+        };
+        let redacted = args::redact(&cfg, command, data, metadata_only, info.as_deref());
+        let argv = match args::build(&cfg, command, data, info.as_deref()) {
             Ok(a) => a,
             Err(e) => {
                 let r = Refusal::new(S::BAD_REQUEST, e.message());
                 return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
             }
         };
-        let Some(target) = self.target(command) else {
-            let r = Refusal::new(S::FORBIDDEN, "unknown command");
-            return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
-        };
         if self.shutting_down.load(Ordering::SeqCst) {
             let r = Refusal::new(S::SERVICE_UNAVAILABLE, "gateway shutting down");
             return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
         }
-        let plan = self.plan(command, target, argv);
-        let rule = self.cfg.rules.get(command);
+        let plan = Core::plan(&cfg, command, target, argv);
+        let rule = cfg.rules.get(command);
         let lock_name = rule.and_then(|r| r.lock.clone());
-        let max_output = rule
-            .and_then(|r| r.max_output)
-            .unwrap_or(self.cfg.max_output);
+        let max_output = rule.and_then(|r| r.max_output).unwrap_or(cfg.max_output);
         let id = new_job_id();
 
         let refused = {
@@ -233,7 +390,7 @@ impl Core {
                     S::CONFLICT,
                     format!("lock {l:?} is held by job {holder}"),
                 ))
-            } else if st.pending >= self.cfg.max_concurrent + self.cfg.max_queued {
+            } else if st.pending >= cfg.max_concurrent + cfg.max_queued {
                 Some(Refusal {
                     status: S::TOO_MANY_REQUESTS,
                     message: "too many runs queued; try again later".into(),

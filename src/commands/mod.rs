@@ -6,9 +6,11 @@
 //! - `jobs`: a job as this process holds it, who asked, refusals;
 //! - [`config`]: `[commands]` raw shape → [`config::CommandsConfig`];
 //! - [`args`]: `data` → argv, argument schemas, redaction;
+//! - [`introspect`]: each Django command's options, read from Django;
 //! - [`runner`]: one process in its own group; timeout, cancel, output pipe;
 //! - [`store`]: the persistent job store (redb);
-//! - `api`: the `/__manage__` endpoints;
+//! - `api`: the `/__manage__` endpoints; `describe`: how `GET /__manage__/`
+//!   describes a command and its options;
 //! - `scheduler`: cron schedules, run as operator `scheduler`.
 //!
 //! `config` and `args` import each other on purpose: a schedule's `data` is
@@ -26,11 +28,18 @@
 //!   only after the `finished` line: a second run holding the same lock is
 //!   refused with 409, never started.
 //! - Output of metadata-only commands is counted, never stored.
+//! - A Django command runs only with its options read from Django
+//!   ([`introspect`]), and only with `data` keys that are exactly its own
+//!   long options; `settings` and `pythonpath` never.
+//! - A reload swaps operators and `[commands]` for every later request;
+//!   running jobs keep what they started with.
 
 mod api;
 pub mod args;
 pub mod config;
+mod describe;
 mod engine;
+pub mod introspect;
 mod jobs;
 pub mod runner;
 mod scheduler;
@@ -38,11 +47,12 @@ pub mod store;
 
 use crate::audit::AuditLog;
 use crate::body::Body;
+use arc_swap::ArcSwap;
 use config::CommandsConfig;
-use engine::{prune_loop, Core, JobTable};
+use engine::{ops, prune_loop, Core, JobTable};
 use jobs::{lock, Ctx, Job, Op, Refusal};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::Store;
@@ -59,6 +69,7 @@ pub const SCHEDULER: &str = "scheduler";
 pub struct Commands {
     core: Arc<Core>,
     scheduler: Mutex<Vec<JoinHandle<()>>>,
+    prune: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Commands {
@@ -90,16 +101,12 @@ impl Commands {
         let pid_dir = cfg.state_dir.join("running");
         std::fs::create_dir_all(&pid_dir).map_err(|e| format!("{}: {e}", pid_dir.display()))?;
         let (shutdown_tx, _) = watch::channel(false);
+        let (intro, _) = watch::channel(introspect::Snapshot::default());
         let core = Arc::new(Core {
-            cfg: cfg.clone(),
-            operators: operators
-                .iter()
-                .map(|o| Op {
-                    name: o.name.clone(),
-                    token: o.token.clone(),
-                    commands: o.commands.clone(),
-                })
-                .collect(),
+            cfg: ArcSwap::from_pointee(cfg.clone()),
+            operators: ArcSwap::from_pointee(ops(operators)),
+            intro,
+            intro_gen: AtomicU64::new(0),
             error_type: error_type.to_owned(),
             audit: Arc::new(audit),
             store: Arc::new(store),
@@ -111,12 +118,53 @@ impl Commands {
             shutdown_tx,
         });
         core.recover().await?;
-        let mut scheduler = scheduler::spawn_all(&core);
-        scheduler.push(tokio::spawn(prune_loop(Arc::clone(&core))));
+        core.introspect();
+        let scheduler = scheduler::spawn_all(&core, &cfg.schedules);
+        let prune = tokio::spawn(prune_loop(Arc::clone(&core)));
         Ok(Arc::new(Commands {
             core,
             scheduler: Mutex::new(scheduler),
+            prune: Mutex::new(Some(prune)),
         }))
+    }
+
+    /// Replaces the operators (tokens and command lists) for every request
+    /// that arrives after this call; logs what changed, by name.
+    pub fn set_operators(&self, operators: &[crate::config::Operator]) {
+        let new_ops = ops(operators);
+        for change in engine::operator_changes(&self.core.operators.load(), &new_ops) {
+            tracing::info!("reload: {change}");
+        }
+        self.core.operators.store(Arc::new(new_ops));
+    }
+
+    /// Applies a reloaded configuration to every request that arrives after
+    /// it: operators (tokens and command lists), allow/deny lists, rules,
+    /// schemas, redaction, limits, custom commands, the Django preset
+    /// (whose commands are read again from Django) and schedules. Returns
+    /// the changed settings that only a restart applies (they keep their
+    /// values until then). Running jobs are not touched.
+    pub fn reload(
+        &self,
+        cfg: &CommandsConfig,
+        operators: &[crate::config::Operator],
+    ) -> Vec<String> {
+        let core = &self.core;
+        let old = core.cfg();
+        let restart = old.restart_needed(cfg);
+        let new = Arc::new(old.keep_fixed(cfg.clone()));
+        self.set_operators(operators);
+        core.cfg.store(Arc::clone(&new));
+        core.introspect();
+        if !old.same_schedules(&new) && !core.shutting_down.load(Ordering::SeqCst) {
+            let mut handles = lock(&self.scheduler);
+            for h in handles.drain(..) {
+                h.abort();
+            }
+            *handles = scheduler::spawn_all(core, &new.schedules);
+            tracing::info!(schedules = handles.len(), "reload: schedules replaced");
+        }
+        restart
     }
 
     /// Handles every request whose normalized path is `/__manage__` or starts
@@ -139,10 +187,10 @@ impl Commands {
         core.shutting_down.store(true, Ordering::SeqCst);
         core.shutdown_tx.send_replace(true);
         let handles = std::mem::take(&mut *lock(&self.scheduler));
-        for h in handles {
+        for h in handles.into_iter().chain(lock(&self.prune).take()) {
             h.abort();
         }
-        let deadline = tokio::time::Instant::now() + core.cfg.kill_grace + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + core.cfg().kill_grace + Duration::from_secs(5);
         loop {
             let notified = core.idle.notified();
             let jobs: Vec<Arc<Job>> = lock(&core.state).live.values().cloned().collect();

@@ -4,6 +4,7 @@
 //! that tick is skipped and audited as `rejected`. Expressions are evaluated
 //! in UTC; 6 fields means the first is seconds.
 
+use super::config::Schedule;
 use super::{Core, Ctx, Refusal, SCHEDULER};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -18,19 +19,15 @@ fn now_naive() -> Option<chrono::NaiveDateTime> {
 }
 
 /// Starts one task per schedule.
-pub(super) fn spawn_all(core: &Arc<Core>) -> Vec<JoinHandle<()>> {
-    core.cfg
-        .schedules
+pub(super) fn spawn_all(core: &Arc<Core>, schedules: &[Schedule]) -> Vec<JoinHandle<()>> {
+    schedules
         .iter()
         .enumerate()
-        .map(|(i, _)| tokio::spawn(run_schedule(Arc::clone(core), i)))
+        .map(|(i, s)| tokio::spawn(run_schedule(Arc::clone(core), i, s.clone())))
         .collect()
 }
 
-async fn run_schedule(core: Arc<Core>, index: usize) {
-    let Some(schedule) = core.cfg.schedules.get(index).cloned() else {
-        return;
-    };
+async fn run_schedule(core: Arc<Core>, index: usize, schedule: Schedule) {
     let mut shutdown = core.shutdown_tx.subscribe();
     let mut last: Option<Arc<super::Job>> = None;
     let mut tick = 0u64;

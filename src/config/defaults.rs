@@ -74,7 +74,8 @@ pub mod limits {
     pub const MAX_HEADERS: usize = 100;
     /// `limits.header_read_timeout`: from a request head's first byte to its end.
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10 * SECOND);
-    /// `limits.body_read_timeout`: the longest pause inside a device's body.
+    /// `limits.body_read_timeout`: the longest pause inside a device's body,
+    /// and the longest a body the gateway reads whole may take.
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30 * SECOND);
     /// `limits.send_timeout`: the longest a device may accept no bytes.
     pub const SEND_TIMEOUT: Duration = Duration::from_secs(MINUTE);

@@ -19,7 +19,6 @@ pub use model::*;
 pub use problems::Problems;
 pub use units::{parse_duration, parse_rate, parse_size, Rate};
 
-use raw::RawConfig;
 use std::path::Path;
 
 impl Config {
@@ -33,13 +32,17 @@ impl Config {
 
     /// Parses and validates configuration text.
     pub fn parse(text: &str) -> Result<Config, Problems> {
-        let raw: RawConfig = match toml::from_str(text) {
-            Ok(raw) => raw,
+        // Syntax errors stop everything; anything else is reported together.
+        let table: toml::Table = match toml::from_str(text) {
+            Ok(t) => t,
             Err(e) => return Err(Problems(vec![e.to_string().trim().to_owned()])),
         };
         let mut p = Problems::default();
+        let (raw, unread) = raw::read(table, &mut p);
+        let mut checked = Problems::default();
         let mut warnings = Vec::new();
-        let cfg = validate::validate(raw, &mut p, &mut warnings);
+        let cfg = validate::validate(raw, &mut checked, &mut warnings);
+        p.0.extend(unread.apply(checked.0));
         if p.0.is_empty() {
             cfg.ok_or(p)
         } else {
@@ -81,7 +84,7 @@ mod tests {
             bogus = 1
         "#;
         let e = Config::parse(text).unwrap_err();
-        assert!(e.0[0].contains("unknown field"), "{e}");
+        assert!(e.0[0].contains("bogus: unknown key"), "{e}");
 
         let text = r#"
             [server]
@@ -109,6 +112,46 @@ mod tests {
         ] {
             assert!(all.contains(needle), "{needle} missing from\n{all}");
         }
+    }
+
+    #[test]
+    fn unknown_keys_do_not_hide_other_problems() {
+        let text = r#"
+            [server]
+            listen = "127.0.0.1:1"
+            typo = 1
+            [backend]
+            url = "http://127.0.0.1:9"
+            [[api_keys]]
+            name = "a"
+            key = "k"
+            [[routes]]
+            path = "/a"
+            methods = ["GET"]
+            bogus = 1
+            [[routes]]
+            path = "b"
+            methods = ["GET"]
+            [[routes]]
+            path = "/c/{x}"
+            methods = ["GET"]
+            backend_path = "/c/{y}"
+            [limits]
+            idle_timeout = "never"
+        "#;
+        let e = Config::parse(text).unwrap_err();
+        let all = e.to_string();
+        for needle in [
+            "server: unknown field `typo`",
+            "routes[0]: unknown field `bogus`",
+            "routes[1].path: invalid path \"b\": a path starts with '/'",
+            "routes[2].backend_path: {y} is not a parameter",
+            "limits.idle_timeout",
+        ] {
+            assert!(all.contains(needle), "{needle} missing from\n{all}");
+        }
+        // (the bad path is also the default backend path)
+        assert_eq!(e.0.len(), 6, "{all}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! unknown keys, every value is still text. [`super::validate`] turns it into
 //! the typed model.
 
+use super::problems::Problems;
 use serde::Deserialize;
 
 #[derive(Deserialize, Default)]
@@ -158,4 +159,127 @@ pub(super) struct RawOperator {
 pub(super) enum RawSize {
     Bytes(u64),
     Text(String),
+}
+
+/// Which parts of the file could not be read, so their validation problems
+/// (which would only repeat that) are left out and the rest keep the
+/// indices of the file.
+#[derive(Default)]
+pub(super) struct Unread {
+    /// Top-level tables that could not be read at all.
+    sections: Vec<&'static str>,
+    /// Arrays of tables with an element that could not be read: the array's
+    /// name and, for each element kept, its index in the file.
+    arrays: Vec<(&'static str, Vec<usize>)>,
+}
+
+impl Unread {
+    /// Drops problems of unread parts and renumbers array elements as in the file.
+    pub(super) fn apply(&self, problems: Vec<String>) -> Vec<String> {
+        problems
+            .into_iter()
+            .filter_map(|problem| {
+                let path = problem.split(": ").next().unwrap_or_default();
+                let top_end = path.find(['.', '[']).unwrap_or(path.len());
+                let top = path.get(..top_end).unwrap_or_default();
+                if self.sections.contains(&top) {
+                    return None;
+                }
+                let Some((_, kept)) = self.arrays.iter().find(|(name, _)| *name == top) else {
+                    return Some(problem);
+                };
+                if path == top {
+                    return None; // "no [[api_keys]]" and the like
+                }
+                let rest = problem.get(top_end..).unwrap_or_default();
+                let Some(close) = rest.strip_prefix('[').and_then(|r| r.find(']')) else {
+                    return Some(problem);
+                };
+                let index = rest.get(1..=close).and_then(|n| n.parse::<usize>().ok());
+                match index.and_then(|n| kept.get(n)) {
+                    Some(original) => Some(format!(
+                        "{top}[{original}]{}",
+                        rest.get(close + 2..).unwrap_or_default()
+                    )),
+                    None => Some(problem),
+                }
+            })
+            .collect()
+    }
+}
+
+fn error_text(e: toml::de::Error) -> String {
+    e.message().trim().to_owned()
+}
+
+fn one<T: serde::de::DeserializeOwned>(
+    value: toml::Value,
+    at: &'static str,
+    p: &mut Problems,
+    unread: &mut Unread,
+) -> Option<T> {
+    match value.try_into::<T>() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            p.push(at, error_text(e));
+            unread.sections.push(at);
+            None
+        }
+    }
+}
+
+fn many<T: serde::de::DeserializeOwned>(
+    value: toml::Value,
+    at: &'static str,
+    p: &mut Problems,
+    unread: &mut Unread,
+) -> Vec<T> {
+    let toml::Value::Array(items) = value else {
+        p.push(at, format!("must be an array of tables ([[{at}]])"));
+        unread.sections.push(at);
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut kept = Vec::new();
+    let total = items.len();
+    for (i, item) in items.into_iter().enumerate() {
+        match item.try_into::<T>() {
+            Ok(t) => {
+                out.push(t);
+                kept.push(i);
+            }
+            Err(e) => p.push(format!("{at}[{i}]"), error_text(e)),
+        }
+    }
+    if kept.len() != total {
+        unread.arrays.push((at, kept));
+    }
+    out
+}
+
+/// Reads every top-level table on its own, so an unknown key or a wrong
+/// type in one is reported together with the problems of all the others.
+pub(super) fn read(table: toml::Table, p: &mut Problems) -> (RawConfig, Unread) {
+    let mut raw = RawConfig::default();
+    let mut unread = Unread::default();
+    let u = &mut unread;
+    for (key, value) in table {
+        match key.as_str() {
+            "server" => raw.server = one(value, "server", p, u).unwrap_or_default(),
+            "backend" => raw.backend = one(value, "backend", p, u),
+            "api_keys" => raw.api_keys = many(value, "api_keys", p, u),
+            "sessions" => raw.sessions = one(value, "sessions", p, u).unwrap_or_default(),
+            "crypto" => raw.crypto = one(value, "crypto", p, u),
+            "routes" => raw.routes = many(value, "routes", p, u),
+            "limits" => raw.limits = one(value, "limits", p, u).unwrap_or_default(),
+            "rate_limits" => raw.rate_limits = one(value, "rate_limits", p, u).unwrap_or_default(),
+            "operators" => raw.operators = many(value, "operators", p, u),
+            "commands" => raw.commands = one(value, "commands", p, u),
+            other => p.push(
+                other,
+                "unknown key (expected server, backend, api_keys, sessions, crypto, routes, limits, rate_limits, operators or commands)",
+            ),
+        }
+    }
+    (raw, unread)
 }

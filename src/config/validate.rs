@@ -109,10 +109,18 @@ pub(super) fn validate(
     let crypto = raw.crypto.as_ref().and_then(|c| validate_crypto(c, p));
 
     let mut routes = Vec::new();
+    let mut route_index = Vec::new();
     for (i, r) in raw.routes.iter().enumerate() {
         if let Some(route) = validate_route(r, &format!("routes[{i}]"), crypto.is_some(), p) {
             routes.push(route);
+            route_index.push(i);
         }
+    }
+    // Conflicts and backend templates too, in the same run as the rest.
+    if let Err(problems) =
+        crate::routes::Router::numbered(&routes, |n| route_index.get(n).copied().unwrap_or(n))
+    {
+        p.0.extend(problems);
     }
     if raw.routes.is_empty() {
         warnings.push("no [[routes]] configured: only /login and /logout are exposed".into());
@@ -499,7 +507,13 @@ fn validate_route(
 ) -> Option<RouteConfig> {
     let before = p.0.len();
     if !r.path.starts_with('/') || r.path.contains(['?', '#']) {
-        p.push(format!("{at}.path"), format!("invalid path {:?}", r.path));
+        p.push(
+            format!("{at}.path"),
+            format!(
+                "invalid path {:?}: a path starts with '/' and has no '?' or '#'",
+                r.path
+            ),
+        );
     }
     if r.path.split('/').any(|s| s == ".." || s == ".") {
         p.push(format!("{at}.path"), "must not contain . or .. segments");

@@ -2,7 +2,6 @@
 //! headers and the encrypted query parameters.
 
 use super::identity::RequestCtx;
-use super::request::read_limited;
 use super::state::{DeviceKey, State};
 use super::{
     API_CLIENT, API_KEY, CLIENT_IP, FORWARDED, USER_TOKEN, X_FORWARDED_FOR, X_FORWARDED_PROTO,
@@ -15,7 +14,7 @@ use crate::envelope::GatewayError;
 use crate::upstream::strip_hop_by_hop;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::Body as _;
-use http_body_util::Limited;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use percent_encoding::percent_decode;
 use std::borrow::Cow;
@@ -28,14 +27,17 @@ const BUFFER_BODIES_UP_TO: u64 = 64 << 10;
 /// Applies the request body rules: a declared length over `limit` is 413;
 /// JSON routes and small or (unless streamed) chunked bodies are read whole
 /// and sent with a `Content-Length`; JSON bodies must be UTF-8 JSON nesting at
-/// most [`MAX_JSON_DEPTH`] deep.
+/// most [`MAX_JSON_DEPTH`] deep. A body read whole must arrive within
+/// `body_timeout`, and `deadline` (the route's) is moved on by the time it
+/// took; a streamed body travels within `deadline`. No read of any body may
+/// wait longer than `body_timeout`.
 pub(super) async fn request_body(
     headers: &mut HeaderMap,
     incoming: Incoming,
     limit: u64,
     stream_chunked: bool,
     json: bool,
-    deadline: Instant,
+    deadline: &mut Instant,
     body_timeout: Duration,
 ) -> Result<Body, GatewayError> {
     let declared = match headers.get(header::CONTENT_LENGTH) {
@@ -68,14 +70,26 @@ pub(super) async fn request_body(
             Body::boxed(Limited::new(timed, limit))
         });
     }
-    let bytes = match Box::pin(read_limited(Body::boxed(timed), limit, deadline)).await {
-        Ok(b) => b,
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    // A body read whole must arrive within `limits.body_read_timeout` (as
+    // must every read of any body): a trickle cannot hold the connection.
+    // The route's deadline covers the backend exchange, so it is moved on by
+    // the time the body took.
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let read = tokio::time::timeout(
+        body_timeout,
+        Limited::new(Body::boxed(timed), limit).collect(),
+    );
+    let bytes = match Box::pin(read).await {
+        Err(_) => return Err(GatewayError::RequestTimeout),
+        Ok(Ok(b)) => {
+            *deadline = Instant::now() + remaining;
+            b.to_bytes()
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(GatewayError::PayloadTooLarge)
         }
-        Err(e) if is_body_timeout(&*e) => return Err(GatewayError::RequestTimeout),
-        Err(e) if e.to_string().contains("timed out") => return Err(GatewayError::RequestTimeout),
-        Err(_) => return Err(GatewayError::BadRequest("Could not read request body")),
+        Ok(Err(e)) if is_body_timeout(&*e) => return Err(GatewayError::RequestTimeout),
+        Ok(Err(_)) => return Err(GatewayError::BadRequest("Could not read request body")),
     };
     // JSON is UTF-8 (RFC 8259 §8.1); serde_json skips ignored strings
     // without checking their encoding, so check it first.

@@ -29,7 +29,7 @@ pub(super) async fn login(
     if header_str(req.headers(), &USER_TOKEN).is_some() {
         return Err(GatewayError::TokenOnPublic);
     }
-    let deadline = Instant::now() + state.backend_timeout;
+    let mut deadline = Instant::now() + state.backend_timeout;
     let (mut parts, incoming) = req.into_parts();
     let body = request_body(
         &mut parts.headers,
@@ -37,7 +37,7 @@ pub(super) async fn login(
         state.max_body,
         false,
         true,
-        deadline,
+        &mut deadline,
         state.config.limits.body_read_timeout,
     )
     .await?;
@@ -78,13 +78,18 @@ pub(super) async fn login(
         .ok_or(GatewayError::BadBackendResponse)?;
     let user = json.get("response");
     let flag = |name: &str| user.and_then(|u| u.get(name)).and_then(|v| v.as_bool());
-    if flag("is_active") == Some(false) {
-        return Err(GatewayError::Forbidden("User account is not active"));
-    }
-    if flag("is_staff") == Some(true) || flag("is_superuser") == Some(true) {
-        return Err(GatewayError::Forbidden(
-            "Staff and superuser accounts cannot log in through the gateway",
-        ));
+    let refused = if flag("is_active") == Some(false) {
+        Some("User account is not active")
+    } else if flag("is_staff") == Some(true) || flag("is_superuser") == Some(true) {
+        Some("Staff and superuser accounts cannot log in through the gateway")
+    } else {
+        None
+    };
+    if let Some(why) = refused {
+        // The backend has issued a session nobody will use: end it there
+        // before answering; it is never cached here.
+        Box::pin(backend_logout(state, ctx, api_key, token)).await;
+        return Err(GatewayError::Forbidden(why));
     }
     let expires = json
         .get("expiration-date")
@@ -121,26 +126,40 @@ pub(super) async fn logout(
         .ok_or(GatewayError::TokenRequired)?
         .to_owned();
     state.sessions.evict(&token).await;
-    if let Some(path) = &state.config.sessions.logout_path {
-        let mut fwd = Request::new(Body::Empty);
-        *fwd.method_mut() = Method::POST;
-        *fwd.uri_mut() =
-            Uri::try_from(path.as_str()).map_err(|_| GatewayError::BadBackendResponse)?;
-        backend_headers(state, fwd.headers_mut(), ctx, api_key, Some(&token));
-        fwd.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-        let deadline = Instant::now() + state.backend_timeout;
-        match send(state, fwd, deadline).await {
-            Ok(resp) => {
-                // Drain so the connection can be reused.
-                let _ = read_limited(resp.into_body(), MAX_ERROR_BODY, deadline).await;
-            }
-            Err(e) => {
-                tracing::warn!(request_id = ctx.id(), error = %e, "backend logout failed; session evicted anyway")
-            }
-        }
-    }
+    backend_logout(state, ctx, api_key, &token).await;
     let mut resp = Response::new(Body::Empty);
     *resp.status_mut() = StatusCode::NO_CONTENT;
     Ok(resp)
+}
+
+/// Ends `token`'s session at the backend (`sessions.logout_path`, when
+/// configured), within `backend.timeout`. A failure is logged, never the
+/// token.
+async fn backend_logout(state: &State, ctx: &RequestCtx, api_key: &DeviceKey, token: &str) {
+    let Some(path) = &state.config.sessions.logout_path else {
+        return;
+    };
+    let Ok(uri) = Uri::try_from(path.as_str()) else {
+        tracing::warn!(
+            request_id = ctx.id(),
+            "sessions.logout_path is not a valid path"
+        );
+        return;
+    };
+    let mut fwd = Request::new(Body::Empty);
+    *fwd.method_mut() = Method::POST;
+    *fwd.uri_mut() = uri;
+    backend_headers(state, fwd.headers_mut(), ctx, api_key, Some(token));
+    fwd.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    let deadline = Instant::now() + state.backend_timeout;
+    match send(state, fwd, deadline).await {
+        Ok(resp) => {
+            // Drain so the connection can be reused.
+            let _ = read_limited(resp.into_body(), MAX_ERROR_BODY, deadline).await;
+        }
+        Err(e) => {
+            tracing::warn!(request_id = ctx.id(), error = %e, "backend logout failed; session ended here anyway")
+        }
+    }
 }

@@ -203,7 +203,7 @@ async fn dispatch(
         limited(state, limit, &api_key.name, "route")?;
     }
     let cfg = &route.config;
-    let deadline = ctx.start + cfg.timeout.unwrap_or(state.backend_timeout);
+    let mut deadline = ctx.start + cfg.timeout.unwrap_or(state.backend_timeout);
 
     let device_token = device_value.as_ref().and_then(value_str);
     let session = match (cfg.public, device_token) {
@@ -259,7 +259,7 @@ async fn dispatch(
         limit,
         cfg.stream_request_body,
         cfg.json_body,
-        deadline,
+        &mut deadline,
         state.config.limits.body_read_timeout,
     )
     .await?;

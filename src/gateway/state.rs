@@ -194,12 +194,20 @@ impl State {
             _ => Arc::new(RateLimiters::new(&config.rate_limits)),
         };
         if let Some(p) = previous {
-            // Remote operations keep running jobs across a reload; their
-            // settings apply after a restart.
-            if format!("{:?}", p.config.commands) != format!("{:?}", config.commands)
-                || format!("{:?}", p.config.operators) != format!("{:?}", config.operators)
-            {
-                restart_needed.push("[commands] / [[operators]]".to_owned());
+            // Remote operations keep running jobs across a reload; operators
+            // and most of [commands] apply to the next request.
+            match (p.commands.get(), &config.commands) {
+                (Some(running), Some(new)) => {
+                    restart_needed.extend(running.reload(new, &config.operators));
+                }
+                (Some(running), None) => {
+                    // Turning them off needs a restart; the new (maybe
+                    // empty) operator list applies at once.
+                    running.set_operators(&config.operators);
+                    restart_needed.push("[commands] (removed)".to_owned());
+                }
+                (None, Some(_)) => restart_needed.push("[commands] (added)".to_owned()),
+                (None, None) => {}
             }
         }
         static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -196,6 +196,9 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(None)
+        // A client that shuts down its sending side after a complete
+        // request (`nc`) still gets the answer.
+        .half_close(true)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
     builder

@@ -228,7 +228,7 @@ async fn slow_small_bodies_do_not_starve_the_backend_pool() {
     eprintln!("attackers: {opened} connections opened, {dropped} dropped by the gateway");
     assert!(
         dropped >= 200,
-        "slow bodies are cut by the route deadline: {dropped}"
+        "slow bodies are cut by limits.body_read_timeout: {dropped}"
     );
     assert_eq!(failures, 0, "every normal request answered 200");
     assert!(p99 < Duration::from_secs(1), "p99 {p99:?}");

@@ -143,6 +143,70 @@ encrypt_query = ["username"]
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("listen_typo"), "{}", stderr(&out));
 
+    // Unknown keys do not hide the other sections' problems, routes included
+    // (a bad path, a conflict, a backend template), in one run.
+    std::fs::write(
+        &bad,
+        r#"
+bogus_section = 1
+
+[server]
+listen = "127.0.0.1:1"
+listen_typo = 1
+
+[backend]
+url = "http://127.0.0.1:9"
+timeout = "soon"
+
+[[api_keys]]
+name = "ios"
+key = "k"
+
+[[routes]]
+path = "/ok"
+methods = ["GET"]
+typo = true
+
+[[routes]]
+path = "api/status"
+methods = ["GET"]
+
+[[routes]]
+path = "/orders/{id}"
+methods = ["GET"]
+backend_path = "/orders/{order}"
+
+[[routes]]
+path = "/a/{x}"
+methods = ["GET"]
+
+[[routes]]
+path = "/a/{y}"
+methods = ["GET"]
+
+[limits]
+idle_timeout = "forever"
+"#,
+    )
+    .unwrap();
+    let out = run(&["check", "--config", bad.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(64));
+    let all = stderr(&out);
+    for needle in [
+        "bogus_section: unknown key",
+        "server: unknown field `listen_typo`",
+        "backend.timeout",
+        "routes[0]: unknown field `typo`",
+        "routes[1].path: invalid path \"api/status\": a path starts with '/'",
+        "routes[2].backend_path: {order} is not a parameter",
+        "routes[4].path",
+        "limits.idle_timeout",
+    ] {
+        assert!(all.contains(needle), "{needle} missing from:\n{all}");
+    }
+    // Nothing about the unread [server] table beyond its own error.
+    assert!(!all.contains("server.listen"), "{all}");
+
     // A missing file as well.
     let out = run(&["check", "--config", "/nonexistent/portcullis.toml"], None);
     assert_eq!(out.status.code(), Some(64));

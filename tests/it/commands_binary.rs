@@ -5,7 +5,7 @@
 //! process logged (`--anchor`) also at records deleted from the end.
 
 use crate::support::commands::*;
-use crate::support::{check_with_secrets, free_addr, spawn_listening, BIN};
+use crate::support::{check_with_secrets, free_addr, send_signal, spawn_listening, BIN};
 use http::Method;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -322,4 +322,105 @@ fn commented_commands_example_passes_check() {
         stdout.contains("remote operations: 1 operators, django preset on, allowlist (3 names), 1 custom commands, 1 schedules"),
         "{stdout}"
     );
+}
+
+/// A leaked operator token is revoked by editing the file and SIGHUP: the
+/// old token is refused (401) from the next request on, the new one works,
+/// a changed command list applies too, and a setting only a restart applies
+/// is named in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_operator_token_applies_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let commands = r#"
+[[commands.custom]]
+name = "echo"
+argv = ["echo", "hello"]
+
+[[commands.custom]]
+name = "date"
+argv = ["date"]
+"#;
+    let (config, addr) = binary_config(dir.path(), commands);
+    let log = dir.path().join("gateway.log");
+    let gw = start_binary_logging(
+        &config,
+        addr,
+        Stdio::from(std::fs::File::create(&log).unwrap()),
+    )
+    .await;
+    let post = |token: &'static str, cmd: &'static str| async move {
+        send(
+            addr,
+            Method::POST,
+            &format!("/__manage__/{cmd}"),
+            Some(token),
+            "",
+            &[],
+        )
+        .await
+        .status
+    };
+    assert_eq!(post(ALICE, "echo").await, 200);
+    assert_eq!(post(BOB, "echo").await, 200);
+    assert_eq!(post(BOB, "date").await, 403);
+
+    // alice's token replaced, bob may now run date, max_concurrent changed.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            &format!("token = \"{ALICE}\""),
+            "token = \"alice-new-token\"",
+        )
+        .replace("commands = [\"echo\"]", "commands = [\"echo\", \"date\"]")
+        .replace("[commands]\n", "[commands]\nmax_concurrent = 2\n");
+    std::fs::write(&config, text).unwrap();
+    send_signal(&gw, "-HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while post(ALICE, "echo").await != 401 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "old token still accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(post("alice-new-token", "echo").await, 200);
+    assert_eq!(post(BOB, "date").await, 200);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("commands.max_concurrent takes effect only after a restart"),
+        "{logged}"
+    );
+    assert!(
+        !logged.contains("alice-new-token") && !logged.contains(ALICE),
+        "{logged}"
+    );
+}
+
+/// The Django preset has no implicit allow list: `portcullis check` says how
+/// to write one; the djangocommand list is there when asked for by name.
+#[test]
+fn django_preset_without_allow_fails_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |commands: &str| {
+        let (config, _) = binary_config(dir.path(), commands);
+        let out = check_with_secrets(&config);
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text)
+    };
+    let preset = r#"django = { python = "python3", manage_py = "/srv/app/manage.py" }
+[[commands.custom]]
+name = "echo"
+argv = ["echo", "hi"]"#;
+    let (code, text) = check(preset);
+    assert_eq!(code, Some(64), "{text}");
+    assert!(
+        text.contains("commands.allow")
+            && text.contains(r#"allow = ["check", "migrate"]"#)
+            && text.contains("@djangocommand-defaults"),
+        "{text}"
+    );
+    let (code, text) = check(&format!("allow = [\"@djangocommand-defaults\"]\n{preset}"));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("allowlist (33 names)"), "{text}");
 }

@@ -217,7 +217,7 @@ argv = ["sh", "-c", "sleep 33.31 & sleep 33.32 & echo started; wait"]
     // sync_wait is 5 s: ask for the job from another task and cancel it.
     let post = run_in_background(&env, "tree", "");
     let id = accepted_job_id(&env).await;
-    assert!(process_with("sleep 33.31"));
+    assert!(process_appears("sleep 33.31").await);
     let c = cancel(&env, &id).await;
     assert_eq!(c.status, 202, "{}", c.text());
     let r = post.await.unwrap();
@@ -592,12 +592,7 @@ argv = ["sleep", "36.61"]
     )
     .await;
     let post = run_in_background(&env, "long", "");
-    for _ in 0..100 {
-        if process_with("sleep 36.61") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(process_appears("sleep 36.61").await);
     env.commands.shutdown().await;
     let r = post.await.unwrap();
     assert_eq!(r.json()["status"], "cancelled");

@@ -7,48 +7,18 @@
 
 use crate::support::commands::*;
 use http::Method;
-use std::path::PathBuf;
 use std::time::Duration;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/django")
-}
-
-fn django_available() -> bool {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import django"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "Django is not installed: run scripts/test"
-        );
-        eprintln!("SKIPPED: Django is not installed (scripts/test installs it)");
-    }
-    ok
-}
-
 fn django_config(mode: &str, extra: &str) -> String {
-    let root = fixture();
-    format!(
-        r#"
-{mode}
-django = {{ python = "python3", manage_py = "{manage}", cwd = "{root}" }}
-sync_wait = "20s"
-kill_grace = "2s"
-env = ["PATH", "PYTHONPATH", "HOME"]
-{extra}
-
-[[commands.custom]]
-name = "echo"
-argv = ["echo", "hi"]
+    django_commands(
+        mode,
+        &format!(
+            r#"{extra}
 
 [commands.rules.ops_report]
 options = {{ name = "string", count = {{ type = "int", max = 5 }}, loud = "bool", tag = "list", sleep = "int", fail = "bool", args = "list" }}
-"#,
-        manage = root.join("manage.py").display(),
-        root = root.display(),
+"#
+        ),
     )
 }
 
@@ -61,7 +31,7 @@ async fn check_succeeds_with_its_output() {
     if !django_available() {
         return;
     }
-    let env = start_django("").await;
+    let env = start_django(r#"allow = ["check"]"#).await;
     let r = run(&env, "check", "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
@@ -112,7 +82,7 @@ async fn flush_is_refused_in_allowlist_and_blocklist_modes() {
     if !django_available() {
         return;
     }
-    for mode in ["", r#"mode = "blocklist""#] {
+    for mode in [r#"allow = ["check"]"#, r#"mode = "blocklist""#] {
         let env = start_django(mode).await;
         let r = run(&env, "flush", r#"{"data": {"noinput": true}}"#).await;
         assert_eq!(r.status, 403, "{mode}: {}", r.text());

@@ -1,6 +1,7 @@
 //! The configuration users read about is the configuration the code runs:
 //! the shipped example passes `portcullis check`, the README's minimal Django
-//! configuration does too, every key of the example and every default of
+//! configuration does too (with and without its remote-operations addition,
+//! whose `allow` list is required), every key of the example and every default of
 //! `config::defaults` is in the reference (docs/configuration.md), and every
 //! default the reference states is the one the code applies.
 
@@ -74,7 +75,7 @@ fn readme_minimal_django_config_passes_check() {
     let text = block_after(&read("README.md"), "<!-- minimal-config -->", "toml");
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("minimal.toml");
-    std::fs::write(&config, text).expect("write config");
+    std::fs::write(&config, &text).expect("write config");
     let out = check(
         &config,
         &[
@@ -89,6 +90,37 @@ fn readme_minimal_django_config_passes_check() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("/orders/{id}/"), "{stdout}");
+
+    // With the README's remote-operations addition, still valid; without its
+    // `allow` list, refused with the way to write one.
+    let readme = read("README.md");
+    let commands = block_after(&readme, "<!-- minimal-commands -->", "toml");
+    let env = [
+        ("PORTCULLIS_BACKEND_KEY", "backend-credential"),
+        ("PORTCULLIS_IOS_KEY", "ios-key"),
+        ("PORTCULLIS_ALICE_TOKEN", "operator-token"),
+    ];
+    std::fs::write(&config, format!("{text}\n{commands}\n")).expect("write config");
+    let out = check(&config, &env);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let without_allow: String = commands
+        .lines()
+        .filter(|l| !l.starts_with("allow"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&config, format!("{text}\n{without_allow}")).expect("write config");
+    let out = check(&config, &env);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("commands.allow") && stderr.contains("@djangocommand-defaults"),
+        "{stderr}"
+    );
 }
 
 /// Whether `s` looks like a configuration key (`max_idle`, `h2c`).
@@ -172,6 +204,7 @@ methods = ["GET"]
 name = "alice"
 token = "operator-token"
 [commands]
+allow = ["check", "migrate", "clearsessions"]
 django = {{ python = "python3", manage_py = "/srv/app/manage.py" }}
 [commands.rules.migrate]
 [[commands.custom]]

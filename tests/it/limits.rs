@@ -241,3 +241,65 @@ async fn a_slow_body_after_100_continue_is_not_cut_by_the_header_deadline() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(backend.count("/upload"), 1);
 }
+
+/// A body the gateway reads whole is cut by `limits.body_read_timeout`
+/// (between reads), not by the route's timeout: a pause longer than the
+/// route timeout but shorter than the body deadline is fine, and the route
+/// timeout then still gives the backend its full time.
+#[tokio::test]
+async fn slow_body_is_cut_at_body_read_timeout_not_the_route_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start().await;
+    backend.on("/slowbody", Reply::status(200).body("ok"));
+    let gw = GatewayConfig::new(backend.url())
+        .limits("body_read_timeout = \"1500ms\"")
+        .route(
+            r#"path = "/api/slowbody"
+methods = ["POST"]
+backend_path = "/slowbody"
+public = true
+timeout = "300ms""#,
+        )
+        .start()
+        .await;
+    let head = "POST /api/slowbody HTTP/1.1\r\nHost: x\r\nApi-Key: k\r\nContent-Length: 4\r\n\r\n"
+        .replace("k\r\n", &format!("{IOS_KEY}\r\n"));
+    // Pauses of 600 ms (twice the route timeout) between parts: answered.
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(format!("{head}ab").as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(b"c").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(b"d").await.unwrap();
+    let resp = read_raw_response(&mut s).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(backend.last("/slowbody").body.as_ref(), b"abcd");
+    // A stall past body_read_timeout: 408, not the route's 504.
+    let started = Instant::now();
+    let resp = raw(gw.addr, format!("{head}ab").as_bytes()).await;
+    resp.assert_envelope(408);
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    assert_eq!(backend.count("/slowbody"), 1);
+}
+
+/// A client that shuts down its write side right after a complete request
+/// (`nc`'s default) still gets the answer.
+#[tokio::test]
+async fn half_closed_client_gets_its_answer() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start().await;
+    backend.on("/status", Reply::status(200).body("up"));
+    let gw = Gateway::for_backend(&backend).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        format!("GET /api/status HTTP/1.1\r\nHost: x\r\nApi-Key: {IOS_KEY}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.shutdown().await.unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, read_raw_response(&mut s))
+        .await
+        .expect("answer in time");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), "up");
+}

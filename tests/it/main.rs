@@ -14,6 +14,7 @@ mod bodies;
 mod commands_binary;
 mod commands_custom;
 mod commands_django;
+mod commands_options;
 mod encryption;
 mod example_config;
 mod limits;

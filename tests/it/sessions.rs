@@ -136,6 +136,69 @@ async fn inactive_staff_and_superuser_are_refused_at_login() {
     gw.stop().await;
 }
 
+/// A backend that keeps sessions: `/login` opens one, `/logout` ends the
+/// one named by `user-token`, `/renew_session` accepts only open ones.
+fn session_keeping_backend(backend: &Backend, token: &'static str, user: serde_json::Value) {
+    let open = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let o = Arc::clone(&open);
+    backend.on_fn("/login", move |_| {
+        o.lock().unwrap().push(token.to_owned());
+        login_reply(token, user.clone())
+    });
+    let o = Arc::clone(&open);
+    backend.on_fn("/logout", move |r| {
+        let t = r.header("user-token").unwrap_or_default().to_owned();
+        o.lock().unwrap().retain(|open| *open != t);
+        Reply::status(204)
+    });
+    backend.on_fn("/renew_session", move |r| {
+        let t = r.header("user-token").unwrap_or_default();
+        if open.lock().unwrap().iter().any(|o| o == t) {
+            renewal(Duration::from_secs(3600))
+        } else {
+            Reply::status(403)
+        }
+    });
+}
+
+#[tokio::test]
+async fn refused_login_ends_the_backend_session() {
+    for (token, user) in [
+        (
+            "tok-inactive-2",
+            json!({"email": "a@x", "is_active": false}),
+        ),
+        (
+            "tok-staff-2",
+            json!({"email": "b@x", "is_active": true, "is_staff": true}),
+        ),
+    ] {
+        let backend = Backend::start().await;
+        session_keeping_backend(&backend, token, user);
+        backend.on("/profile", Reply::json(200, json!({"email": "x"})));
+        let gw = GatewayConfig::new(backend.url())
+            .sessions("logout_path = \"/logout\"")
+            .start()
+            .await;
+        let r = gw
+            .req("POST", "/login")
+            .api_key(IOS_KEY)
+            .json(json!({"email": "x", "password": "y"}))
+            .send()
+            .await;
+        r.assert_envelope(403);
+        assert!(!r.text().contains(token));
+        // Ended at the backend before the 403 was sent, with that token.
+        assert_eq!(backend.count("/logout"), 1);
+        assert_eq!(backend.last("/logout").header("user-token"), Some(token));
+        // Nobody can use it: not cached here, and gone at the backend.
+        let r = gw.get("/api/profile").token(token).send().await;
+        r.assert_gateway_error(403, "Token invalid");
+        assert_eq!(backend.count("/profile"), 0);
+        gw.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn login_failure_from_backend_is_an_envelope() {
     let backend = Backend::start().await;

@@ -1027,3 +1027,28 @@ async fn read_tls_response(s: &mut TlsStream<TcpStream>) -> Resp {
         }
     }
 }
+
+/// Over TLS too, a client that closes its sending side (close_notify and a
+/// TCP half-close) right after a complete request gets the answer.
+#[tokio::test]
+async fn half_closed_tls_client_gets_its_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start().await;
+    let ca = DevCa::new("test CA").unwrap();
+    let gw = tls_gateway(&backend, &ca.issue_server(&["localhost"]).unwrap()).await;
+    let mut s = tls_connect(gw.gw.addr, "localhost", &ca.ca.cert_pem, &[b"http/1.1"])
+        .await
+        .unwrap();
+    s.write_all(
+        format!("GET /api/status HTTP/1.1\r\nHost: localhost\r\nApi-Key: {IOS_KEY}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.shutdown().await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert_eq!(backend.count("/status"), 1);
+}

@@ -5,7 +5,9 @@
 use super::client::Req;
 pub use super::client::Resp;
 use super::gateway::Gateway;
-pub use super::process::{no_process_with, process_with, zombie_children, ChildGuard};
+pub use super::process::{
+    no_process_with, process_appears, process_with, zombie_children, ChildGuard,
+};
 use http::Method;
 use portcullis::commands::Commands;
 use portcullis::config::Config;
@@ -238,4 +240,49 @@ impl Env {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+}
+
+/// The Django project the remote-operations tests drive.
+pub fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/django")
+}
+
+/// Whether Django is importable by `python3`. Without it the Django tests
+/// say so and pass, unless `CI` is set, where they fail.
+pub fn django_available() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import django"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "Django is not installed: run scripts/test"
+        );
+        eprintln!("SKIPPED: Django is not installed (scripts/test installs it)");
+    }
+    ok
+}
+
+/// The `[commands]` body for the Django fixture: `head` first (mode, allow),
+/// the preset, `extra` (rules and the like), then the custom command `echo`
+/// (bob's only command).
+pub fn django_commands(head: &str, extra: &str) -> String {
+    let root = fixture();
+    format!(
+        r#"
+{head}
+django = {{ python = "python3", manage_py = "{manage}", cwd = "{root}" }}
+sync_wait = "20s"
+kill_grace = "2s"
+env = ["PATH", "PYTHONPATH", "HOME"]
+{extra}
+
+[[commands.custom]]
+name = "echo"
+argv = ["echo", "hi"]
+"#,
+        manage = root.join("manage.py").display(),
+        root = root.display(),
+    )
 }

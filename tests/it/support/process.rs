@@ -201,6 +201,18 @@ pub fn zombie_children() -> usize {
         .count()
 }
 
+/// Waits until a process has `needle` in its command line (at most 5 s):
+/// a job's process starts a moment after its `accepted` line.
+pub async fn process_appears(needle: &str) -> bool {
+    for _ in 0..100 {
+        if process_with(needle) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// Waits until no process has `needle` in its command line (at most 5 s).
 pub async fn no_process_with(needle: &str) -> bool {
     for _ in 0..100 {
