@@ -312,6 +312,7 @@ ${PORTCULLIS_SERVER_EXTRA:-}
 [backend]
 url = "http://127.0.0.1:$bport"
 api_key = "$BACKEND_KEY"
+${PORTCULLIS_BACKEND_EXTRA:-}
 
 [[api_keys]]
 name = "$API_KEY_NAME"

@@ -3,19 +3,26 @@
 #  (a) RSS with 1,000,000 cached sessions (target <= 400 MiB), filled through the real
 #      path: wrk sends one request per distinct User-Token to the private route, the
 #      backend's /renew_session accepts every token, portcullis validates and caches each.
-#  (b) RSS with 10,000 idle keep-alive connections (target <= 150 MiB): a Python asyncio
-#      client (bench/idle_conns.py) opens them, makes one request on each, then idles.
-#      nginx (the same gateway config as bench/run.sh) is measured the same way for comparison.
+#  (b) RSS per idle keep-alive connection, portcullis and nginx (the same gateway config as
+#      bench/run.sh) side by side: a Python asyncio client (bench/idle_conns.py) opens
+#      MEM_CONNS connections, makes one request on each, then idles; the growth of the
+#      proxy's RSS (nginx: master + worker) over its RSS before, divided by the connections,
+#      is the figure. Over plain HTTP/1.1 (goal <= 2 KiB), HTTPS/1.1 (TLS 1.3; goal <= nginx's
+#      figure of the same run) and HTTP/2 over TLS (measured), with the same certificate
+#      (`portcullis dev-certs`) for both proxies. Both keep at most 64 idle backend
+#      connections (portcullis `backend.max_idle = 64`, nginx `keepalive 64`): the backend
+#      pool filled by the burst of first requests is part of the growth measured.
 #
 #   bench/memory.sh
-#   PORTCULLIS_BIN=/path/to/portcullis bench/memory.sh
+#   PORTCULLIS_BIN=/path/to/portcullis MEM_PARTS="conns tls-conns h2-conns" bench/memory.sh
 #
 # Environment (all optional):
 #   MEM_SESSIONS=1000000       sessions to cache in (a)
 #   MEM_MAX_ENTRIES=1100000    sessions.max_entries (>= MEM_SESSIONS so nothing is evicted)
-#   MEM_CONNS=10000            idle connections in (b)
-#   MEM_PARTS="sessions conns nginx-conns"   which parts to run (nginx-conns: nginx's RSS
-#                              with the same idle connections, for comparison)
+#   MEM_CONNS=10000            idle connections in (b), for each protocol and proxy
+#   MEM_PARTS="sessions conns tls-conns h2-conns"   which parts to run
+#   MEM_TARGETS="nginx portcullis"                  which proxies (b) measures
+#   MEM_IDLE_SETTLE=3          seconds the connections idle before RSS is read
 #   MEM_FILL_TIMEOUT=900       seconds (a)'s fill may take at most
 #   BENCH_KEEP=1  BENCH_STRICT=1 (exit 3 when a target is missed)
 set -euo pipefail
@@ -24,7 +31,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SESSIONS="${MEM_SESSIONS:-1000000}"
 MAX_ENTRIES="${MEM_MAX_ENTRIES:-1100000}"
 CONNS="${MEM_CONNS:-10000}"
-PARTS="${MEM_PARTS:-sessions conns nginx-conns}"
+PARTS="${MEM_PARTS:-sessions conns tls-conns h2-conns}"
+TARGETS="${MEM_TARGETS:-nginx portcullis}"
+SETTLE="${MEM_IDLE_SETTLE:-3}"
 FILL_TIMEOUT="${MEM_FILL_TIMEOUT:-900}"
 PROXY_CPU="${PROXY_CPU:-1}"
 BACKEND_CPU="${BACKEND_CPU:-0}"
@@ -35,7 +44,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 [ "$(ulimit -n)" -ge $((CONNS + 512)) ] || die "open-file limit $(ulimit -n) is too low for $CONNS connections (raise ulimit -n)"
 
 bench_init
-[[ " $PARTS " == *" sessions "* || " $PARTS " == *" conns "* ]] && build_portcullis
+build_portcullis
 alloc_port BACKEND_PORT
 alloc_port PORTCULLIS_PORT
 alloc_port NGINX_PORT
@@ -131,8 +140,10 @@ EOF
 fi
 
 # ------------------------------------------------------------------ (b) idle connections
-# idle_rss NAME PORT PIDS... : opens $CONNS connections, each makes one request and idles;
-# sets IDLE_BASE and IDLE_LOADED (summed VmRSS of PIDS, KiB) and IDLE_EST (connections open)
+# idle_rss NAME PORT PIDS... : opens $CONNS connections (IDLE_ARGS: idle_conns.py's TLS and
+# HTTP/2 flags), each makes one request and idles; sets IDLE_BASE and IDLE_LOADED (summed
+# VmRSS of PIDS, KiB) and IDLE_EST (connections open)
+IDLE_ARGS=()
 idle_rss() {
     local name=$1 port=$2
     shift 2
@@ -140,48 +151,107 @@ idle_rss() {
     base=0
     for p in $pids; do base=$((base + $(rss_kib "$p"))); done
     taskset -c "$BACKEND_CPU" python3 "$BENCH_DIR/idle_conns.py" --port "$port" --count "$CONNS" \
-        --hold 300 --header "Api-Key: $API_KEY" --header "User-Token: $TOKEN" >"$out" 2>&1 &
+        --hold 600 "${IDLE_ARGS[@]}" --header "Api-Key: $API_KEY" --header "User-Token: $TOKEN" >"$out" 2>&1 &
     cpid=$!
     STARTED_PIDS+=("$cpid")
-    for _ in $(seq 1 1200); do
+    for _ in $(seq 1 3000); do
         grep -q '^READY ' "$out" 2>/dev/null && { ready=1; break; }
         kill -0 "$cpid" 2>/dev/null || break
         sleep 0.1
     done
     [ -n "$ready" ] || die "idle-connection client for $name did not get ready: $(tail -5 "$out")"
     grep -q "^READY ok=$CONNS failed=0 " "$out" || die "$name: not every idle connection got a 200: $(grep '^READY' "$out")"
-    sleep 3   # idle for a moment, so the measure is of idle connections
+    sleep "$SETTLE"   # idle for a moment, so the measure is of idle connections
     established=$(ss -Htn state established "( sport = :$port )" | wc -l)
     loaded=0
     for p in $pids; do loaded=$((loaded + $(rss_kib "$p"))); done
+    [ -n "${METRICS_URL:-}" ] && IDLE_PARKED=$(curl -s "$METRICS_URL" | awk '/^portcullis_parked_connections / {print $2}')
     stop_pid "$cpid"
     [ "$established" -ge "$CONNS" ] || die "$name: only $established of $CONNS connections were still open when measured"
     IDLE_BASE=$base IDLE_LOADED=$loaded IDLE_EST=$established
 }
 
-if [[ " $PARTS " == *" conns "* ]]; then
-    start_portcullis "$PORTCULLIS_PORT" "$BACKEND_PORT"
-    log "portcullis pid $PORTCULLIS_PID (fresh) for $CONNS idle connections"
-    check_200 portcullis "http://127.0.0.1:$PORTCULLIS_PORT/api/data"
-    sleep 1
-    idle_rss portcullis "$PORTCULLIS_PORT" "$PORTCULLIS_PID"
+CERTS=""
+certs() { # one certificate for both proxies
+    [ -n "$CERTS" ] && return 0
+    "$PORTCULLIS_BIN" dev-certs --out "$WORK/certs" >/dev/null || die "dev-certs failed"
+    CERTS="$WORK/certs"
+    export CURL_CA_BUNDLE="$CERTS/ca.crt"
+}
+
+declare -A PER   # "proto target" -> KiB per connection
+IDLE_NOTES=()
+# idle_part PROTO TARGET : PROTO is http (plain HTTP/1.1), https (HTTPS/1.1) or h2 (HTTP/2 over TLS)
+idle_part() {
+    local proto=$1 t=$2 scheme=http listen="" pids base loaded est per
+    IDLE_ARGS=()
+    METRICS_URL="" IDLE_PARKED=""
+    if [ "$proto" != http ]; then
+        certs
+        scheme=https
+        IDLE_ARGS=(--tls-ca "$CERTS/ca.crt")
+        [ "$proto" = h2 ] && IDLE_ARGS+=(--h2)
+    fi
+    # fresh ports for each part: the previous part's closed connections may still hold its own
+    alloc_port PORTCULLIS_PORT
+    alloc_port NGINX_PORT
+    case $t in
+    portcullis)
+        alloc_port ADMIN_PORT
+        local extra="admin_listen = \"127.0.0.1:$ADMIN_PORT\""
+        [ "$proto" != http ] && extra+=$'\n'"tls = { cert = \"$CERTS/server.crt\", key = \"$CERTS/server.key\" }"
+        # idle backend connections kept: 64, as nginx's `keepalive 64` (default 256)
+        PORTCULLIS_BACKEND_EXTRA="max_idle = 64" PORTCULLIS_SERVER_EXTRA="$extra" \
+            start_portcullis "$PORTCULLIS_PORT" "$BACKEND_PORT"
+        check_200 portcullis "$scheme://localhost:$PORTCULLIS_PORT/api/data"
+        METRICS_URL="http://127.0.0.1:$ADMIN_PORT/metrics"
+        sleep 1
+        idle_rss "portcullis-$proto" "$PORTCULLIS_PORT" "$PORTCULLIS_PID"
+        stop_pid "$PORTCULLIS_PID"
+        ;;
+    nginx)
+        case $proto in
+        https) listen=" ssl" ;;
+        h2) listen=" ssl http2" ;;
+        esac
+        local server_extra=""
+        [ "$proto" != http ] && server_extra="ssl_certificate $CERTS/server.crt; ssl_certificate_key $CERTS/server.key; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m; http2_max_concurrent_streams 128;"
+        NGINX_GW_LISTEN_OPTS="$listen" NGINX_GW_SERVER_EXTRA="$server_extra" start_nginx_gw "$NGINX_PORT" "$BACKEND_PORT"
+        check_200 "nginx gateway" "$scheme://localhost:$NGINX_PORT/api/data"
+        sleep 1
+        idle_rss "nginx-$proto" "$NGINX_PORT" $(nginx_pids "$NGINX_GW_PID")
+        stop_pid "$NGINX_GW_PID"
+        ;;
+    *) die "unknown target $t (nginx, portcullis)" ;;
+    esac
     base=$IDLE_BASE loaded=$IDLE_LOADED est=$IDLE_EST
-    per=$(awk -v a="$base" -v b="$loaded" -v n="$CONNS" 'BEGIN { printf "%.1f", (b - a) / n }')
-    v=$(verdict "$(mib "$loaded")" 150)
-    [ "$v" = PASS ] || FAILED=1
-    ROWS+=("| portcullis, $CONNS idle keep-alive connections ($est open when measured) | $(mib "$base") | $(mib "$loaded") | $per KiB/conn | ≤ 150 MiB | **$v** |")
-    stop_pid "$PORTCULLIS_PID"
-fi
-if [[ " $PARTS " == *" nginx-conns "* ]]; then
-    start_nginx_gw "$NGINX_PORT" "$BACKEND_PORT"
-    check_200 "nginx gateway" "http://127.0.0.1:$NGINX_PORT/api/data"
-    sleep 1
-    idle_rss nginx "$NGINX_PORT" $(nginx_pids "$NGINX_GW_PID")
-    base=$IDLE_BASE loaded=$IDLE_LOADED est=$IDLE_EST
-    per=$(awk -v a="$base" -v b="$loaded" -v n="$CONNS" 'BEGIN { printf "%.1f", (b - a) / n }')
-    ROWS+=("| nginx gateway (master + worker), $CONNS idle keep-alive connections ($est open) | $(mib "$base") | $(mib "$loaded") | $per KiB/conn | (comparison) | |")
-    stop_pid "$NGINX_GW_PID"
-fi
+    per=$(awk -v a="$base" -v b="$loaded" -v n="$CONNS" 'BEGIN { printf "%.2f", (b - a) / n }')
+    PER["$proto $t"]=$per
+    ROWS+=("| $t, $CONNS idle $proto connections ($est open when measured) | $(mib "$base") | $(mib "$loaded") | $per KiB/conn | | |")
+    [ -n "$IDLE_PARKED" ] && IDLE_NOTES+=("portcullis $proto: $IDLE_PARKED of $CONNS connections parked when measured")
+    log "$t $proto: $per KiB per idle connection"
+}
+
+for part in conns tls-conns h2-conns; do
+    [[ " $PARTS " == *" $part "* ]] || continue
+    case $part in conns) proto=http ;; tls-conns) proto=https ;; h2-conns) proto=h2 ;; esac
+    for t in $TARGETS; do idle_part "$proto" "$t"; done
+done
+
+# per-protocol comparison and goals
+COMPARE=()
+for proto in http https h2; do
+    n=${PER["$proto nginx"]:-} p=${PER["$proto portcullis"]:-}
+    [ -n "$n$p" ] || continue
+    ratio="" goal="(measured)" v=""
+    [ -n "$n" ] && [ -n "$p" ] && ratio=$(awk -v a="$p" -v b="$n" 'BEGIN { if (b > 0) printf "%.2f×", a / b }')
+    case $proto in
+    http) goal="≤ 2 KiB"; [ -n "$p" ] && v=$(verdict "$p" 2) ;;
+    https) goal="≤ nginx"; [ -n "$p" ] && [ -n "$n" ] && v=$(verdict "$p" "$n") ;;
+    esac
+    [ "$v" = FAIL ] && FAILED=1
+    COMPARE+=("| $proto | ${n:-–} | ${p:-–} | ${ratio:-–} | $goal | ${v:+**$v**} |")
+done
 
 echo
 echo "## portcullis memory — $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -192,6 +262,15 @@ echo "| measure | RSS before (MiB) | RSS loaded (MiB) | per item | target | verd
 echo "| --- | ---: | ---: | ---: | --- | --- |"
 for r in "${ROWS[@]}"; do echo "$r"; done
 echo
+if [ ${#COMPARE[@]} -gt 0 ]; then
+    echo "Idle keep-alive connections, $CONNS per proxy and protocol, KiB of RSS per connection:"
+    echo
+    echo "| protocol | nginx | portcullis | portcullis ÷ nginx | goal | verdict |"
+    echo "| --- | ---: | ---: | ---: | --- | --- |"
+    for r in "${COMPARE[@]}"; do echo "$r"; done
+    echo
+    for r in "${IDLE_NOTES[@]}"; do echo "$r"; done
+fi
 [ -n "${SESSION_NOTE:-}" ] && echo "$SESSION_NOTE"
 echo "load: $(uptime | sed 's/.*load average: //') (2 cores)"
 if [ "$FAILED" = 1 ] && [ "${BENCH_STRICT:-0}" = 1 ]; then exit 3; fi

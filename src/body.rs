@@ -143,6 +143,11 @@ impl StallTimer {
         self.armed = false;
     }
 
+    /// Whether a wait is running (no progress since it began).
+    pub fn waiting(&self) -> bool {
+        self.armed
+    }
+
     /// A wait: `Ready` once `timeout` has passed since the first wait after
     /// the last progress.
     pub fn poll_expired(&mut self, timeout: std::time::Duration, cx: &mut Context<'_>) -> Poll<()> {

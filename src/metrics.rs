@@ -142,6 +142,8 @@ pub struct Metrics {
     pub session_entries: Gauge,
     /// Device connections open now.
     pub open_connections: Gauge,
+    /// Idle HTTP/1.1 device connections parked: only the socket held.
+    pub parked_connections: Gauge,
     /// Bytes of backend answers read ahead of devices (set when scraped).
     pub response_buffer_bytes: Gauge,
     /// Access-log lines dropped because the writer fell behind.
@@ -185,6 +187,7 @@ impl Metrics {
             session_misses: Counter::default(),
             session_entries: Gauge::default(),
             open_connections: Gauge::default(),
+            parked_connections: Gauge::default(),
             response_buffer_bytes: Gauge::default(),
             access_log_dropped: Counter::default(),
             cluster: crate::cluster::ClusterMetrics::default(),
@@ -244,6 +247,11 @@ impl Metrics {
             "open_connections",
             "Device connections open",
             m.open_connections.clone(),
+        );
+        registry.register(
+            "parked_connections",
+            "Idle HTTP/1.1 device connections parked (only the socket held)",
+            m.parked_connections.clone(),
         );
         registry.register(
             "response_buffer_bytes",

@@ -2,7 +2,7 @@
 //! under `limits.tls_handshake_timeout` with ALPN `h2`/`http/1.1`, one hyper
 //! connection builder per protocol choice, and the graceful drain.
 
-use super::conn_io::{ConnIo, ConnSettings, Deadlines};
+use super::conn_io::{ConnIo, ConnSettings, Deadlines, Quiet};
 use super::connection::ConnContext;
 use super::live::Live;
 use super::parse_errors::ErrorStyle;
@@ -10,6 +10,7 @@ use crate::body::Body;
 use crate::config::Limits;
 use crate::envelope::{self, GatewayError};
 use crate::gateway::State;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::future::Future;
@@ -48,11 +49,10 @@ pub async fn serve_live(
     let drain_timeout = state.config.server.drain_timeout;
     let _anchor = AbortOnDrop(tokio::spawn(timer_anchor()));
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let builders = Builders {
-        http1: Arc::new(http_builder(&limits, Protocols::Http1)),
-        http2: Arc::new(http_builder(&limits, Protocols::Http2)),
-        both: Arc::new(http_builder(&limits, Protocols::Both)),
-    };
+    let builders = Arc::new(Builders {
+        http1: http1_builder(&limits),
+        http2: http2_builder(&limits),
+    });
     let h2c = live.state().config.server.h2c;
     // hyper's own answers to unparsable requests become envelopes too.
     let settings = Arc::new(ConnSettings {
@@ -64,6 +64,7 @@ pub async fn serve_live(
             idle: limits.idle_timeout,
             header_read: limits.header_read_timeout,
             send: limits.send_timeout,
+            park: park_after(limits.idle_timeout),
         },
     });
     let (drain_tx, drain_rx) = watch::channel(false);
@@ -110,52 +111,48 @@ pub async fn serve_live(
         };
         let _ = stream.set_nodelay(true);
         let conn = ConnContext {
-            // Plain connections: HTTP/1.1, plus HTTP/2 prior knowledge when
-            // `server.h2c` is on. TLS: switched to what ALPN chose below.
-            builder: Arc::clone(if h2c && tls.is_none() {
-                &builders.both
-            } else {
-                &builders.http1
-            }),
-            watch_idle: h2c && tls.is_none(),
             live: Arc::clone(&live),
             peer,
             tls: tls.is_some(),
             idle_timeout: limits.idle_timeout,
             drain: drain_rx.clone(),
             done: done_tx.clone(),
+            permit,
         };
         let settings = Arc::clone(&settings);
+        let builders = Arc::clone(&builders);
         match &tls {
+            // Plain connections: HTTP/1.1 (parked while idle), or HTTP/1.1
+            // and HTTP/2 prior knowledge when `server.h2c` is on. The
+            // connection's future is the whole task (no wrapping block that
+            // would keep copies of its arguments).
             None => {
-                tokio::spawn(async move {
-                    conn.serve(TokioIo::new(ConnIo::new(stream, settings)))
-                        .await;
-                    drop(permit);
-                });
+                let quiet = Arc::new(Quiet::default());
+                let io = ConnIo::parkable(stream, settings, Arc::clone(&quiet));
+                let task = conn.serve_parkable(builders, h2c, io, quiet);
+                tokio::spawn(task);
             }
+            // TLS: what ALPN chose.
             Some(tls) => {
                 let acceptor = tls.acceptor.clone();
                 let handshake_timeout = limits.tls_handshake_timeout;
-                let http2 = Arc::clone(&builders.http2);
-                tokio::spawn(async move {
-                    let mut conn = conn;
+                let task = async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            let io = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                                conn.builder = http2;
-                                conn.watch_idle = true;
-                                ConnIo::http2(stream, settings)
+                            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                let io = TokioIo::new(ConnIo::http2(stream, settings));
+                                Box::pin(conn.serve(&builders.http2, true, io)).await;
                             } else {
-                                ConnIo::new(stream, settings)
-                            };
-                            conn.serve(TokioIo::new(io)).await
+                                let quiet = Arc::new(Quiet::default());
+                                let io = ConnIo::parkable(stream, settings, Arc::clone(&quiet));
+                                conn.serve_parkable(builders, false, io, quiet).await;
+                            }
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                    drop(permit);
-                });
+                };
+                tokio::spawn(task);
             }
         }
     }
@@ -177,36 +174,29 @@ pub async fn serve_live(
     Ok(())
 }
 
-/// Which protocols a connection builder speaks.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Protocols {
-    Http1,
-    Http2,
-    Both,
+/// One builder per protocol: HTTP/1.1 uses hyper's HTTP/1 connection
+/// directly (it can hand its IO back to be parked); with `server.h2c` the
+/// connection task reads the first bytes itself to choose.
+pub(super) struct Builders {
+    pub(super) http1: http1::Builder,
+    pub(super) http2: auto::Builder<TokioExecutor>,
 }
 
-/// One builder per protocol choice: an HTTP/1.1-only connection skips the
-/// HTTP/2 preface detection and its buffers, which is most of an idle
-/// connection's memory beyond hyper's own.
-struct Builders {
-    http1: Arc<auto::Builder<TokioExecutor>>,
-    http2: Arc<auto::Builder<TokioExecutor>>,
-    both: Arc<auto::Builder<TokioExecutor>>,
+/// How long an HTTP/1.1 connection idles before it is parked: a second, or
+/// half the idle timeout when that is shorter. Parking and waking cost about
+/// what a new hyper connection costs, so a connection busy with requests
+/// less than this apart is never parked.
+fn park_after(idle_timeout: Duration) -> Duration {
+    Duration::from_secs(1).min(idle_timeout / 2)
 }
 
-/// A connection builder with the `[limits]` applied.
-fn http_builder(limits: &Limits, protocols: Protocols) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder = match protocols {
-        Protocols::Http1 => builder.http1_only(),
-        Protocols::Http2 => builder.http2_only(),
-        Protocols::Both => builder,
-    };
-    // HTTP/1.1's idle and header deadlines are kept by the IO wrapper under
-    // hyper (`conn_io`): one lazily re-armed timer per connection
-    // instead of hyper's timer per request, and the two limits apart.
+/// hyper's HTTP/1 connection builder with the `[limits]` applied. The idle
+/// and header deadlines are kept by the IO wrapper under hyper
+/// (`conn_io`): one lazily re-armed timer per connection instead of
+/// hyper's timer per request, and the two limits apart.
+fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         // A client that shuts down its sending side after a complete
@@ -214,6 +204,12 @@ fn http_builder(limits: &Limits, protocols: Protocols) -> auto::Builder<TokioExe
         .half_close(true)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
+    builder
+}
+
+/// The HTTP/2 connection builder with the `[limits]` applied.
+fn http2_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
     builder
         .http2()
         .timer(TokioTimer::new())

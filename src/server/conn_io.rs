@@ -22,15 +22,27 @@
 //! of its answer for that long gets its connection failed, which drops the
 //! answer's body and with it the backend connection feeding it (a slow
 //! reader cannot hold the backend pool).
+//!
+//! Parking (HTTP/1.1 only): the same timer first runs to the park point
+//! ([`Deadlines::park`] after the last answer, no byte of a new head read, no
+//! write waiting). There it raises [`Quiet::due`]; the connection task then
+//! ends hyper's connection without closing the socket and keeps only this
+//! wrapper ([`ConnIo::parked`] waits for the socket to be readable or the idle
+//! deadline). Bytes hyper had read ahead are handed back and replayed to the
+//! next hyper connection first ([`ConnIo::replay`]). The head state, the time
+//! the wait began and the timer stay in the wrapper, so the idle and header
+//! deadlines run across a park exactly as without it.
 
 use super::parse_errors::{
     answer, is_interim, replacement, replacement_candidate, ErrorStyle, Replacement,
 };
 use crate::body::StallTimer;
+use bytes::Bytes;
 use http::StatusCode;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -46,6 +58,38 @@ pub struct Deadlines {
     pub header_read: Duration,
     /// `limits.send_timeout`: the longest a write may wait for the device.
     pub send: Duration,
+    /// How long an HTTP/1.1 connection idles (after its last answer, no byte
+    /// of a new head) before it is parked; see the module documentation.
+    pub park: Duration,
+}
+
+/// Shared by a parkable connection's IO, its service and its task.
+#[derive(Default, Debug)]
+pub struct Quiet {
+    /// Requests whose answer has not ended (counted from the service call
+    /// until hyper drops the answer's body).
+    pub in_flight: AtomicUsize,
+    /// Raised by the IO at the park point; lowered by any byte read or written.
+    pub due: AtomicBool,
+}
+
+impl Quiet {
+    /// Whether the connection may be parked now: the park point passed and
+    /// no answer is still being sent.
+    pub fn ready_to_park(&self) -> bool {
+        self.due.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// Where a parkable connection is in its idle period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Park {
+    /// Not parkable (HTTP/2, h2c).
+    Never,
+    /// The park point is ahead (from the last answer).
+    Armed,
+    /// Passed (or given up) for this idle period: only the idle deadline is left.
+    Passed,
 }
 
 /// What [`ConnIo`] needs from the configuration; one per server, shared by
@@ -108,7 +152,7 @@ impl Head {
 /// A device connection's IO: read and send deadlines, hyper's bare HTTP/1
 /// error answers turned into envelopes, and a request head cut short by the
 /// header deadline answered with a 408.
-pub struct ConnIo<T: WriteNow> {
+pub struct ConnIo<T: DeviceIo> {
     inner: T,
     /// Shared by every connection (one pointer each, not a copy).
     settings: Arc<ConnSettings>,
@@ -124,9 +168,14 @@ pub struct ConnIo<T: WriteNow> {
     /// The read deadline timer (allocated at the first wait) and the
     /// deadline it is set to.
     wait: Option<(Pin<Box<tokio::time::Sleep>>, Instant)>,
+    park: Park,
+    /// Parkable connections: shared with the service and the task.
+    quiet: Option<Arc<Quiet>>,
+    /// Bytes hyper had read ahead when it was parked: read again first.
+    replay: Bytes,
 }
 
-impl<T: WriteNow> ConnIo<T> {
+impl<T: DeviceIo> ConnIo<T> {
     /// Wraps a connection's (plaintext) IO carrying HTTP/1 (or, with
     /// `server.h2c`, possibly HTTP/2 with prior knowledge).
     pub fn new(inner: T, settings: Arc<ConnSettings>) -> ConnIo<T> {
@@ -138,6 +187,99 @@ impl<T: WriteNow> ConnIo<T> {
             send: StallTimer::default(),
             since: Instant::now(),
             wait: None,
+            park: Park::Never,
+            quiet: None,
+            replay: Bytes::new(),
+        }
+    }
+
+    /// Wraps a connection carrying HTTP/1 only, which may be parked when
+    /// idle: `quiet` is shared with its service and task.
+    pub fn parkable(inner: T, settings: Arc<ConnSettings>, quiet: Arc<Quiet>) -> ConnIo<T> {
+        let mut io = ConnIo::new(inner, settings);
+        io.park = Park::Armed;
+        io.quiet = Some(quiet);
+        io
+    }
+
+    /// Hands `bytes` (read ahead by the hyper connection just ended) to the
+    /// next reads, before anything from the socket; they were seen when first
+    /// read, so the head state does not change. Returns whether they hold a
+    /// whole head, to be served at once; otherwise (part of a pipelined head)
+    /// they are kept in a buffer of their own while parked.
+    pub fn replay(&mut self, bytes: Bytes) -> bool {
+        let whole = Head::Awaiting.after(&bytes) == Head::Complete;
+        self.replay = if whole {
+            self.unpark();
+            bytes
+        } else {
+            Bytes::copy_from_slice(&bytes)
+        };
+        whole
+    }
+
+    /// With `server.h2c`, before any protocol is chosen: reads until the
+    /// bytes read either are HTTP/2's connection preface or cannot be
+    /// (under the idle, then the header deadline), and keeps them to be read
+    /// again by the connection chosen. `Ok(None)`: closed before a byte.
+    pub async fn sniff_http2(&mut self) -> io::Result<Option<bool>>
+    where
+        T: AsyncRead + Unpin,
+    {
+        const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let mut buf = [0u8; 24];
+        let mut filled = 0;
+        let http2 = loop {
+            let n = tokio::io::AsyncReadExt::read(self, &mut buf[filled..]).await?;
+            if n == 0 && filled == 0 {
+                return Ok(None);
+            }
+            filled += n;
+            let read = buf.get(..filled).unwrap_or_default();
+            if n == 0 || !PREFACE.starts_with(read) {
+                break false;
+            }
+            if filled == PREFACE.len() {
+                break true;
+            }
+        };
+        self.replay = Bytes::copy_from_slice(buf.get(..filled).unwrap_or_default());
+        if http2 {
+            self.head = Head::Off;
+            self.park = Park::Never;
+            self.quiet = None;
+        }
+        Ok(Some(http2))
+    }
+
+    /// Waits, parked, for the device: `Ok` when the socket is readable, an
+    /// error when the idle deadline passes (or the socket failed).
+    pub async fn parked(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| match self.inner.poll_read_ready(cx) {
+            Poll::Ready(result) => Poll::Ready(result),
+            Poll::Pending => self.read_deadline(cx),
+        })
+        .await?;
+        self.unpark();
+        Ok(())
+    }
+
+    /// Back in hyper's hands: the park point of this idle period has been
+    /// used; the next answer arms a new one.
+    fn unpark(&mut self) {
+        if let Some(quiet) = &self.quiet {
+            quiet.due.store(false, Ordering::Relaxed);
+            self.park = Park::Passed;
+        }
+    }
+
+    /// Any byte read or written: a new park point follows the next answer.
+    fn active(&mut self) {
+        if self.park == Park::Passed {
+            self.park = Park::Armed;
+            if let Some(quiet) = &self.quiet {
+                quiet.due.store(false, Ordering::Relaxed);
+            }
         }
     }
 
@@ -155,6 +297,7 @@ impl<T: WriteNow> ConnIo<T> {
     /// it fires, hyper's next read sees the error.
     fn wrote(&mut self, n: usize, interim: bool, cx: &mut Context<'_>) {
         self.send.progress();
+        self.active();
         if n > 0 && !interim && self.head != Head::Off {
             self.head = Head::Awaiting;
             self.since = Instant::now();
@@ -167,12 +310,15 @@ impl<T: WriteNow> ConnIo<T> {
     /// A read has to wait: runs the idle or header deadline, an error once
     /// it passed. Bodies (and HTTP/2) have deadlines of their own elsewhere.
     fn read_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let idle = self.settings.deadlines.idle;
+        let mut parking = self.head == Head::Awaiting && self.park == Park::Armed;
         let limit = match self.head {
-            Head::Awaiting => self.settings.deadlines.idle,
+            Head::Awaiting if parking => self.settings.deadlines.park.min(idle),
+            Head::Awaiting => idle,
             Head::Blank | Head::Partial(_) => self.settings.deadlines.header_read,
             Head::Complete | Head::Off => return Poll::Pending,
         };
-        let deadline = self.since + limit;
+        let mut deadline = self.since + limit;
         let (timer, at) = self.wait.get_or_insert_with(|| {
             (
                 Box::pin(tokio::time::sleep_until(deadline.into())),
@@ -189,7 +335,20 @@ impl<T: WriteNow> ConnIo<T> {
             if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if *at >= deadline {
+            if *at >= deadline && parking && limit < idle {
+                // The park point: tell the task (woken by this timer, it
+                // looks right after polling hyper), then on to the idle
+                // deadline. Not while a write waits: hyper is not idle then,
+                // and that write's progress arms a new park point.
+                self.park = Park::Passed;
+                parking = false;
+                if !self.send.waiting() {
+                    if let Some(quiet) = &self.quiet {
+                        quiet.due.store(true, Ordering::Relaxed);
+                    }
+                }
+                deadline = self.since + idle;
+            } else if *at >= deadline {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     match self.head {
@@ -214,7 +373,7 @@ impl<T: WriteNow> ConnIo<T> {
     }
 }
 
-impl<T: WriteNow> Drop for ConnIo<T> {
+impl<T: DeviceIo> Drop for ConnIo<T> {
     fn drop(&mut self) {
         // Dropped with a head half read and nothing answered: the header
         // deadline fired (or the device gave up; then nobody reads this).
@@ -236,19 +395,26 @@ impl<T: WriteNow> Drop for ConnIo<T> {
     }
 }
 
-/// A last write that must not wait: what fits in the socket's buffer goes,
-/// the rest is dropped with the connection.
-pub trait WriteNow {
+/// What [`ConnIo`] needs of a device stream beyond reading and writing.
+pub trait DeviceIo {
     /// Whether small vectored writes are best joined into one before
     /// reaching this stream ([`crate::coalesce`]); TLS joins them itself.
     const COALESCE: bool;
 
-    /// Writes what `buf` can without blocking.
+    /// A last write that must not wait: what fits in the socket's buffer
+    /// goes, the rest is dropped with the connection.
     fn write_now(&mut self, buf: &[u8]);
+
+    /// `Ready` once the socket underneath has something to read (or failed).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
-impl WriteNow for TcpStream {
+impl DeviceIo for TcpStream {
     const COALESCE: bool = true;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
 
     fn write_now(&mut self, mut buf: &[u8]) {
         while !buf.is_empty() {
@@ -260,8 +426,12 @@ impl WriteNow for TcpStream {
     }
 }
 
-impl WriteNow for tokio_rustls::server::TlsStream<TcpStream> {
+impl DeviceIo for tokio_rustls::server::TlsStream<TcpStream> {
     const COALESCE: bool = false;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_ref().0.poll_read_ready(cx)
+    }
 
     fn write_now(&mut self, buf: &[u8]) {
         use std::io::Write;
@@ -289,9 +459,9 @@ impl WriteNow for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
-impl<T: AsyncWrite + WriteNow + Unpin> ConnIo<T> {
+impl<T: AsyncWrite + DeviceIo + Unpin> ConnIo<T> {
     /// Passes a vectored write to the stream, small buffers joined into one
-    /// where the stream gains from it ([`WriteNow::COALESCE`]).
+    /// where the stream gains from it ([`DeviceIo::COALESCE`]).
     fn write_vectored_inner(
         &mut self,
         cx: &mut Context<'_>,
@@ -327,19 +497,25 @@ impl<T: AsyncWrite + WriteNow + Unpin> ConnIo<T> {
     }
 }
 
-impl<T: AsyncRead + WriteNow + Unpin> AsyncRead for ConnIo<T> {
+impl<T: AsyncRead + DeviceIo + Unpin> AsyncRead for ConnIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Pending => this.read_deadline(cx),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(())) => {
                 if let Some(read) = buf.filled().get(before..).filter(|r| !r.is_empty()) {
+                    this.active();
                     let was = this.head;
                     this.head = was.after(read);
                     if was == Head::Awaiting && matches!(this.head, Head::Blank | Head::Partial(_))
@@ -354,7 +530,7 @@ impl<T: AsyncRead + WriteNow + Unpin> AsyncRead for ConnIo<T> {
     }
 }
 
-impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for ConnIo<T> {
+impl<T: AsyncWrite + DeviceIo + Unpin> AsyncWrite for ConnIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,35 +1,52 @@
 //! One device connection served by hyper: the per-request service (each
-//! request takes the state current when it arrives), the drain, and the idle
-//! watchdog HTTP/2 connections need (HTTP/1.1's idle deadline is kept by
-//! [`super::conn_io`]).
+//! request takes the state current when it arrives), the drain, the parking
+//! of idle HTTP/1.1 connections, and the idle watchdog HTTP/2 connections
+//! need (HTTP/1.1's idle deadline is kept by [`super::conn_io`]).
+//!
+//! Parking: an HTTP/1.1 connection runs hyper's connection in a box of its
+//! own. When the IO reports the park point ([`Quiet`]: idle since its last
+//! answer for `Deadlines::park`, no byte of a new head, nothing in flight),
+//! the task asks hyper for a graceful shutdown, which ends an idle hyper
+//! connection at once without closing the socket; it takes back the IO, the
+//! bytes hyper read ahead and the service, and drops the box (hyper's
+//! buffers with it). The parked task holds the IO and waits for the socket
+//! to be readable, the idle deadline or the drain; bytes start a fresh hyper
+//! connection on the same IO and service (same peer, same request-id rules,
+//! same limits). A hyper connection that is not idle when asked (a request
+//! body still arriving after its answer) is left to finish and then closed,
+//! as a graceful shutdown does.
 
+use super::accept::Builders;
+use super::conn_io::{ConnIo, DeviceIo, Quiet};
 use super::live::Live;
 use crate::body::Body;
 use crate::gateway;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 /// What one accepted connection needs.
 pub(super) struct ConnContext {
-    pub(super) builder: Arc<auto::Builder<TokioExecutor>>,
-    /// Whether this connection needs the idle watchdog (HTTP/2 may).
-    pub(super) watch_idle: bool,
     pub(super) live: Arc<Live>,
     pub(super) peer: SocketAddr,
     pub(super) tls: bool,
     pub(super) idle_timeout: Duration,
     pub(super) drain: watch::Receiver<bool>,
     pub(super) done: mpsc::Sender<()>,
+    /// The connection's place under `limits.max_connections`, held until it ends.
+    pub(super) permit: OwnedSemaphorePermit,
 }
 
 /// Per-connection activity, for the idle timeout.
@@ -59,6 +76,89 @@ impl Drop for InFlight {
     }
 }
 
+/// An answer being sent on a parkable connection: counted from the service
+/// call until hyper drops the answer's body (its end, or the connection's).
+struct Answering(Arc<Quiet>);
+
+impl Answering {
+    fn new(quiet: &Arc<Quiet>) -> Answering {
+        quiet.in_flight.fetch_add(1, Ordering::Relaxed);
+        Answering(Arc::clone(quiet))
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body holding its [`Answering`] until dropped.
+    struct Counted {
+        #[pin]
+        body: Body,
+        answering: Answering,
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A parkable connection's answer future: the answer's body counted
+    /// until it is dropped.
+    struct CountedFuture<F> {
+        #[pin]
+        inner: F,
+        answering: Option<Answering>,
+    }
+}
+
+impl<F: Future<Output = Response<Body>>> Future for CountedFuture<F> {
+    type Output = Result<Response<Counted>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx));
+        let Some(answering) = this.answering.take() else {
+            // Polled after completion: hyper never does.
+            return Poll::Pending;
+        };
+        Poll::Ready(Ok(resp.map(|body| Counted { body, answering })))
+    }
+}
+
+/// Until the server drains (or is gone).
+async fn drained(drain: &mut watch::Receiver<bool>) {
+    let _ = drain.wait_for(|d| *d).await;
+}
+
+/// How a hyper connection on a parkable connection ended.
+enum Ended {
+    /// Closed (by the device, an error, a deadline, `connection: close`, the drain).
+    Closed(hyper::Result<()>),
+    /// Idle and handed back: park it.
+    Parked,
+}
+
 /// A response future as the `Result` hyper's services answer with.
 fn async_infallible<F: Future<Output = Response<Body>>>(
     f: F,
@@ -85,22 +185,162 @@ impl<F: Future<Output = Response<Body>>> Future for InfallibleFuture<F> {
 }
 
 impl ConnContext {
-    /// Serves HTTP/1.1 or HTTP/2 on `io` until the peer leaves, the
-    /// connection stays idle past `limits.idle_timeout`, or the server drains
-    /// (then in-flight requests finish first).
-    pub(super) async fn serve<I>(self, io: I)
-    where
+    /// Serves HTTP/1.1 on `io` (made with [`ConnIo::parkable`] and `quiet`)
+    /// until the peer leaves, the connection stays idle past
+    /// `limits.idle_timeout`, or the server drains (then in-flight requests
+    /// finish first); parked while idle (see the module documentation).
+    /// With `h2c`, HTTP/2 with prior knowledge when the device starts with
+    /// its preface. This future is a plain connection's whole task: what it
+    /// keeps across a park is what an idle connection costs.
+    pub(super) async fn serve_parkable<T>(
+        self,
+        builders: Arc<Builders>,
+        h2c: bool,
+        mut io: ConnIo<T>,
+        quiet: Arc<Quiet>,
+    ) where
+        T: AsyncRead + AsyncWrite + DeviceIo + Unpin + Send + 'static,
+    {
+        if h2c {
+            // Counted open while the protocol is not known yet.
+            let metrics = Arc::clone(self.live.state().metrics());
+            metrics.open_connections.inc();
+            let sniffed = io.sniff_http2().await;
+            metrics.open_connections.dec();
+            match sniffed {
+                // Boxed: HTTP/2's connection future is large, and inline it
+                // would size every HTTP/1.1 connection's task (parked ones too).
+                Ok(Some(true)) => {
+                    let io = TokioIo::new(io);
+                    return Box::pin(self.serve(&builders.http2, true, io)).await;
+                }
+                Ok(Some(false)) => {}
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+                    return;
+                }
+            }
+        }
+        let builder = &builders.http1;
+        let tls = self.tls;
+        let (live, peer, mut drain, done, permit) =
+            (self.live, self.peer, self.drain, self.done, self.permit);
+        let metrics = Arc::clone(live.state().metrics());
+        metrics.open_connections.inc();
+        let device = Arc::new(gateway::Peer::new(peer, tls));
+        let mut service = {
+            let quiet = Arc::clone(&quiet);
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let answering = Some(Answering::new(&quiet));
+                // Boxed, as in `serve`; the guard rides on the answer's body.
+                let answer = gateway::handle(live.state(), req, Arc::clone(&device), ());
+                Box::pin(CountedFuture {
+                    inner: answer,
+                    answering,
+                })
+            })
+        };
+        let mut closing = false;
+        loop {
+            // Boxed: while parked, hyper's connection (its buffers, its
+            // state) is dropped whole and the task keeps only the IO.
+            let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service));
+            let ended = loop {
+                tokio::select! {
+                    biased;
+                    result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                        break Ended::Closed(result);
+                    }
+                    () = drained(&mut drain), if !closing => {
+                        closing = true;
+                        Pin::new(&mut *conn).graceful_shutdown();
+                    }
+                    () = std::future::poll_fn(|_| {
+                        // Raised by the IO's timer, which wakes this task.
+                        if quiet.ready_to_park() { Poll::Ready(()) } else { Poll::Pending }
+                    }), if !closing => {
+                        // An idle hyper connection ends at once (without
+                        // closing the socket); a busy one finishes its
+                        // exchange and is closed.
+                        Pin::new(&mut *conn).graceful_shutdown();
+                        let polled = std::future::poll_fn(|cx| {
+                            Poll::Ready(conn.poll_without_shutdown(cx))
+                        })
+                        .await;
+                        match polled {
+                            Poll::Ready(Ok(())) => break Ended::Parked,
+                            Poll::Ready(Err(e)) => break Ended::Closed(Err(e)),
+                            Poll::Pending => closing = true,
+                        }
+                    }
+                }
+            };
+            match ended {
+                Ended::Closed(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    break;
+                }
+                Ended::Closed(Ok(())) => {
+                    // What hyper's own future does at its end.
+                    io = conn.into_parts().io.into_inner();
+                    let _ = io.shutdown().await;
+                    break;
+                }
+                Ended::Parked => {
+                    let parts = conn.into_parts();
+                    io = parts.io.into_inner();
+                    service = parts.service;
+                    // Bytes read ahead (pipelined) are never lost: a whole
+                    // head is served at once by a fresh hyper connection,
+                    // part of one waits parked for the rest.
+                    if !parts.read_buf.is_empty() && io.replay(parts.read_buf) {
+                        continue;
+                    }
+                }
+            }
+            metrics.parked_connections.inc();
+            let woken = tokio::select! {
+                biased;
+                result = io.parked() => Some(result.is_ok()),
+                () = drained(&mut drain) => None,
+            };
+            metrics.parked_connections.dec();
+            match woken {
+                Some(true) => {}
+                // The idle deadline (closed without a word, as unparked).
+                Some(false) => break,
+                // Draining: closed as hyper closes an idle connection.
+                None => {
+                    let _ = io.shutdown().await;
+                    break;
+                }
+            }
+        }
+        metrics.open_connections.dec();
+        drop(done);
+        drop(permit);
+    }
+
+    /// Serves HTTP/2, or HTTP/1.1 and HTTP/2 (`server.h2c`), on `io` until
+    /// the peer leaves, the connection stays idle past `limits.idle_timeout`,
+    /// or the server drains (then in-flight requests finish first).
+    pub(super) async fn serve<I>(
+        self,
+        builder: &auto::Builder<TokioExecutor>,
+        watch_idle: bool,
+        io: I,
+    ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let ConnContext {
-            builder,
-            watch_idle,
             live,
             peer,
             tls,
             idle_timeout,
             mut drain,
             done,
+            permit,
         } = self;
         let metrics = Arc::clone(live.state().metrics());
         metrics.open_connections.inc();
@@ -177,5 +417,6 @@ impl ConnContext {
         }
         metrics.open_connections.dec();
         drop(done);
+        drop(permit);
     }
 }

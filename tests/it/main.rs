@@ -21,6 +21,7 @@ mod encryption;
 mod example_config;
 mod limits;
 mod observability;
+mod parking;
 mod proptest_gateway;
 mod runners;
 mod scripts;

@@ -980,6 +980,54 @@ async fn a_head_cut_short_over_tls_gets_the_408_envelope() {
     responses[0].assert_envelope(408);
 }
 
+/// An idle HTTPS/1.1 connection is parked like a plain one (the TLS session
+/// kept with the socket) and serves its next request when woken.
+#[tokio::test]
+async fn an_idle_https_connection_is_parked_and_served_again() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start().await;
+    let (gw, ca, _dir) = https_gateway(&backend, "idle_timeout = \"3s\"").await;
+    let mut s = tls_connect(gw.addr, "localhost", &ca.ca.cert_pem, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let request =
+        format!("GET /api/status HTTP/1.1\r\nHost: localhost\r\nApi-Key: {IOS_KEY}\r\n\r\n");
+    for round in 0..3 {
+        s.write_all(request.as_bytes()).await.unwrap();
+        let resp = read_tls_response(&mut s).await;
+        assert_eq!(resp.status, 200, "round {round}: {}", resp.text());
+        // Parked a second after the answer.
+        let started = std::time::Instant::now();
+        while gw.state.metrics().parked_connections.get() != 1 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "round {round}: not parked"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(backend.count("/status"), 3);
+}
+
+/// Reads one HTTP/1.1 answer with a Content-Length from a TLS stream.
+async fn read_tls_response(s: &mut TlsStream<TcpStream>) -> Resp {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(TIMEOUT, s.read(&mut chunk))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before a whole answer");
+        buf.extend_from_slice(&chunk[..n]);
+        let (mut responses, _) = support::parse_responses(&buf);
+        if let Some(resp) = responses.pop() {
+            return resp;
+        }
+    }
+}
+
 /// Over TLS too, a client that closes its sending side (close_notify and a
 /// TCP half-close) right after a complete request gets the answer.
 #[tokio::test]
