@@ -2,6 +2,10 @@
 //! Order for every request:
 //! bearer token (401) → route (404/405) → permission (403) → body (400/413)
 //! → arguments (400) → lock (409) → capacity (429) → audit + store (503) → run.
+//!
+//! Longer than the crate's 600-line guide on purpose: one table of endpoints,
+//! read top to bottom in the order every request is checked; each handler is
+//! short.
 
 use super::{lock, Core, Ctx, Job, Refusal, METADATA_ONLY_OUTPUT};
 use crate::body::Body;

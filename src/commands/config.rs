@@ -1,5 +1,9 @@
 //! `[commands]`: raw serde shape (unknown keys rejected) and its validation into
 //! [`CommandsConfig`]. Every problem is reported through [`Problems`].
+//!
+//! Longer than the crate's 600-line guide on purpose: one table of settings —
+//! each key's raw shape, typed value and validation side by side, so a key's
+//! checks are found by its name — plus djangocommand's two default lists.
 
 use crate::config::problems::Problems;
 use crate::config::units::{parse_duration, parse_size};

@@ -3,6 +3,11 @@
 //! run in their own process group, and finish (audit line on disk) before
 //! anyone sees them finished; jobs interrupted by a crash are recovered at
 //! start.
+//!
+//! Longer than the crate's 600-line guide on purpose: a job's life from refusal
+//! to finish is one sequence whose order is the invariant (audit line, then job
+//! record, then run, then the finished line); the runner side already lives in
+//! `remote_jobs`.
 
 use super::config::CommandsConfig;
 use super::introspect::{self, CommandInfo, Known};

@@ -23,6 +23,11 @@
 //!
 //! A runner that has not polled for `commands.lease` is lost: its jobs end
 //! `lost` and are never re-run.
+//!
+//! Longer than the crate's 600-line guide on purpose: the runner registry and
+//! the `/__runner__/` endpoints share each runner's state (lease, queue,
+//! cancels, description) under one lock; split, that state would be open to a
+//! second module.
 
 use super::introspect::{forbidden_key, CommandInfo};
 use super::jobs::{lock, Job};
@@ -199,6 +204,10 @@ struct SlotState {
     queue: VecDeque<Dispatch>,
     cancels: Vec<String>,
     running: HashMap<String, Running>,
+    /// Number of the latest poll. A runner holds one poll at a time, so an
+    /// older poll still held is a dead process's (or a stale connection's):
+    /// it is answered empty at once and work goes to the newest only.
+    poll_seq: u64,
 }
 
 struct Slot {
@@ -739,7 +748,7 @@ async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Result<Response<Body>
             .map(|v| v.chars().take(64).collect::<String>())
     };
     let (version, described) = (field("version"), field("described"));
-    {
+    let me = {
         let mut st = lock(&slot.st);
         if st.described.as_ref().map(|(d, _)| d) != described.as_ref() {
             // Not connected until it has told what it runs.
@@ -753,7 +762,11 @@ async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Result<Response<Body>
         if version.is_some() {
             st.version = version;
         }
-    }
+        st.poll_seq += 1;
+        st.poll_seq
+    };
+    // Older polls of this runner give way to this one.
+    slot.wake.notify_waiters();
     let deadline = tokio::time::Instant::now() + reg.hold();
     loop {
         let notified = slot.wake.notified();
@@ -766,6 +779,12 @@ async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Result<Response<Body>
             }
             if st.moved {
                 return Ok(reply(StatusCode::OK, &json!({"jobs": [], "cancel": []})));
+            }
+            if st.poll_seq != me {
+                return Ok(reply(
+                    StatusCode::OK,
+                    &json!({"jobs": [], "cancel": [], "superseded": true}),
+                ));
             }
             if !st.queue.is_empty() || !st.cancels.is_empty() {
                 let jobs: Vec<Dispatch> = st.queue.drain(..).collect();

@@ -11,6 +11,10 @@
 //! Output goes up in order with byte offsets; a 416 answer carries the
 //! gateway's length and the runner resumes from there, so retries never
 //! duplicate or lose bytes.
+//!
+//! Longer than the crate's 600-line guide on purpose: the runner is one client
+//! loop (connect, describe, poll, run, report output, finish) over one state,
+//! and reads top to bottom as the protocol's other side.
 
 mod describe;
 
@@ -285,6 +289,14 @@ pub async fn run(cfg: RunnerConfig) {
                 continue;
             }
         };
+        if value.get("superseded").and_then(Value::as_bool) == Some(true) {
+            // A newer poll with this runner's token is held by the gateway:
+            // another process uses it. Back off rather than take turns.
+            tracing::warn!("the gateway holds a newer poll for this runner: is a second runner using its token?");
+            tokio::time::sleep(backoff(attempt)).await;
+            attempt = attempt.saturating_add(1);
+            continue;
+        }
         if value.get("describe").and_then(Value::as_bool) == Some(true) {
             // The gateway does not hold this runner's description (yet).
             // Asked again right after describing: another process uses this

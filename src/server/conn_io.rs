@@ -32,6 +32,10 @@
 //! next hyper connection first ([`ConnIo::replay`]). The head state, the time
 //! the wait began and the timer stay in the wrapper, so the idle and header
 //! deadlines run across a park exactly as without it.
+//!
+//! Longer than the crate's 600-line guide on purpose: one IO type whose poll
+//! methods drive the deadline state they share; split, the state machine would
+//! be read in two places.
 
 use super::parse_errors::{
     answer, is_interim, replacement, replacement_candidate, ErrorStyle, Replacement,

@@ -172,7 +172,8 @@ pub fn run_in_background(env: &Env, cmd: &str, body: &str) -> tokio::task::JoinH
     tokio::spawn(async move { send(addr, Method::POST, &path, Some(ALICE), &body, &[]).await })
 }
 
-/// The id of the first job the audit log shows accepted (waits up to 5 s).
+/// The id of the first job the audit log shows accepted and the job store
+/// holds (waits up to 5 s).
 pub async fn accepted_job_id(env: &Env) -> String {
     for _ in 0..250 {
         // The line may not be written yet.
@@ -180,8 +181,12 @@ pub async fn accepted_job_id(env: &Env) -> String {
             .audit()
             .iter()
             .find_map(|line| line["job_id"].as_str().map(str::to_owned));
+        // The `accepted` line is fsynced before the job record is committed:
+        // wait until the job itself can be read too.
         if let Some(id) = id {
-            return id;
+            if get(env, &format!("/__manage__/jobs/{id}")).await.status == 200 {
+                return id;
+            }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
