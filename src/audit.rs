@@ -15,6 +15,9 @@
 //! goes to the process log (an `audit record written` line with the record's
 //! `seq` and `head`, the hash of the whole line): with the last anchor seen
 //! there, [`verify`] tells a log cut short (or its last lines replaced).
+//!
+//! Over the crate's 600-line guide only with its unit tests, which sit beside
+//! the code.
 
 use crate::secret::{hex, sha256};
 use serde::Serialize;

@@ -9,6 +9,9 @@
 //!   its outcome, a failure included.
 //! - A refused token is remembered for `negative_ttl` and never served from
 //!   `stale_if_error`.
+//!
+//! Over the crate's 600-line guide only with its unit tests, which sit beside
+//! the code.
 
 use crate::cluster::seal::Stored;
 use crate::cluster::{Cluster, Local};

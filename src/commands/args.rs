@@ -2,6 +2,9 @@
 //! omitted, a list → the option repeated, `"args": [...]` → positional
 //! arguments after `--`. Values are always glued to their option with `=`, so a
 //! value can never become an option of its own. Nothing here touches a shell.
+//!
+//! Over the crate's 600-line guide only with its unit tests, which sit beside
+//! the code.
 
 use super::config::{CommandsConfig, OptionSpec, OptionType, POSITIONAL};
 use super::introspect::{forbidden_key, normalize, CommandInfo, DjangoOption, Kind, Repeat};
