@@ -132,19 +132,7 @@ async fn the_header_deadline_runs_from_the_first_byte_after_a_wake_up() {
     assert_eq!(read_raw_response(&mut s).await.status, 200);
     wait_parked(&gw, 1).await;
     // Half a head wakes the connection; the rest never comes.
-    let started = Instant::now();
-    s.write_all(b"GET /api/sta").await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .expect("closed after the 408")
-        .unwrap();
-    let took = started.elapsed();
-    let (responses, _) = parse_responses(&buf);
-    assert_eq!(responses.len(), 1, "{}", String::from_utf8_lossy(&buf));
-    responses[0].assert_envelope(408);
-    assert!(took >= Duration::from_millis(400), "{took:?}");
-    assert!(took < Duration::from_millis(2500), "{took:?}");
+    assert_half_head_gets_408(&mut s).await;
 }
 
 #[tokio::test]

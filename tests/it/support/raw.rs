@@ -24,6 +24,25 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> Resp {
     .expect("raw response in time")
 }
 
+/// Sends half a request head on `s` and asserts the gateway answers 408 and
+/// closes once a `header_read_timeout` of 500 ms has passed (not before it,
+/// nor as late as an idle timeout).
+pub async fn assert_half_head_gets_408(s: &mut TcpStream) {
+    let started = std::time::Instant::now();
+    s.write_all(b"GET /api/sta").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("closed after the 408")
+        .unwrap();
+    let took = started.elapsed();
+    let (responses, _) = parse_responses(&buf);
+    assert_eq!(responses.len(), 1, "{}", String::from_utf8_lossy(&buf));
+    responses[0].assert_envelope(408);
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+}
+
 /// Reads one HTTP/1.1 response (Content-Length or until EOF) from `s`.
 pub async fn read_raw_response(s: &mut TcpStream) -> Resp {
     let mut buf = Vec::new();
