@@ -3,7 +3,9 @@
 //! drop. `scripts/test` installs `redis-server` when it is missing.
 
 use super::gateway::{GatewayConfig, IOS_KEY};
-use super::process::{binary, free_addr, free_port, send_signal, spawn_listening, ChildGuard};
+use super::process::{
+    binary, free_addr, free_port, send_signal, spawn_listening, wait_listening, ChildGuard,
+};
 use super::{Req, TIMEOUT};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -182,7 +184,9 @@ impl Node {
         let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
         let mut cmd = binary(&path);
         cmd.env("PORTCULLIS_LOG", "info").stderr(log);
-        let guard = spawn_listening(cmd, addr).await;
+        let mut guard = spawn_listening(cmd, addr).await;
+        // The admin listener is bound just after the main one.
+        wait_listening(admin, &mut guard).await;
         let node = Node {
             addr,
             admin,

@@ -130,6 +130,8 @@ audit_log = "{audit}"
             .unwrap();
         let mut guard = ChildGuard(Some(child));
         wait_listening(self.addr, &mut guard).await;
+        // The admin listener is bound just after the main one.
+        wait_listening(self.admin, &mut guard).await;
         guard
     }
 
