@@ -9,6 +9,31 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc, not the system allocator: an idle connection's few
+/// long-lived allocations share pages with others of their size, so the
+/// pages a burst of requests used and freed (hyper's buffers, request
+/// futures) go back to the system ([`release_freed_pages_at_once`]). glibc's
+/// malloc kept most of them: about 8 KiB per idle connection after a burst
+/// (`bench/memory.sh`, docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in the `mimalloc.h` of the version Cargo.toml pins.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Free pages go back to the system when freed, not after mimalloc's delay
+/// (1 s): a delayed purge only runs on a later allocation, which an idle
+/// gateway does not make, so what a burst left would stay resident. No cost
+/// seen per request (`bench/run.sh`). `MIMALLOC_PURGE_DELAY` in the
+/// environment still decides when set.
+fn release_freed_pages_at_once() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one of mimalloc's options, a plain integer it reads
+        // atomically; any value is valid.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    }
+}
+
 /// Exit status for an invalid configuration or usage (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
@@ -85,6 +110,7 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
+    release_freed_pages_at_once();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&cli.config),
