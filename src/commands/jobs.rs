@@ -79,6 +79,8 @@ pub(super) struct Job {
     pub(super) audit_failed: AtomicBool,
     /// Process group of the running process (0 before start and after exit).
     pub(super) pgid: std::sync::atomic::AtomicU32,
+    /// Cluster mode: bytes of output already in Redis (held while sending).
+    pub(super) shared_sent: tokio::sync::Mutex<u64>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,6 +120,7 @@ impl Job {
             cancel,
             audit_failed: AtomicBool::new(false),
             pgid: std::sync::atomic::AtomicU32::new(0),
+            shared_sent: tokio::sync::Mutex::new(0),
         })
     }
 

@@ -165,7 +165,24 @@ impl Node {
         instance: &str,
         cluster_lines: &[&str],
     ) -> Node {
+        Node::start_with(cfg, redis_url, name, instance, cluster_lines, |_| {
+            String::new()
+        })
+        .await
+    }
+
+    /// [`Node::start_url`] with `local(dir)` appended to the configuration,
+    /// `dir` being this node's own directory (for its audit log and state).
+    pub async fn start_with(
+        cfg: &GatewayConfig,
+        redis_url: &str,
+        name: &str,
+        instance: &str,
+        cluster_lines: &[&str],
+        local: impl Fn(&std::path::Path) -> String,
+    ) -> Node {
         let dir = tempfile::tempdir().expect("node dir");
+        let cfg = cfg.clone().extra(&local(dir.path()));
         let addr = free_addr();
         let admin = free_addr();
         let mut table = format!(
@@ -196,6 +213,11 @@ impl Node {
         };
         node.wait_metric("portcullis_cluster_up", 1.0).await;
         node
+    }
+
+    /// This node's own directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Everything the process logged so far.
