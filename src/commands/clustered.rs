@@ -301,24 +301,23 @@ impl Core {
         cl: &Cluster,
         ids: &[String],
     ) -> Result<Vec<Option<JobRecord>>, ()> {
+        // Whose owner still renews its lease, asked before the records are
+        // read: a lease never comes back, and an owner ends it only after
+        // storing the final record, so a record still open after its lease
+        // was seen lapsed is lost (never a job that just ended).
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let alive = cl.jobs_alive(&refs).await?;
         let blobs = cl.job_get_many(ids).await?;
         let mut recs: Vec<Option<JobRecord>> = blobs
             .into_iter()
             .map(|b| b.and_then(|b| serde_json::from_slice(&b).ok()))
             .collect();
-        // Still going, and not here: does its owner still renew its lease?
-        let open: Vec<&str> = recs
+        let dead: Vec<String> = recs
             .iter()
-            .flatten()
+            .zip(&alive)
+            .filter_map(|(r, alive)| r.as_ref().filter(|_| !alive))
             .filter(|r| !r.status.is_final() && self.live(&r.id).is_none())
-            .map(|r| r.id.as_str())
-            .collect();
-        let alive = cl.jobs_alive(&open).await?;
-        let dead: Vec<String> = open
-            .iter()
-            .zip(alive)
-            .filter(|(_, a)| !a)
-            .map(|(id, _)| (*id).to_owned())
+            .map(|r| r.id.clone())
             .collect();
         for rec in recs.iter_mut().flatten() {
             if dead.contains(&rec.id) {

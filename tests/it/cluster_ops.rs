@@ -37,8 +37,11 @@ redact = ["password"]
     )
 }
 
-/// Three nodes of cluster `name` with `extra` in every `[commands]`.
-async fn three(redis: &RedisServer, backend: &Backend, name: &str, extra: &str) -> [Node; 3] {
+/// A Redis, a backend, and three nodes of cluster `name` on them with
+/// `extra` in every `[commands]`.
+async fn three(name: &str, extra: &str) -> (RedisServer, Backend, [Node; 3]) {
+    let redis = RedisServer::start().await;
+    let backend = Backend::start().await;
     let cfg = GatewayConfig::new(backend.url());
     let lines = ["timeout = \"300ms\""];
     let local = |dir: &Path| commands_toml(dir, extra);
@@ -48,7 +51,7 @@ async fn three(redis: &RedisServer, backend: &Backend, name: &str, extra: &str) 
         Node::start_with(&cfg, &url, name, "gw-b", &lines, local),
         Node::start_with(&cfg, &url, name, "gw-c", &lines, local),
     );
-    [a, b, c]
+    (redis, backend, [a, b, c])
 }
 
 /// A request to `/__manage__…` on `node` as alice.
@@ -119,8 +122,6 @@ fn events(text: &str) -> (Vec<(u64, String)>, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_started_on_one_instance_is_followed_and_cancelled_on_the_others() {
-    let redis = RedisServer::start().await;
-    let backend = Backend::start().await;
     let extra = r#"
 [commands.rules.count]
 options = { password = "string" }
@@ -131,7 +132,7 @@ argv = ["sh", "-c", 'for i in 1 2 3 4 5 6; do echo "OUTPUT-MARK-$i"; sleep 0.3; 
 name = "hang"
 argv = ["sh", "-c", "sleep 41.17 & sleep 41.18; wait"]
 "#;
-    let [a, b, c] = three(&redis, &backend, "ops", extra).await;
+    let (redis, _backend, [a, b, c]) = three("ops", extra).await;
 
     // Started on A, with an argument marked secret.
     let r = run(&a, "count", r#"{"data": {"password": "ARG-SECRET-77"}}"#).await;
@@ -295,8 +296,6 @@ argv = ["sh", "-c", "sleep 41.17 & sleep 41.18; wait"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_and_run_slots_hold_for_the_whole_cluster() {
-    let redis = RedisServer::start().await;
-    let backend = Backend::start().await;
     let extra = r#"
 max_concurrent = 1
 max_queued = 1
@@ -314,7 +313,7 @@ argv = ["true"]
 name = "nap"
 argv = ["sleep", "0.61"]
 "#;
-    let [a, b, c] = three(&redis, &backend, "locks", extra).await;
+    let (_redis, _backend, [a, b, c]) = three("locks", extra).await;
 
     let m = accepted(&run(&a, "mig", "").await);
     let second = run(&b, "mig", "").await;
@@ -352,8 +351,6 @@ argv = ["sleep", "0.61"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_schedule_tick_runs_once_in_the_cluster() {
-    let redis = RedisServer::start().await;
-    let backend = Backend::start().await;
     let shared = tempfile::tempdir().unwrap();
     let ticks = shared.path().join("ticks");
     let extra = format!(
@@ -367,7 +364,7 @@ cron = "* * * * * *"
 "#,
         ticks = ticks.display()
     );
-    let nodes = three(&redis, &backend, "sched", &extra).await;
+    let (_redis, _backend, nodes) = three("sched", &extra).await;
     tokio::time::sleep(Duration::from_millis(4500)).await;
     // Each run's accepted line, from every instance: the second it was
     // accepted in (the tick it ran for).
@@ -423,15 +420,13 @@ cron = "* * * * * *"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_remote_operations_answer_503_and_devices_are_served() {
-    let redis = RedisServer::start().await;
-    let backend = Backend::start().await;
-    backend.on("/status", Reply::json(200, serde_json::json!({"ok": true})));
     let extra = r#"
 [[commands.custom]]
 name = "hello"
 argv = ["echo", "hello"]
 "#;
-    let [a, b, _c] = three(&redis, &backend, "down", extra).await;
+    let (redis, backend, [a, b, _c]) = three("down", extra).await;
+    backend.on("/status", Reply::json(200, serde_json::json!({"ok": true})));
     let id = accepted(&run(&a, "hello", "").await);
     assert_eq!(ended(&b, &id, 10).await["status"], "succeeded");
 
@@ -508,4 +503,99 @@ fn check_accepts_local_commands_and_refuses_runners_in_a_cluster() {
         "{stderr}"
     );
     assert!(!stderr.contains(CLUSTER_SECRET), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instance_leaves_its_jobs_lost_and_its_lock_free() {
+    let extra = r#"
+[commands.rules.hold]
+lock = "deploy"
+[commands.rules.after]
+lock = "deploy"
+[[commands.custom]]
+name = "hold"
+argv = ["sh", "-c", "echo $$; exec sleep 44.71"]
+[[commands.custom]]
+name = "after"
+argv = ["echo", "free"]
+"#;
+    let (_redis, _backend, [mut a, b, c]) = three("dies", extra).await;
+    let id = accepted(&run(&a, "hold", "").await);
+    // The job's process group, from its first output line (read on B).
+    let resp = op(&b, "GET", &format!("/__manage__/jobs/{id}/output"))
+        .send_streaming()
+        .await;
+    let mut body = resp.into_body();
+    let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("output within 10 s")
+        .expect("stream open")
+        .expect("frame")
+        .into_data()
+        .expect("data");
+    drop(body);
+    let pgid: u32 = String::from_utf8_lossy(&frame).trim().parse().expect("pid");
+    /// Kills what the dead instance left behind (its own process group).
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.0)])
+                .status();
+        }
+    }
+    let _reap = Reap(pgid);
+    assert_eq!(run(&b, "after", "").await.status, 409);
+
+    // A dies without a word: its lease lapses within 15 s.
+    a.kill();
+    let started = std::time::Instant::now();
+    let lost = loop {
+        let rec = status(&c, &id).await;
+        if rec["status"] != "running" {
+            break rec;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "still running after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(lost["status"], "lost", "{lost}");
+    assert!(lost["reason"].as_str().unwrap().contains("gw-a"), "{lost}");
+    assert_eq!(status(&b, &id).await["status"], "lost");
+    let cancel = op(&b, "POST", &format!("/__manage__/jobs/{id}/cancel"))
+        .send()
+        .await;
+    assert_eq!(cancel.status, 409, "{}", cancel.text());
+    // The lock went with the lease.
+    let r = run(&b, "after", "").await;
+    let after = accepted(&r);
+    assert_eq!(ended(&c, &after, 10).await["status"], "succeeded");
+    let listed = op(&c, "GET", "/__manage__/jobs?status=lost")
+        .send()
+        .await
+        .json();
+    assert_eq!(listed["jobs"][0]["id"], id.as_str(), "{listed}");
+
+    // A starts again: it kills what its run left, marks it failed in its
+    // own audit log and store, and tells the cluster.
+    a.restart().await;
+    assert!(no_process_with("sleep 44.71").await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let rec = loop {
+        let rec = status(&b, &id).await;
+        if rec["status"] != "lost" || tokio::time::Instant::now() > deadline {
+            break rec;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(rec["status"], "failed", "{rec}");
+    assert_eq!(rec["reason"], "gateway restarted");
+    let a_lines = audit_lines(&a.dir().join("audit.jsonl"));
+    let last = a_lines.last().unwrap();
+    assert_eq!(last["event"], "finished");
+    assert_eq!(last["job_id"], id.as_str());
+    assert_eq!(last["instance"], "gw-a");
 }

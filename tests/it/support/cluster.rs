@@ -139,7 +139,7 @@ pub struct Node {
     /// The admin listener (`/metrics`, `/readyz`).
     pub admin: SocketAddr,
     pub instance: String,
-    _guard: ChildGuard,
+    guard: ChildGuard,
     dir: tempfile::TempDir,
 }
 
@@ -196,23 +196,49 @@ impl Node {
             .clone()
             .server(&format!("admin_listen = \"{admin}\""))
             .extra(&table);
-        let path = dir.path().join("portcullis.toml");
-        std::fs::write(&path, cfg.toml(addr)).expect("write config");
-        let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
-        let mut cmd = binary(&path);
-        cmd.env("PORTCULLIS_LOG", "info").stderr(log);
-        let mut guard = spawn_listening(cmd, addr).await;
-        // The admin listener is bound just after the main one.
-        wait_listening(admin, &mut guard).await;
+        std::fs::write(dir.path().join("portcullis.toml"), cfg.toml(addr)).expect("write config");
+        let guard = Node::spawn(dir.path(), addr, admin).await;
         let node = Node {
             addr,
             admin,
             instance: instance.to_owned(),
-            _guard: guard,
+            guard,
             dir,
         };
         node.wait_metric("portcullis_cluster_up", 1.0).await;
         node
+    }
+
+    /// Starts the process on `dir/portcullis.toml` (logging to
+    /// `dir/stderr.log`, appended) and waits for both listeners.
+    async fn spawn(dir: &std::path::Path, addr: SocketAddr, admin: SocketAddr) -> ChildGuard {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("stderr.log"))
+            .expect("log file");
+        let mut cmd = binary(&dir.join("portcullis.toml"));
+        cmd.env("PORTCULLIS_LOG", "info").stderr(log);
+        let mut guard = spawn_listening(cmd, addr).await;
+        // The admin listener is bound just after the main one.
+        wait_listening(admin, &mut guard).await;
+        guard
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.guard.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again (after [`Node::kill`]) with the same
+    /// configuration, directory and ports, and waits until Redis is up.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.guard = Node::spawn(self.dir.path(), self.addr, self.admin).await;
+        self.wait_metric("portcullis_cluster_up", 1.0).await;
     }
 
     /// This node's own directory.
