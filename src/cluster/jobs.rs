@@ -8,13 +8,16 @@
 //! - `out:<id>`: a stream of sealed output chunks, each with the id
 //!   `<byte offset after it>-0` (so `Last-Event-ID` maps to a stream id);
 //! - `cancel:<id>`: a sealed cancel request for the owner to pick up;
-//! - `lock:<name>`: a `lock = "..."` held by a job (`SET NX PX`, renewed
+//! - `lock:<hash>`: a `lock = "..."` held by a job (`SET NX PX`, renewed
 //!   while the job runs, deleted by its holder only);
 //! - `pending`, `running`: leased members (job ids, score = lease end in ms)
 //!   of the jobs accepted and of those holding a run slot (`max_concurrent`);
 //!   an instance that dies stops renewing and its members lapse;
-//! - `sched:<n>:<command>:<unix>`: the claim of one schedule tick, and
-//!   `sched:<n>:<command>:last`: the job id of the schedule's latest run.
+//! - `sched:<hash>:<unix ms>`: the claim of one schedule tick, and
+//!   `sched:<hash>:last`: the job id of the schedule's latest run.
+//!
+//! Lock and schedule names appear only as `<hash>`, a keyed hash (under
+//! `cluster.secret`) of the name; job ids are a time and random bits.
 
 use super::Cluster;
 use std::time::Duration;
@@ -121,6 +124,15 @@ impl Cluster {
 
     fn key(&self, suffix: &str) -> String {
         format!("{}{suffix}", self.prefix)
+    }
+
+    /// The key of something named in the configuration (a lock, a
+    /// schedule): `<kind>:<keyed hash of the name>`.
+    fn named(&self, kind: &str, name: &str) -> String {
+        let hash = self
+            .keys
+            .limit_hash(&format!("ops {kind}"), name.as_bytes());
+        self.key(&format!("{kind}:{}", crate::secret::hex(&hash)))
     }
 
     /// Seals `plain` under the Redis key `key` (full key, as stored).
@@ -288,7 +300,7 @@ impl Cluster {
     ) -> Shared<Option<String>> {
         let script = redis::Script::new(LOCK_TAKE);
         let mut inv = script.prepare_invoke();
-        inv.key(self.key(&format!("lock:{name}")))
+        inv.key(self.named("lock", name))
             .arg(holder)
             .arg(millis(lease));
         let got: String = self.invoke(&inv).await.ok_or(())?;
@@ -299,7 +311,7 @@ impl Cluster {
     pub async fn lock_renew(&self, name: &str, holder: &str, lease: Duration) -> Shared<bool> {
         let script = redis::Script::new(LOCK_RENEW);
         let mut inv = script.prepare_invoke();
-        inv.key(self.key(&format!("lock:{name}")))
+        inv.key(self.named("lock", name))
             .arg(holder)
             .arg(millis(lease));
         self.invoke::<i64>(&inv).await.map(|n| n == 1).ok_or(())
@@ -309,7 +321,7 @@ impl Cluster {
     pub async fn lock_release(&self, name: &str, holder: &str) -> Shared<()> {
         let script = redis::Script::new(LOCK_RELEASE);
         let mut inv = script.prepare_invoke();
-        inv.key(self.key(&format!("lock:{name}"))).arg(holder);
+        inv.key(self.named("lock", name)).arg(holder);
         self.invoke::<i64>(&inv).await.map(|_| ()).ok_or(())
     }
 
@@ -388,11 +400,11 @@ impl Cluster {
         Ok(flags.into_iter().map(|f| f == 1).collect())
     }
 
-    /// Claims `what` (a schedule tick) for this instance: true for exactly
-    /// one caller in the cluster until `ttl` has passed.
-    pub async fn claim(&self, what: &str, ttl: Duration) -> Shared<bool> {
+    /// Claims one tick (at `at_millis`) of schedule `schedule` for this
+    /// instance: true for exactly one caller in the cluster until `ttl`.
+    pub async fn claim_tick(&self, schedule: &str, at_millis: i64, ttl: Duration) -> Shared<bool> {
         let mut set = redis::cmd("SET");
-        set.arg(self.key(what))
+        set.arg(format!("{}:{at_millis}", self.named("sched", schedule)))
             .arg(self.instance())
             .arg("NX")
             .arg("PX")
@@ -401,18 +413,18 @@ impl Cluster {
         Ok(got.is_some())
     }
 
-    /// A plain (not secret) value: `sched:…:last` job ids.
-    pub async fn get_plain(&self, what: &str) -> Shared<Option<String>> {
+    /// The job id of schedule `schedule`'s latest run.
+    pub async fn schedule_last(&self, schedule: &str) -> Shared<Option<String>> {
         let mut get = redis::cmd("GET");
-        get.arg(self.key(what));
+        get.arg(format!("{}:last", self.named("sched", schedule)));
         self.call(&get).await.ok_or(())
     }
 
-    /// Stores a plain (not secret) value for `ttl`.
-    pub async fn set_plain(&self, what: &str, value: &str, ttl: Duration) -> Shared<()> {
+    /// Notes job `id` as schedule `schedule`'s latest run, for `ttl`.
+    pub async fn set_schedule_last(&self, schedule: &str, id: &str, ttl: Duration) -> Shared<()> {
         let mut set = redis::cmd("SET");
-        set.arg(self.key(what))
-            .arg(value)
+        set.arg(format!("{}:last", self.named("sched", schedule)))
+            .arg(id)
             .arg("PX")
             .arg(millis(ttl));
         self.call::<String>(&set).await.map(|_| ()).ok_or(())

@@ -382,7 +382,7 @@ impl Core {
         at_millis: i64,
     ) -> Claim {
         match cl
-            .claim(&format!("sched:{index}:{command}:{at_millis}"), CLAIM_TTL)
+            .claim_tick(&format!("{index}:{command}"), at_millis, CLAIM_TTL)
             .await
         {
             Ok(true) => Claim::Mine,
@@ -400,7 +400,7 @@ impl Core {
         command: &str,
     ) -> Option<String> {
         let last = cl
-            .get_plain(&format!("sched:{index}:{command}:last"))
+            .schedule_last(&format!("{index}:{command}"))
             .await
             .ok()
             .flatten()?;
@@ -420,7 +420,7 @@ impl Core {
     ) {
         let ttl = self.cfg().job_retention;
         let _ = cl
-            .set_plain(&format!("sched:{index}:{command}:last"), id, ttl)
+            .set_schedule_last(&format!("{index}:{command}"), id, ttl)
             .await;
     }
 }

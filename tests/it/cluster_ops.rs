@@ -275,8 +275,15 @@ argv = ["sh", "-c", "sleep 41.17 & sleep 41.18; wait"]
     assert!(dump.iter().any(|(k, _)| k.contains(&format!("job:{id}"))));
     for (key, value) in &dump {
         assert!(key.starts_with("portcullis:ops:"), "{key}");
-        for secret in ["OUTPUT-MARK", "ARG-SECRET-77", ALICE, "alice", "count"] {
-            assert!(!key.contains(secret) || secret == "count", "{key}");
+        for secret in [
+            "OUTPUT-MARK",
+            "ARG-SECRET-77",
+            ALICE,
+            "alice",
+            "count",
+            "hang",
+        ] {
+            assert!(!key.contains(secret), "{key}");
             assert!(
                 !value.windows(secret.len()).any(|w| w == secret.as_bytes()),
                 "{key} holds {secret:?}"
@@ -313,7 +320,7 @@ argv = ["true"]
 name = "nap"
 argv = ["sleep", "0.61"]
 "#;
-    let (_redis, _backend, [a, b, c]) = three("locks", extra).await;
+    let (redis, _backend, [a, b, c]) = three("locks", extra).await;
 
     let m = accepted(&run(&a, "mig", "").await);
     let second = run(&b, "mig", "").await;
@@ -334,6 +341,14 @@ argv = ["sleep", "0.61"]
         .iter()
         .any(|l| l["event"] == "rejected" && l["http_status"] == 409));
 
+    // The lock is in Redis under a keyed hash of its name.
+    let keys: Vec<String> = redis.dump().await.into_iter().map(|(k, _)| k).collect();
+    assert!(keys.iter().any(|k| k.contains(":lock:")), "{keys:?}");
+    assert!(
+        keys.iter()
+            .all(|k| !k.contains("schema") && !k.contains("mig")),
+        "{keys:?}"
+    );
     assert_eq!(ended(&c, &m, 10).await["status"], "succeeded");
     // The lock is free once the holder ended, on every instance.
     let after = run(&c, "mig2", "").await;
@@ -364,8 +379,11 @@ cron = "* * * * * *"
 "#,
         ticks = ticks.display()
     );
-    let (_redis, _backend, nodes) = three("sched", &extra).await;
+    let (redis, _backend, nodes) = three("sched", &extra).await;
     tokio::time::sleep(Duration::from_millis(4500)).await;
+    let keys: Vec<String> = redis.dump().await.into_iter().map(|(k, _)| k).collect();
+    assert!(keys.iter().any(|k| k.contains(":sched:")), "{keys:?}");
+    assert!(keys.iter().all(|k| !k.contains("tick")), "{keys:?}");
     // Each run's accepted line, from every instance: the second it was
     // accepted in (the tick it ran for).
     let mut ticks_seen = Vec::new();
