@@ -168,7 +168,7 @@ impl Core {
     pub(super) async fn cluster_slot(&self, cl: &Cluster, id: &str) {
         loop {
             let max = self.cfg().max_concurrent;
-            if cl.take_slot(id, max, LEASE).await == Ok(true) {
+            if cl.is_up() && cl.take_slot(id, max, LEASE).await == Ok(true) {
                 return;
             }
             tokio::time::sleep(POLL).await;
@@ -195,15 +195,22 @@ impl Core {
                         if c.is_err() {
                             return;
                         }
-                        forward_output(&cl, &job, ttl).await;
+                        if cl.is_up() {
+                            forward_output(&cl, &job, ttl).await;
+                        }
                     }
-                    _ = renew.tick() => {
+                    _ = renew.tick(), if cl.is_up() => {
                         let _ = cl.job_renew(&job.id, LEASE).await;
                         if let Some(l) = &lock_name {
                             let _ = cl.lock_renew(l, &job.id, LEASE).await;
                         }
                     }
                     _ = poll.tick() => {
+                        if !cl.is_up() {
+                            continue;
+                        }
+                        // Output a failed write left behind goes out now.
+                        forward_output(&cl, &job, ttl).await;
                         if let Ok(Some(reason)) = cl.cancel_requested(&job.id).await {
                             job.cancel.send_if_modified(|r| {
                                 if r.is_none() {
@@ -236,7 +243,7 @@ impl Core {
         let Ok(plain) = serde_json::to_vec(rec) else {
             return;
         };
-        if finish_once(&cl, job, &plain, lock_name, ttl).await {
+        if cl.is_up() && finish_once(&cl, job, &plain, lock_name, ttl).await {
             return;
         }
         tracing::warn!(job = %job.id, "cluster: could not record the end of a job in Redis; retrying");
@@ -246,7 +253,7 @@ impl Core {
             let until = tokio::time::Instant::now() + FINISH_RETRY;
             while tokio::time::Instant::now() < until {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                if finish_once(&cl, &job, &plain, lock_name.as_deref(), ttl).await {
+                if cl.is_up() && finish_once(&cl, &job, &plain, lock_name.as_deref(), ttl).await {
                     return;
                 }
             }
@@ -305,6 +312,9 @@ impl Core {
         // read: a lease never comes back, and an owner ends it only after
         // storing the final record, so a record still open after its lease
         // was seen lapsed is lost (never a job that just ended).
+        if !cl.is_up() {
+            return Err(());
+        }
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
         let alive = cl.jobs_alive(&refs).await?;
         let blobs = cl.job_get_many(ids).await?;
@@ -341,6 +351,9 @@ impl Core {
         scan: usize,
         keep: impl Fn(&JobRecord) -> bool,
     ) -> Result<(Vec<JobRecord>, Option<String>), ()> {
+        if !cl.is_up() {
+            return Err(());
+        }
         let mut out = Vec::new();
         let mut cursor = before;
         let mut looked = 0usize;
@@ -370,6 +383,9 @@ impl Core {
         id: &str,
         reason: &str,
     ) -> Result<(), ()> {
+        if !cl.is_up() {
+            return Err(());
+        }
         cl.cancel_request(id, reason, CANCEL_TTL).await
     }
 
@@ -381,6 +397,9 @@ impl Core {
         command: &str,
         at_millis: i64,
     ) -> Claim {
+        if !cl.is_up() {
+            return Claim::Unavailable;
+        }
         match cl
             .claim_tick(&format!("{index}:{command}"), at_millis, CLAIM_TTL)
             .await
