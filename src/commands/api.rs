@@ -289,7 +289,6 @@ async fn list(core: &Core, op: &super::Op) -> Response<Body> {
     )
 }
 
-/// Finds a job this operator may see: live first, then the store.
 /// A job found: running here, or its record (from this instance's store, or
 /// in cluster mode from Redis: then `shared` is true).
 struct Found {
@@ -298,6 +297,8 @@ struct Found {
     shared: bool,
 }
 
+/// Finds a job this operator may see: live first, then the store, then (in
+/// cluster mode) Redis.
 async fn find_job(core: &Arc<Core>, op: &super::Op, id: &str) -> Result<Found, Lookup> {
     if !valid_job_id(id) {
         return Err(Lookup::Missing);

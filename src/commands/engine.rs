@@ -670,7 +670,8 @@ impl Core {
     }
 
     /// Records how a run ended: audit line first, then the job store, then
-    /// waiters are told; the lock and slot are released last.
+    /// (cluster mode) its output, lock, record and slot in Redis, then
+    /// waiters are told; the local lock and slot are released last.
     pub(super) async fn finish(
         &self,
         job: &Arc<Job>,
