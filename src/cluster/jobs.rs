@@ -28,9 +28,15 @@ if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then return "" end
 return redis.call("GET", KEYS[1]) or "?"
 "#;
 
-/// Extends a lock's lease when the caller still holds it.
+/// Extends a lock's lease when the caller still holds it, and takes it
+/// again when it vanished (a Redis restarted empty); 0 when another holds it.
 const LOCK_RENEW: &str = r#"
-if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("PEXPIRE", KEYS[1], ARGV[2]) end
+local v = redis.call("GET", KEYS[1])
+if v == ARGV[1] then return redis.call("PEXPIRE", KEYS[1], ARGV[2]) end
+if not v then
+  redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
+  return 1
+end
 return 0
 "#;
 
@@ -73,15 +79,18 @@ redis.call("PEXPIRE", KEYS[1], lease * 2)
 return 1
 "#;
 
-/// Renews a job's memberships: KEYS = pending, running; ARGV = id, lease ms.
+/// Renews a live job's memberships (adding them again after a Redis that
+/// restarted empty): KEYS = pending, running; ARGV = id, lease ms, "1" when
+/// the job holds a run slot.
 const RENEW: &str = r#"
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[2])
-for _, k in ipairs(KEYS) do
-  if redis.call("ZADD", k, "XX", "CH", now + lease, ARGV[1]) then
-    redis.call("PEXPIRE", k, lease * 2)
-  end
+local n = 1
+if ARGV[3] == "1" then n = 2 end
+for i = 1, n do
+  redis.call("ZADD", KEYS[i], now + lease, ARGV[1])
+  redis.call("PEXPIRE", KEYS[i], lease * 2)
 end
 return 1
 "#;
@@ -307,7 +316,8 @@ impl Cluster {
         Ok((!got.is_empty()).then_some(got))
     }
 
-    /// Extends `holder`'s lease on lock `name`; false when it no longer holds it.
+    /// Extends `holder`'s lease on lock `name` (taking it again if it
+    /// vanished); false when another job holds it now.
     pub async fn lock_renew(&self, name: &str, holder: &str, lease: Duration) -> Shared<bool> {
         let script = redis::Script::new(LOCK_RENEW);
         let mut inv = script.prepare_invoke();
@@ -360,14 +370,17 @@ impl Cluster {
         self.invoke::<i64>(&inv).await.map(|n| n == 1).ok_or(())
     }
 
-    /// Renews a live job's leases (accepted, and its run slot if it has one).
-    pub async fn job_renew(&self, id: &str, lease: Duration) -> Shared<()> {
+    /// Renews a live job's leases: accepted, and its run slot when
+    /// `running`. Only for jobs that have not ended (a renewal after
+    /// [`Cluster::job_leave`] would hold their place again).
+    pub async fn job_renew(&self, id: &str, lease: Duration, running: bool) -> Shared<()> {
         let script = redis::Script::new(RENEW);
         let mut inv = script.prepare_invoke();
         inv.key(self.key("pending"))
             .key(self.key("running"))
             .arg(id)
-            .arg(millis(lease));
+            .arg(millis(lease))
+            .arg(if running { "1" } else { "0" });
         self.invoke::<i64>(&inv).await.map(|_| ()).ok_or(())
     }
 

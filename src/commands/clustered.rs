@@ -17,7 +17,7 @@
 
 use super::api::{sse_end, sse_event, utf8_end, CHUNK, KEEPALIVE};
 use super::engine::Core;
-use super::jobs::{lock, Job, Refusal};
+use super::jobs::{lock, Job, Mirrored, Refusal};
 use super::store::{JobRecord, Status};
 use super::METADATA_ONLY_OUTPUT;
 use crate::cluster::jobs::Admission;
@@ -158,6 +158,19 @@ impl Core {
         self.cluster_undo(cl, &rec.id, lock_name).await;
     }
 
+    /// Stores a local job's current record in Redis unless its end is
+    /// already being recorded (best effort: renewals store it again).
+    pub(super) async fn cluster_update(&self, job: &Job) {
+        let Some(cl) = self.cluster() else {
+            return;
+        };
+        let st = job.shared.lock().await;
+        if !st.ended && cl.is_up() {
+            let _ = self.cluster_put(cl, &job.record()).await;
+        }
+        drop(st);
+    }
+
     /// Stores a job's record in Redis (sealed).
     pub(super) async fn cluster_put(&self, cl: &Cluster, rec: &JobRecord) -> Result<(), ()> {
         let plain = serde_json::to_vec(rec).map_err(|_| ())?;
@@ -196,21 +209,25 @@ impl Core {
                             return;
                         }
                         if cl.is_up() {
-                            forward_output(&cl, &job, ttl).await;
+                            let mut st = job.shared.lock().await;
+                            if !st.ended {
+                                forward_output(&cl, &job, &mut st, ttl).await;
+                            }
                         }
                     }
                     _ = renew.tick(), if cl.is_up() => {
-                        let _ = cl.job_renew(&job.id, LEASE).await;
-                        if let Some(l) = &lock_name {
-                            let _ = cl.lock_renew(l, &job.id, LEASE).await;
-                        }
+                        renew_live(&cl, &job, lock_name.as_deref(), ttl).await;
                     }
                     _ = poll.tick() => {
                         if !cl.is_up() {
                             continue;
                         }
                         // Output a failed write left behind goes out now.
-                        forward_output(&cl, &job, ttl).await;
+                        let mut st = job.shared.lock().await;
+                        if !st.ended {
+                            forward_output(&cl, &job, &mut st, ttl).await;
+                        }
+                        drop(st);
                         if let Ok(Some(reason)) = cl.cancel_requested(&job.id).await {
                             job.cancel.send_if_modified(|r| {
                                 if r.is_none() {
@@ -444,12 +461,35 @@ impl Core {
     }
 }
 
-/// Sends the output not yet in Redis (never for metadata-only commands).
-async fn forward_output(cl: &Cluster, job: &Job, ttl: Duration) -> bool {
+/// Renews a live job's leases and lock, and stores its record again: after a
+/// Redis that restarted empty, within [`RENEW_EVERY`] the job holds its lock
+/// and place again and is seen by the other instances again.
+async fn renew_live(cl: &Cluster, job: &Job, lock_name: Option<&str>, ttl: Duration) {
+    let st = job.shared.lock().await;
+    if st.ended {
+        return;
+    }
+    let rec = job.record();
+    let running = rec.status == Status::Running;
+    let _ = cl.job_renew(&job.id, LEASE, running).await;
+    if let Some(l) = lock_name {
+        if cl.lock_renew(l, &job.id, LEASE).await == Ok(false) {
+            tracing::warn!(job = %job.id, lock = l, "cluster: another job took this running job's lock (its lease lapsed while Redis was unavailable)");
+        }
+    }
+    if let Ok(plain) = serde_json::to_vec(&rec) {
+        let _ = cl.job_put(&job.id, &plain, ttl).await;
+    }
+    drop(st);
+}
+
+/// Sends the output not yet in Redis (never for metadata-only commands);
+/// `st` is the job's held [`Job::shared`].
+async fn forward_output(cl: &Cluster, job: &Job, st: &mut Mirrored, ttl: Duration) -> bool {
     if job.metadata_only {
         return true;
     }
-    let mut sent = job.shared_sent.lock().await;
+    let sent = &mut st.sent;
     loop {
         let piece = {
             let out = lock(&job.out);
@@ -486,7 +526,9 @@ async fn finish_once(
     lock_name: Option<&str>,
     ttl: Duration,
 ) -> bool {
-    if !forward_output(cl, job, ttl).await {
+    let mut st = job.shared.lock().await;
+    st.ended = true;
+    if !forward_output(cl, job, &mut st, ttl).await {
         return false;
     }
     if let Some(l) = lock_name {

@@ -644,7 +644,7 @@ impl Core {
                     r.clone()
                 };
                 job.bump();
-                let _ = self.cluster_accept(&rec).await;
+                self.cluster_update(&job).await;
                 if let Err(err) = store::blocking(&self.store, move |s| s.put(&rec, None)).await {
                     tracing::error!(error = %err, job = %job.id, "job store write failed");
                 }

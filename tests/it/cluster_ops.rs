@@ -617,3 +617,43 @@ argv = ["echo", "free"]
     assert_eq!(last["job_id"], id.as_str());
     assert_eq!(last["instance"], "gw-a");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_gets_running_jobs_and_their_locks_back() {
+    let extra = r#"
+[commands.rules.mig]
+lock = "schema"
+[[commands.custom]]
+name = "mig"
+argv = ["sleep", "7.93"]
+"#;
+    let (mut redis, _backend, [a, b, c]) = three("empty", extra).await;
+    let id = accepted(&run(&a, "mig", "").await);
+    assert_eq!(run(&b, "mig", "").await.status, 409);
+
+    redis.restart().await;
+    for n in [&a, &b, &c] {
+        n.wait_metric("portcullis_cluster_up", 1.0).await;
+    }
+    // Within one renewal (5 s) the record and the lock are back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(7);
+    loop {
+        let r = op(&b, "GET", &format!("/__manage__/jobs/{id}"))
+            .send()
+            .await;
+        if r.status == 200 {
+            assert_eq!(r.json()["status"], "running", "{}", r.text());
+            break;
+        }
+        assert_eq!(r.status, 404, "{}", r.text());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the record did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = run(&c, "mig", "").await;
+    assert_eq!(second.status, 409, "{}", second.text());
+    assert!(second.text().contains(&id), "{}", second.text());
+    assert_eq!(ended(&b, &id, 10).await["status"], "succeeded");
+}

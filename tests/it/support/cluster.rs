@@ -234,10 +234,30 @@ impl Node {
     }
 
     /// Starts the process again (after [`Node::kill`]) with the same
-    /// configuration, directory and ports, and waits until Redis is up.
+    /// configuration and directory, and waits until Redis is up. It listens
+    /// on new ports: the old ones may have been taken by other sockets since.
     pub async fn restart(&mut self) {
+        use futures_util::FutureExt;
         self.kill();
-        self.guard = Node::spawn(self.dir.path(), self.addr, self.admin).await;
+        let path = self.dir.path().join("portcullis.toml");
+        let (addr, admin) = (free_addr(), free_addr());
+        let text = std::fs::read_to_string(&path)
+            .expect("read config")
+            .replace(&self.addr.to_string(), &addr.to_string())
+            .replace(&self.admin.to_string(), &admin.to_string());
+        std::fs::write(&path, text).expect("write config");
+        (self.addr, self.admin) = (addr, admin);
+        let spawned =
+            std::panic::AssertUnwindSafe(Node::spawn(self.dir.path(), self.addr, self.admin))
+                .catch_unwind()
+                .await;
+        self.guard = match spawned {
+            Ok(guard) => guard,
+            Err(panic) => {
+                eprintln!("{} did not start again:\n{}", self.instance, self.log());
+                std::panic::resume_unwind(panic)
+            }
+        };
         self.wait_metric("portcullis_cluster_up", 1.0).await;
     }
 
