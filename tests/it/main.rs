@@ -18,6 +18,7 @@ mod commands_custom;
 mod commands_django;
 mod commands_options;
 mod console;
+mod console_runners;
 mod encryption;
 mod example_config;
 mod limits;
