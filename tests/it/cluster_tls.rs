@@ -4,7 +4,8 @@
 //! sessions and revocations as over plain TCP; a gateway trusting another CA
 //! never talks to that Redis, says so (`portcullis_cluster_up 0`, one log
 //! line) and keeps serving devices; a Redis demanding client certificates
-//! accepts the gateway that presents `cluster.client_cert`.
+//! accepts the gateway that presents `cluster.client_cert`; `portcullis
+//! check` reads and checks those files.
 
 use crate::cluster::{login, refused_within, validations, Accounts, EMAIL};
 use crate::support::cluster::*;
@@ -150,4 +151,91 @@ async fn a_redis_demanding_client_certificates_admits_the_gateway_that_has_one()
     assert_eq!(b.metric("portcullis_cluster_up").await, Some(0.0));
     let why = "B, without Redis, validated the token with the backend";
     assert_serves(&b, &backend, token, 1, why).await;
+}
+
+/// `portcullis check` of a gateway whose `[cluster]` uses `redis_url` and
+/// `lines`: whether it accepted the file, and what it printed on stderr.
+fn check(dir: &std::path::Path, redis_url: &str, lines: &[String]) -> (bool, String) {
+    let mut table = format!(
+        "[cluster]\nredis = \"{redis_url}\"\nname = \"prod\"\nsecret = \"{CLUSTER_SECRET}\"\ninstance = \"gw-1\"\n"
+    );
+    for l in lines {
+        table.push_str(l);
+        table.push('\n');
+    }
+    let text = GatewayConfig::new("http://127.0.0.1:9")
+        .extra(&table)
+        .toml(free_addr());
+    let path = dir.join("portcullis.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = check_with_secrets(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains(CLUSTER_SECRET), "{stderr}");
+    assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
+    (out.status.success(), stderr)
+}
+
+#[test]
+fn check_reads_the_redis_ca_and_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = portcullis::devcerts::DevCa::new("redis CA").unwrap();
+    let client = ca.issue_client("gateway").unwrap();
+    let stranger = ca.issue_client("someone else").unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let ca_pem = write("ca.pem", &ca.ca.cert_pem);
+    let cert = write("client.pem", &client.cert_pem);
+    let key = write("client.key", &client.key_pem);
+    let wrong_key = write("stranger.key", &stranger.key_pem);
+    let junk = write("junk.pem", "not a certificate\n");
+    let tls = "rediss://redis.internal:6380/0";
+    let line = |k: &str, v: &str| format!("{k} = \"{v}\"");
+
+    let (ok, stderr) = check(
+        dir.path(),
+        tls,
+        &[
+            line("ca", &ca_pem),
+            line("client_cert", &cert),
+            line("client_key", &key),
+        ],
+    );
+    assert!(ok, "{stderr}");
+
+    for (url, lines, needles) in [
+        (
+            "redis://127.0.0.1:6379/0",
+            vec![line("ca", &ca_pem)],
+            vec!["cluster.ca", "rediss://"],
+        ),
+        (
+            tls,
+            vec![line("ca", &junk)],
+            vec!["cluster.ca", "no CERTIFICATE found"],
+        ),
+        (
+            tls,
+            vec![line("ca", "/nonexistent/redis-ca.pem")],
+            vec!["cluster.ca", "cannot read /nonexistent/redis-ca.pem"],
+        ),
+        (
+            tls,
+            vec![line("client_cert", &cert), line("client_key", &wrong_key)],
+            vec!["cluster.client_cert", "does not match"],
+        ),
+        (
+            tls,
+            vec![line("client_cert", &cert)],
+            vec!["cluster.client_cert", "go together"],
+        ),
+    ] {
+        let (ok, stderr) = check(dir.path(), url, &lines);
+        assert!(!ok, "check accepted {lines:?}");
+        for n in needles {
+            assert!(stderr.contains(n), "{lines:?}: {n:?} not in {stderr}");
+        }
+    }
 }
