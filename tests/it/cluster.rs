@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const EMAIL: &str = "ana.cluster@example.com";
+pub(crate) const EMAIL: &str = "ana.cluster@example.com";
 const FULL_NAME: &str = "Ana Clusterova";
 
 /// The backend's live sessions: a token in the set validates (200 with an
@@ -21,10 +21,10 @@ const FULL_NAME: &str = "Ana Clusterova";
 /// on validation, 401 on `/profile`). `/logout` ends the caller's session,
 /// `/login` opens `login_token`.
 #[derive(Clone, Default)]
-struct Accounts(Arc<Mutex<HashSet<String>>>);
+pub(crate) struct Accounts(Arc<Mutex<HashSet<String>>>);
 
 impl Accounts {
-    fn open(&self, token: &str) {
+    pub(crate) fn open(&self, token: &str) {
         self.0.lock().unwrap().insert(token.to_owned());
     }
 
@@ -38,7 +38,7 @@ impl Accounts {
     }
 
     /// Scripts `backend` (validation answers wait `validation_delay`).
-    fn serve(&self, backend: &Backend, login_token: &str, validation_delay: Duration) {
+    pub(crate) fn serve(&self, backend: &Backend, login_token: &str, validation_delay: Duration) {
         let me = self.clone();
         backend.on_fn("/renew_session", move |r| {
             let reply = if me.alive(r) {
@@ -87,7 +87,7 @@ impl Accounts {
 }
 
 /// Validation calls the backend received for `token`.
-fn validations(backend: &Backend, token: &str) -> usize {
+pub(crate) fn validations(backend: &Backend, token: &str) -> usize {
     backend
         .requests_to("/renew_session")
         .iter()
@@ -146,7 +146,7 @@ impl Cluster {
     }
 }
 
-async fn login(node: &Node) -> String {
+pub(crate) async fn login(node: &Node) -> String {
     let r = node
         .req("POST", "/login")
         .json(json!({"email": EMAIL, "password": "s3cret"}))
@@ -158,7 +158,7 @@ async fn login(node: &Node) -> String {
 
 /// Waits (at most `bound`) until `node` refuses `token` with 403 on
 /// `/api/profile`; returns how long that took.
-async fn refused_within(node: &Node, token: &str, bound: Duration) -> Duration {
+pub(crate) async fn refused_within(node: &Node, token: &str, bound: Duration) -> Duration {
     refused_on_within(node, "/api/profile", token, bound).await
 }
 

@@ -8,6 +8,7 @@ use super::process::{
 };
 use super::{Req, TIMEOUT};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -19,6 +20,20 @@ pub struct RedisServer {
     pub port: u16,
     guard: ChildGuard,
     dir: tempfile::TempDir,
+    tls: Option<RedisTls>,
+}
+
+/// The certificates of a TLS-only [`RedisServer`] (PEM files in its
+/// directory): the CA that issued its certificate, and a client certificate
+/// from that CA for when it demands one.
+#[derive(Clone)]
+pub struct RedisTls {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    auth_clients: bool,
 }
 
 impl RedisServer {
@@ -26,18 +41,73 @@ impl RedisServer {
     pub async fn start() -> RedisServer {
         let dir = tempfile::tempdir().expect("redis dir");
         let port = free_port();
-        let guard = Self::spawn(port, dir.path()).await;
-        RedisServer { port, guard, dir }
+        let guard = Self::spawn(port, dir.path(), None).await;
+        RedisServer {
+            port,
+            guard,
+            dir,
+            tls: None,
+        }
     }
 
-    async fn spawn(port: u16, dir: &std::path::Path) -> ChildGuard {
+    /// Starts one that speaks only TLS (`--port 0 --tls-port <port>`), with
+    /// a certificate for 127.0.0.1 issued by a CA made for it. With
+    /// `auth_clients`, it refuses clients without a certificate from that CA.
+    pub async fn start_tls(auth_clients: bool) -> RedisServer {
+        let dir = tempfile::tempdir().expect("redis dir");
+        let ca = portcullis::devcerts::DevCa::new("redis test CA").expect("CA");
+        let server = ca.issue_server(&["127.0.0.1"]).expect("server cert");
+        let client = ca.issue_client("gateway").expect("client cert");
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write a certificate");
+            p
+        };
+        let tls = RedisTls {
+            ca: write("ca.pem", &ca.ca.cert_pem),
+            server_cert: write("redis.pem", &server.cert_pem),
+            server_key: write("redis.key", &server.key_pem),
+            client_cert: write("client.pem", &client.cert_pem),
+            client_key: write("client.key", &client.key_pem),
+            auth_clients,
+        };
+        let port = free_port();
+        let guard = Self::spawn(port, dir.path(), Some(&tls)).await;
+        RedisServer {
+            port,
+            guard,
+            dir,
+            tls: Some(tls),
+        }
+    }
+
+    /// The certificates of a server started with [`RedisServer::start_tls`].
+    pub fn tls(&self) -> &RedisTls {
+        self.tls.as_ref().expect("a TLS redis")
+    }
+
+    async fn spawn(port: u16, dir: &Path, tls: Option<&RedisTls>) -> ChildGuard {
         assert!(
             which("redis-server"),
             "redis-server is required by the cluster tests: run them with scripts/test, which installs it (apt-get install redis-server)"
         );
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1"])
+        match tls {
+            None => cmd.args(["--port", &port.to_string()]),
+            Some(t) => cmd
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&t.server_cert)
+                .arg("--tls-key-file")
+                .arg(&t.server_key)
+                .arg("--tls-ca-cert-file")
+                .arg(&t.ca)
+                .args([
+                    "--tls-auth-clients",
+                    if t.auth_clients { "yes" } else { "no" },
+                ]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(dir)
@@ -48,9 +118,14 @@ impl RedisServer {
         spawn_listening(cmd, addr).await
     }
 
-    /// `redis://127.0.0.1:<port>/0`.
+    /// `redis://127.0.0.1:<port>/0` (`rediss://` when it speaks TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
@@ -69,12 +144,29 @@ impl RedisServer {
             let _ = c.kill();
             let _ = c.wait();
         }
-        self.guard = Self::spawn(self.port, self.dir.path()).await;
+        self.guard = Self::spawn(self.port, self.dir.path(), self.tls.as_ref()).await;
     }
 
-    /// A connection for the test itself.
+    /// A connection for the test itself (trusting the server's CA and
+    /// presenting the client certificate when it speaks TLS).
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
+        let client = match &self.tls {
+            None => redis::Client::open(self.url()),
+            Some(t) => {
+                let read = |p: &PathBuf| std::fs::read(p).expect("read a certificate");
+                redis::Client::build_with_tls(
+                    self.url(),
+                    redis::TlsCertificates {
+                        client_tls: Some(redis::ClientTlsConfig {
+                            client_cert: read(&t.client_cert),
+                            client_key: read(&t.client_key),
+                        }),
+                        root_cert: Some(read(&t.ca)),
+                    },
+                )
+            }
+        };
+        client
             .expect("redis url")
             .get_multiplexed_async_connection()
             .await
@@ -181,6 +273,35 @@ impl Node {
         cluster_lines: &[&str],
         local: impl Fn(&std::path::Path) -> String,
     ) -> Node {
+        let node = Node::spawn_with(cfg, redis_url, name, instance, cluster_lines, local).await;
+        node.wait_metric("portcullis_cluster_up", 1.0).await;
+        node
+    }
+
+    /// [`Node::start_url`] without waiting for Redis: returns once the
+    /// gateway's listeners accept connections.
+    pub async fn spawn_url(
+        cfg: &GatewayConfig,
+        redis_url: &str,
+        name: &str,
+        instance: &str,
+        cluster_lines: &[&str],
+    ) -> Node {
+        Node::spawn_with(cfg, redis_url, name, instance, cluster_lines, |_| {
+            String::new()
+        })
+        .await
+    }
+
+    /// [`Node::start_with`] without waiting for Redis.
+    async fn spawn_with(
+        cfg: &GatewayConfig,
+        redis_url: &str,
+        name: &str,
+        instance: &str,
+        cluster_lines: &[&str],
+        local: impl Fn(&std::path::Path) -> String,
+    ) -> Node {
         let dir = tempfile::tempdir().expect("node dir");
         let cfg = cfg.clone().extra(&local(dir.path()));
         let addr = free_addr();
@@ -198,15 +319,13 @@ impl Node {
             .extra(&table);
         std::fs::write(dir.path().join("portcullis.toml"), cfg.toml(addr)).expect("write config");
         let guard = Node::spawn(dir.path(), addr, admin).await;
-        let node = Node {
+        Node {
             addr,
             admin,
             instance: instance.to_owned(),
             guard,
             dir,
-        };
-        node.wait_metric("portcullis_cluster_up", 1.0).await;
-        node
+        }
     }
 
     /// Starts the process on `dir/portcullis.toml` (logging to
