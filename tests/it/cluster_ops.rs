@@ -47,10 +47,13 @@ async fn three(name: &str, extra: &str) -> (RedisServer, Backend, [Node; 3]) {
     let local = |dir: &Path| commands_toml(dir, extra);
     let url = redis.url();
     let (a, b, c) = tokio::join!(
-        Node::start_with(&cfg, &url, name, "gw-a", &lines, local),
-        Node::start_with(&cfg, &url, name, "gw-b", &lines, local),
-        Node::start_with(&cfg, &url, name, "gw-c", &lines, local),
+        Node::spawn_with(&cfg, &url, name, "gw-a", &lines, local),
+        Node::spawn_with(&cfg, &url, name, "gw-b", &lines, local),
+        Node::spawn_with(&cfg, &url, name, "gw-c", &lines, local),
     );
+    for n in [&a, &b, &c] {
+        n.wait_metric("portcullis_cluster_up", 1.0).await;
+    }
     (redis, backend, [a, b, c])
 }
 

@@ -257,23 +257,7 @@ impl Node {
         instance: &str,
         cluster_lines: &[&str],
     ) -> Node {
-        Node::start_with(cfg, redis_url, name, instance, cluster_lines, |_| {
-            String::new()
-        })
-        .await
-    }
-
-    /// [`Node::start_url`] with `local(dir)` appended to the configuration,
-    /// `dir` being this node's own directory (for its audit log and state).
-    pub async fn start_with(
-        cfg: &GatewayConfig,
-        redis_url: &str,
-        name: &str,
-        instance: &str,
-        cluster_lines: &[&str],
-        local: impl Fn(&std::path::Path) -> String,
-    ) -> Node {
-        let node = Node::spawn_with(cfg, redis_url, name, instance, cluster_lines, local).await;
+        let node = Node::spawn_url(cfg, redis_url, name, instance, cluster_lines).await;
         node.wait_metric("portcullis_cluster_up", 1.0).await;
         node
     }
@@ -293,8 +277,9 @@ impl Node {
         .await
     }
 
-    /// [`Node::start_with`] without waiting for Redis.
-    async fn spawn_with(
+    /// [`Node::spawn_url`] with `local(dir)` appended to the configuration,
+    /// `dir` being this node's own directory (for its audit log and state).
+    pub async fn spawn_with(
         cfg: &GatewayConfig,
         redis_url: &str,
         name: &str,
