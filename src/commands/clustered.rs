@@ -10,8 +10,11 @@
 //!   unavailable → 503, nothing runs.
 //! - While a job lives, its mirror task renews its leases, forwards output
 //!   chunks and picks up cancel requests made on other instances.
-//! - At the end: the rest of the output, then the lock is released, then the
-//!   final record is stored and the run slot given back in one transaction.
+//! - At the end (after the `finished` line): the rest of the output, then
+//!   the lock is released, then the final record is stored, then the places
+//!   are given back; only then do local waiters see the result.
+//! - A live job renews its leases and lock and stores its record again every
+//!   [`RENEW_EVERY`], which also takes them back after Redis restarted empty.
 //! - A job whose record says queued/running but whose lease lapsed (its
 //!   instance died) is shown as `lost`.
 
@@ -128,8 +131,7 @@ impl Core {
         let _ = cl.job_leave(id).await;
     }
 
-    /// Stores an accepted (or started) job's record in Redis; `Ok` without
-    /// a cluster.
+    /// Stores an accepted job's record in Redis; `Ok` without a cluster.
     pub(super) async fn cluster_accept(&self, rec: &JobRecord) -> Result<(), ()> {
         match self.cluster() {
             Some(cl) => self.cluster_put(cl, rec).await,
@@ -279,7 +281,7 @@ impl Core {
     }
 
     /// Stores the records of jobs ended at start-up (interrupted by a
-    /// restart) once Redis answers.
+    /// restart) once Redis answers, and frees their locks and places.
     pub(super) fn cluster_republish(self: &Arc<Self>, recs: Vec<JobRecord>) {
         let Some(cl) = self.cluster.clone() else {
             return;
@@ -297,7 +299,11 @@ impl Core {
                     if !cl.is_up() || core.cluster_put(&cl, &rec).await.is_err() {
                         failed.push(rec);
                     } else {
-                        let _ = cl.job_leave(&rec.id).await;
+                        // What the interrupted run held is free at once,
+                        // not only when its lease lapses.
+                        let cfg = core.cfg();
+                        let lock_name = cfg.rules.get(&rec.command).and_then(|r| r.lock.as_deref());
+                        core.cluster_undo(&cl, &rec.id, lock_name).await;
                     }
                 }
                 left = failed;
