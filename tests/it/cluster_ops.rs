@@ -134,8 +134,12 @@ argv = ["sh", "-c", 'for i in 1 2 3 4 5 6; do echo "OUTPUT-MARK-$i"; sleep 0.3; 
 [[commands.custom]]
 name = "hang"
 argv = ["sh", "-c", "sleep 41.17 & sleep 41.18; wait"]
+[[commands.custom]]
+name = "report"
+argv = ["sh", "-c", "sleep 0.5; echo REPORT-MARK"]
 "#;
-    let (redis, _backend, [a, b, c]) = three("ops", extra).await;
+    let extra = format!("metadata_only = [\"report\"]\n{extra}");
+    let (redis, _backend, [a, b, c]) = three("ops", &extra).await;
 
     // Started on A, with an argument marked secret.
     let r = run(&a, "count", r#"{"data": {"password": "ARG-SECRET-77"}}"#).await;
@@ -236,6 +240,17 @@ argv = ["sh", "-c", "sleep 41.17 & sleep 41.18; wait"]
         .await
         .json();
     assert_eq!(older["jobs"][0]["id"], id.as_str());
+    let first_page = op(&c, "GET", "/__manage__/jobs?limit=1")
+        .send()
+        .await
+        .json();
+    assert_eq!(first_page["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(first_page["next"], h.as_str(), "{first_page}");
+    let running = op(&c, "GET", "/__manage__/jobs?status=running&operator=alice")
+        .send()
+        .await
+        .json();
+    assert_eq!(running["jobs"].as_array().unwrap().len(), 1, "{running}");
     let cancel = op(&c, "POST", &format!("/__manage__/jobs/{h}/cancel"))
         .send()
         .await;
@@ -273,9 +288,31 @@ argv = ["sh", "-c", "sleep 41.17 & sleep 41.18; wait"]
         "{a_lines:?}"
     );
 
+    // A metadata-only run on C, followed on A: the placeholder, then its end.
+    let m = accepted(&run(&c, "report", "").await);
+    let events_text = op(&a, "GET", &format!("/__manage__/jobs/{m}/output"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .text();
+    assert!(
+        events_text.starts_with("id: 0\ndata: (metadata-only mode, no output captured)\n\n"),
+        "{events_text}"
+    );
+    assert!(events_text.contains("event: end"), "{events_text}");
+    assert!(!events_text.contains("REPORT-MARK"));
+    let m_rec = status(&b, &m).await;
+    assert_eq!(m_rec["status"], "succeeded");
+    assert_eq!(m_rec["metadata_only"], true);
+
     // Redis: only this cluster's keys, nothing readable, everything expires.
     let dump = redis.dump().await;
     assert!(dump.iter().any(|(k, _)| k.contains(&format!("job:{id}"))));
+    assert!(dump.iter().any(|(k, _)| k.contains(&format!("out:{id}"))));
+    assert!(
+        !dump.iter().any(|(k, _)| k.contains(&format!("out:{m}"))),
+        "output of a metadata-only run reached Redis"
+    );
     for (key, value) in &dump {
         assert!(key.starts_with("portcullis:ops:"), "{key}");
         for secret in [
@@ -285,6 +322,7 @@ argv = ["sh", "-c", "sleep 41.17 & sleep 41.18; wait"]
             "alice",
             "count",
             "hang",
+            "REPORT-MARK",
         ] {
             assert!(!key.contains(secret), "{key}");
             assert!(
