@@ -484,7 +484,7 @@ async fn without_redis_remote_operations_answer_503_and_devices_are_served() {
 name = "hello"
 argv = ["echo", "hello"]
 "#;
-    let (redis, backend, [a, b, _c]) = three("down", extra).await;
+    let (mut redis, backend, [a, b, _c]) = three("down", extra).await;
     backend.on("/status", Reply::json(200, serde_json::json!({"ok": true})));
     let id = accepted(&run(&a, "hello", "").await);
     assert_eq!(ended(&b, &id, 10).await["status"], "succeeded");
@@ -524,6 +524,24 @@ argv = ["echo", "hello"]
     b.wait_metric("portcullis_cluster_up", 1.0).await;
     let id2 = accepted(&run(&b, "hello", "").await);
     assert_eq!(ended(&a, &id2, 10).await["status"], "succeeded");
+
+    // Redis stopped (connections refused): the same.
+    redis.stop();
+    b.wait_metric("portcullis_cluster_up", 0.0).await;
+    let r = run(&b, "hello", "").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.headers["retry-after"], "1");
+    // A's job is not readable on B; B's own job is, from its job store.
+    let seen = op(&b, "GET", &format!("/__manage__/jobs/{id}"))
+        .send()
+        .await;
+    assert_eq!(seen.status, 503, "{}", seen.text());
+    assert_eq!(status(&b, &id2).await["status"], "succeeded");
+    assert_eq!(a.req("GET", "/api/status").send().await.status, 200);
+    redis.restart().await;
+    a.wait_metric("portcullis_cluster_up", 1.0).await;
+    let id3 = accepted(&run(&a, "hello", "").await);
+    assert_eq!(ended(&b, &id3, 10).await["status"], "succeeded");
 }
 
 #[test]

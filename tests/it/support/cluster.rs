@@ -138,12 +138,17 @@ impl RedisServer {
         send_signal(&self.guard, "-CONT");
     }
 
-    /// Kills the server and starts an empty one on the same port.
-    pub async fn restart(&mut self) {
+    /// Kills the server (connections are refused until [`RedisServer::restart`]).
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.guard.0.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Kills the server (if running) and starts an empty one on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
         self.guard = Self::spawn(self.port, self.dir.path(), self.tls.as_ref()).await;
     }
 
