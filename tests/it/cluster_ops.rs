@@ -417,6 +417,12 @@ argv = ["sh", "-c", "date +%s >> {ticks}"]
 [[commands.schedules]]
 command = "tick"
 cron = "* * * * * *"
+[[commands.custom]]
+name = "slow"
+argv = ["sleep", "1.6"]
+[[commands.schedules]]
+command = "slow"
+cron = "* * * * * *"
 "#,
         ticks = ticks.display()
     );
@@ -428,12 +434,13 @@ cron = "* * * * * *"
     // Each run's accepted line, from every instance: the second it was
     // accepted in (the tick it ran for).
     let mut ticks_seen = Vec::new();
+    let mut slow = Vec::new();
     for n in &nodes {
-        let lines = audit_lines(&n.dir().join("audit.jsonl"));
-        assert!(
-            lines.iter().all(|l| l["operator"] == "scheduler"),
-            "{lines:?}"
-        );
+        let all = audit_lines(&n.dir().join("audit.jsonl"));
+        assert!(all.iter().all(|l| l["operator"] == "scheduler"), "{all:?}");
+        let (lines, others): (Vec<Value>, Vec<Value>) =
+            all.into_iter().partition(|l| l["command"] == "tick");
+        slow.extend(others);
         assert!(lines.iter().all(|l| l["event"] != "rejected"), "{lines:?}");
         for l in lines.iter().filter(|l| l["event"] == "accepted") {
             let time = l["time"].as_str().unwrap();
@@ -465,6 +472,31 @@ cron = "* * * * * *"
         secs.len(),
         "a tick was missed: {sorted:?}"
     );
+    // A run of 1.6 s every second: the ticks during a run, wherever it
+    // runs, are skipped and audited; never two at once in the cluster.
+    assert!(
+        slow.iter()
+            .any(|l| l["event"] == "rejected"
+                && l["reason"].as_str().unwrap().contains("still running")),
+        "{slow:?}"
+    );
+    let mut changes: Vec<(String, i32)> = slow
+        .iter()
+        .filter_map(|l| match l["event"].as_str() {
+            Some("accepted") => Some((l["time"].as_str().unwrap().to_owned(), 1)),
+            Some("finished") => Some((l["time"].as_str().unwrap().to_owned(), -1)),
+            _ => None,
+        })
+        .collect();
+    changes.sort();
+    let mut running = 0;
+    for (time, change) in &changes {
+        running += change;
+        assert!(
+            running <= 1,
+            "two scheduled runs at once at {time}: {slow:?}"
+        );
+    }
     // Every accepted run ran (the last one may still be writing).
     let ran = std::fs::read_to_string(&ticks)
         .unwrap_or_default()
