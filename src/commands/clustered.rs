@@ -548,9 +548,18 @@ async fn finish_once(
     cl.job_leave(&job.id).await.is_ok()
 }
 
+/// Waits one poll period; false when this gateway is shutting down.
+async fn pause(shutdown: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(POLL) => true,
+        _ = shutdown.wait_for(|s| *s) => false,
+    }
+}
+
 /// Streams the output of a job run by another instance from Redis until it
-/// ends (SSE: then an `end` event). When Redis fails the stream ends without
-/// an `end` event; the client resumes with `Last-Event-ID`.
+/// ends (SSE: then an `end` event). When Redis fails, or this gateway shuts
+/// down, the stream ends without an `end` event; the client resumes with
+/// `Last-Event-ID`.
 pub(super) async fn follow(
     core: Arc<Core>,
     cl: Arc<Cluster>,
@@ -560,6 +569,9 @@ pub(super) async fn follow(
     from: u64,
     metadata_only: bool,
 ) {
+    // Like a live stream of a job on a runner, it does not hold the
+    // shutdown's drain: it ends without an `end` event (resume elsewhere).
+    let mut shutdown = core.shutdown_tx.subscribe();
     if metadata_only {
         let first = if sse {
             sse_event(0, METADATA_ONLY_OUTPUT.as_bytes())
@@ -579,7 +591,9 @@ pub(super) async fn follow(
             if tx.is_closed() {
                 return;
             }
-            tokio::time::sleep(POLL).await;
+            if !pause(&mut shutdown).await {
+                return;
+            }
         }
         return;
     }
@@ -654,6 +668,8 @@ pub(super) async fn follow(
         if tx.is_closed() {
             return;
         }
-        tokio::time::sleep(POLL).await;
+        if !pause(&mut shutdown).await {
+            return;
+        }
     }
 }
