@@ -629,6 +629,26 @@ mod tests {
     }
 
     #[test]
+    fn an_instance_is_named_in_every_line_and_the_chain_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 2);
+        let log = AuditLog::open(&path)
+            .unwrap()
+            .with_instance(Some("gw-2".into()));
+        log.append(&entry(7)).unwrap();
+        log.append(&entry(8)).unwrap();
+        let file = lines(&path);
+        let named: Vec<Option<&str>> = file
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .map(|v| v.get("instance").and_then(Value::as_str).map(|_| "named"))
+            .collect();
+        assert_eq!(named, [None, None, Some("named"), Some("named")]);
+        assert!(file[3].contains("\"instance\":\"gw-2\""), "{}", file[3]);
+        assert_eq!(verify(&path).unwrap(), Verdict::Intact { lines: 4 });
+    }
+
+    #[test]
     fn chain_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_log(dir.path(), 3);
