@@ -332,9 +332,10 @@ impl Core {
         ids: &[String],
     ) -> Result<Vec<Option<JobRecord>>, ()> {
         // Whose owner still renews its lease, asked before the records are
-        // read: a lease never comes back, and an owner ends it only after
-        // storing the final record, so a record still open after its lease
-        // was seen lapsed is lost (never a job that just ended).
+        // read: an owner gives its lease back only after storing the final
+        // record, so a record still open after its lease was seen missing is
+        // lost (never a job that just ended). It shows as running again if
+        // its owner renews after an outage of its own.
         if !cl.is_up() {
             return Err(());
         }
