@@ -4,6 +4,8 @@
 //! - [`seal`]: keyed token hashes and sealed values (what Redis holds).
 //! - [`shared`]: sessions in Redis: lookup behind the local cache,
 //!   cluster-wide single flight, revocation.
+//! - [`jobs`]: remote operations' shared state (job records, output,
+//!   cancel requests, locks, run slots, schedule claims).
 //! - [`limits`]: rate limits for the whole cluster (GCRA in one Lua call)
 //!   and the count of live instances.
 //! - this module: the Redis connection, its supervisor (health checks,
@@ -20,6 +22,7 @@
 //! - Every key and channel is under `portcullis:<name>:`.
 
 pub mod config;
+pub mod jobs;
 pub mod limits;
 pub mod seal;
 pub mod shared;

@@ -441,32 +441,6 @@ async fn a_frozen_redis_neither_stalls_nor_refuses_and_sharing_resumes() {
     );
 }
 
-#[test]
-fn check_refuses_remote_operations_in_a_cluster() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        "{}\n[cluster]\nredis = \"redis://127.0.0.1:6379/0\"\nname = \"prod\"\nsecret = \"{CLUSTER_SECRET}\"\ninstance = \"gw-1\"\n",
-        crate::support::commands::config_text(dir.path(), "")
-    );
-    let path = dir.path().join("portcullis.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "check accepted [commands] with [cluster]"
-    );
-    assert!(
-        stderr.contains("[commands] cannot be combined with [cluster] yet"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains(CLUSTER_SECRET), "{stderr}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logout_during_an_outage_holds_everywhere_after_degraded_ttl() {
     let token = "tok-outage-logout-44dd";

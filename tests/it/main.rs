@@ -12,6 +12,7 @@ mod adversarial_smuggling;
 mod binary;
 mod bodies;
 mod cluster;
+mod cluster_ops;
 mod cluster_tls;
 mod commands_binary;
 mod commands_custom;

@@ -138,12 +138,17 @@ impl RedisServer {
         send_signal(&self.guard, "-CONT");
     }
 
-    /// Kills the server and starts an empty one on the same port.
-    pub async fn restart(&mut self) {
+    /// Kills the server (connections are refused until [`RedisServer::restart`]).
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.guard.0.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Kills the server (if running) and starts an empty one on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
         self.guard = Self::spawn(self.port, self.dir.path(), self.tls.as_ref()).await;
     }
 
@@ -231,7 +236,7 @@ pub struct Node {
     /// The admin listener (`/metrics`, `/readyz`).
     pub admin: SocketAddr,
     pub instance: String,
-    _guard: ChildGuard,
+    guard: ChildGuard,
     dir: tempfile::TempDir,
 }
 
@@ -271,7 +276,24 @@ impl Node {
         instance: &str,
         cluster_lines: &[&str],
     ) -> Node {
+        Node::spawn_with(cfg, redis_url, name, instance, cluster_lines, |_| {
+            String::new()
+        })
+        .await
+    }
+
+    /// [`Node::spawn_url`] with `local(dir)` appended to the configuration,
+    /// `dir` being this node's own directory (for its audit log and state).
+    pub async fn spawn_with(
+        cfg: &GatewayConfig,
+        redis_url: &str,
+        name: &str,
+        instance: &str,
+        cluster_lines: &[&str],
+        local: impl Fn(&std::path::Path) -> String,
+    ) -> Node {
         let dir = tempfile::tempdir().expect("node dir");
+        let cfg = cfg.clone().extra(&local(dir.path()));
         let addr = free_addr();
         let admin = free_addr();
         let mut table = format!(
@@ -285,21 +307,72 @@ impl Node {
             .clone()
             .server(&format!("admin_listen = \"{admin}\""))
             .extra(&table);
-        let path = dir.path().join("portcullis.toml");
-        std::fs::write(&path, cfg.toml(addr)).expect("write config");
-        let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
-        let mut cmd = binary(&path);
-        cmd.env("PORTCULLIS_LOG", "info").stderr(log);
-        let mut guard = spawn_listening(cmd, addr).await;
-        // The admin listener is bound just after the main one.
-        wait_listening(admin, &mut guard).await;
+        std::fs::write(dir.path().join("portcullis.toml"), cfg.toml(addr)).expect("write config");
+        let guard = Node::spawn(dir.path(), addr, admin).await;
         Node {
             addr,
             admin,
             instance: instance.to_owned(),
-            _guard: guard,
+            guard,
             dir,
         }
+    }
+
+    /// Starts the process on `dir/portcullis.toml` (logging to
+    /// `dir/stderr.log`, appended) and waits for both listeners.
+    async fn spawn(dir: &std::path::Path, addr: SocketAddr, admin: SocketAddr) -> ChildGuard {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("stderr.log"))
+            .expect("log file");
+        let mut cmd = binary(&dir.join("portcullis.toml"));
+        cmd.env("PORTCULLIS_LOG", "info").stderr(log);
+        let mut guard = spawn_listening(cmd, addr).await;
+        // The admin listener is bound just after the main one.
+        wait_listening(admin, &mut guard).await;
+        guard
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.guard.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again (after [`Node::kill`]) with the same
+    /// configuration and directory, and waits until Redis is up. It listens
+    /// on new ports: the old ones may have been taken by other sockets since.
+    pub async fn restart(&mut self) {
+        use futures_util::FutureExt;
+        self.kill();
+        let path = self.dir.path().join("portcullis.toml");
+        let (addr, admin) = (free_addr(), free_addr());
+        let text = std::fs::read_to_string(&path)
+            .expect("read config")
+            .replace(&self.addr.to_string(), &addr.to_string())
+            .replace(&self.admin.to_string(), &admin.to_string());
+        std::fs::write(&path, text).expect("write config");
+        (self.addr, self.admin) = (addr, admin);
+        let spawned =
+            std::panic::AssertUnwindSafe(Node::spawn(self.dir.path(), self.addr, self.admin))
+                .catch_unwind()
+                .await;
+        self.guard = match spawned {
+            Ok(guard) => guard,
+            Err(panic) => {
+                eprintln!("{} did not start again:\n{}", self.instance, self.log());
+                std::panic::resume_unwind(panic)
+            }
+        };
+        self.wait_metric("portcullis_cluster_up", 1.0).await;
+    }
+
+    /// This node's own directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Everything the process logged so far.
