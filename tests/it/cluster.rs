@@ -162,6 +162,17 @@ pub(crate) async fn refused_within(node: &Node, token: &str, bound: Duration) ->
     refused_on_within(node, "/api/profile", token, bound).await
 }
 
+/// Waits until each of `nodes` has received one revocation from another
+/// instance. Probing earlier races the message: a node that still holds the
+/// session forwards the call, gets the backend's own 401 and validates the
+/// token again, which is right but not what these tests count.
+async fn revocation_arrived(nodes: &[&Node]) {
+    for node in nodes {
+        node.wait_metric("portcullis_cluster_revocation_lag_seconds_count", 1.0)
+            .await;
+    }
+}
+
 /// [`refused_within`] on a private route of `path`.
 async fn refused_on_within(node: &Node, path: &str, token: &str, bound: Duration) -> Duration {
     let took = within(bound, || async {
@@ -233,6 +244,7 @@ async fn login_on_one_serves_on_all_and_logout_refuses_on_all() {
     let r = a.req("POST", "/logout").token(token).send().await;
     assert_eq!(r.status, 204, "{}", r.text());
     let logged_out = Instant::now();
+    revocation_arrived(&[&b, &c]).await;
     let on_b = refused_within(&b, token, Duration::from_secs(2)).await;
     let on_c = refused_within(&c, token, Duration::from_secs(2)).await;
     eprintln!(
@@ -324,6 +336,7 @@ async fn a_backend_401_on_one_instance_evicts_on_all() {
     accounts.close(token);
     let r = a.get("/api/profile", token).send().await;
     assert_eq!(r.status, 401, "{}", r.text());
+    revocation_arrived(&[&b, &c]).await;
     let on_b = refused_within(&b, token, Duration::from_secs(2)).await;
     let on_c = refused_within(&c, token, Duration::from_secs(2)).await;
     eprintln!("refused after the backend's 401: B {on_b:?}, C {on_c:?}");
