@@ -114,6 +114,8 @@ impl Entry {
 struct Line<'a> {
     seq: u64,
     time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance: Option<&'a str>,
     #[serde(flatten)]
     entry: &'a Entry,
     prev: &'a str,
@@ -130,6 +132,8 @@ struct Tail {
 pub struct AuditLog {
     path: PathBuf,
     tail: Mutex<Tail>,
+    /// Cluster mode: this instance's name, in every line.
+    instance: Option<String>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -222,7 +226,15 @@ impl AuditLog {
         Ok(AuditLog {
             path: path.to_path_buf(),
             tail: Mutex::new(Tail { file, seq, prev }),
+            instance: None,
         })
+    }
+
+    /// Names `instance` (cluster mode's `cluster.instance`) in every line
+    /// appended from now on.
+    pub fn with_instance(mut self, instance: Option<String>) -> AuditLog {
+        self.instance = instance;
+        self
     }
 
     /// The log's path.
@@ -242,6 +254,7 @@ impl AuditLog {
         let line = Line {
             seq,
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            instance: self.instance.as_deref(),
             entry,
             prev: &tail.prev,
         };
@@ -613,6 +626,26 @@ mod tests {
         ] {
             assert!(bad.parse::<Anchor>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_instance_is_named_in_every_line_and_the_chain_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 2);
+        let log = AuditLog::open(&path)
+            .unwrap()
+            .with_instance(Some("gw-2".into()));
+        log.append(&entry(7)).unwrap();
+        log.append(&entry(8)).unwrap();
+        let file = lines(&path);
+        let named: Vec<Option<&str>> = file
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .map(|v| v.get("instance").and_then(Value::as_str).map(|_| "named"))
+            .collect();
+        assert_eq!(named, [None, None, Some("named"), Some("named")]);
+        assert!(file[3].contains("\"instance\":\"gw-2\""), "{}", file[3]);
+        assert_eq!(verify(&path).unwrap(), Verdict::Intact { lines: 4 });
     }
 
     #[test]

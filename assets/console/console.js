@@ -363,6 +363,8 @@
     const exit = el("dd", { class: "job-exit" });
     const dur = el("dd", { class: "job-duration" });
     const idCell = el("dd", { class: "job-id" });
+    const runnerCell = el("dd", { class: "job-runner" });
+    const runnerFact = el("div", { hidden: true }, el("dt", { text: "Runner" }), runnerCell);
     const reason = el("p", { class: "hint job-reason" });
     const notice = el("p", { class: "notice job-notice", hidden: true });
     const out = el("pre", { class: "output", tabindex: "0", "aria-label": "Output", "aria-live": "off" });
@@ -377,7 +379,8 @@
         el("div", {}, el("dt", { text: "Status" }), status),
         el("div", {}, el("dt", { text: "Exit code" }), exit),
         el("div", {}, el("dt", { text: "Duration" }), dur),
-        el("div", {}, el("dt", { text: "Job" }), idCell)
+        el("div", {}, el("dt", { text: "Job" }), idCell),
+        runnerFact
       ),
       reason,
       notice,
@@ -391,6 +394,8 @@
       setRecord(rec) {
         panel.id = rec.id;
         idCell.textContent = rec.id || "";
+        runnerCell.textContent = rec.runner || "";
+        runnerFact.hidden = !rec.runner;
         clear(status);
         status.append(statusBadge(rec.status));
         exit.textContent = rec.exit_code === null || rec.exit_code === undefined ? "—" : String(rec.exit_code);
@@ -439,7 +444,7 @@
     const ctrl = new AbortController();
     streams.add(ctrl);
     try {
-      const { json: rec } = await api("GET", "/jobs/" + encodeURIComponent(id));
+      let { json: rec } = await api("GET", "/jobs/" + encodeURIComponent(id));
       panel.setRecord(rec);
       const resp = await fetch(BASE + "/jobs/" + encodeURIComponent(id) + "/output", {
         headers: headers({ Accept: "text/event-stream" }),
@@ -478,7 +483,10 @@
           }
           if (!rec.metadata_only) {
             if (!sawOutput && rec.status === "queued") {
-              rec.status = "running";
+              // Claimed since: the record now says where it runs.
+              const { json: now } = await api("GET", "/jobs/" + encodeURIComponent(id));
+              rec = now;
+              if (rec.status === "queued") rec.status = "running";
               panel.setRecord(rec);
             }
             sawOutput = true;

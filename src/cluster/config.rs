@@ -3,6 +3,7 @@
 use crate::config::{parse_duration, Problems};
 use crate::secret::{self, Secret};
 use serde::Deserialize;
+use std::path::Path;
 use std::time::Duration;
 
 /// The shortest accepted `cluster.secret`, in bytes.
@@ -18,6 +19,30 @@ pub struct RawCluster {
     instance: Option<String>,
     degraded_ttl: Option<String>,
     timeout: Option<String>,
+    ca: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
+}
+
+/// TLS material for a `rediss://` connection, read from the files named by
+/// `cluster.ca`, `cluster.client_cert` and `cluster.client_key`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisTls {
+    /// PEM CA certificates: when set, only these are trusted for the Redis
+    /// server's certificate (instead of the system store).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate chain and private key, presented when Redis
+    /// asks for one (`tls-auth-clients yes`).
+    pub client: Option<(Vec<u8>, Secret)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_cert", &self.client.is_some())
+            .finish()
+    }
 }
 
 /// The validated `[cluster]` table.
@@ -37,6 +62,9 @@ pub struct ClusterConfig {
     pub degraded_ttl: Duration,
     /// The deadline of every Redis call.
     pub timeout: Duration,
+    /// A private CA and/or client certificate for `rediss://`; `None` means
+    /// the system CA store and no client certificate.
+    pub tls: Option<RedisTls>,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -47,6 +75,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("instance", &self.instance)
             .field("degraded_ttl", &self.degraded_ttl)
             .field("timeout", &self.timeout)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -66,6 +95,89 @@ fn host_name() -> Option<String> {
         .or_else(|| std::env::var("HOSTNAME").ok())?;
     let name = name.trim().to_owned();
     (!name.is_empty()).then_some(name)
+}
+
+/// Reads and checks `cluster.ca`, `cluster.client_cert` and
+/// `cluster.client_key`; `tls_url` says whether `cluster.redis` is
+/// `rediss://` (`None` when the URL itself was unusable). Problems name the
+/// files, never their contents.
+fn validate_tls(raw: &RawCluster, tls_url: Option<bool>, p: &mut Problems) -> Option<RedisTls> {
+    if raw.ca.is_none() && raw.client_cert.is_none() && raw.client_key.is_none() {
+        return None;
+    }
+    if tls_url == Some(false) {
+        for (key, set) in [
+            ("cluster.ca", raw.ca.is_some()),
+            ("cluster.client_cert", raw.client_cert.is_some()),
+            ("cluster.client_key", raw.client_key.is_some()),
+        ] {
+            if set {
+                p.push(
+                    key,
+                    "only meaningful with a rediss:// (TLS) cluster.redis URL",
+                );
+            }
+        }
+        return None;
+    }
+    let ca_pem = match raw.ca.as_deref() {
+        None => None,
+        Some(path) => match read_ca(Path::new(path)) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                p.push("cluster.ca", e);
+                return None;
+            }
+        },
+    };
+    let client = match (raw.client_cert.as_deref(), raw.client_key.as_deref()) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let (cert, key) = (Path::new(cert), Path::new(key));
+            // Parses both and checks that the key matches the certificate.
+            if let Err(e) = crate::tls::load_certified_key(cert, key) {
+                p.push("cluster.client_cert", e);
+                return None;
+            }
+            match (std::fs::read(cert), std::fs::read(key)) {
+                (Ok(c), Ok(k)) => Some((c, Secret::new(k))),
+                (Err(e), _) => {
+                    p.push(
+                        "cluster.client_cert",
+                        format!("cannot read {}: {e}", cert.display()),
+                    );
+                    return None;
+                }
+                (_, Err(e)) => {
+                    p.push(
+                        "cluster.client_key",
+                        format!("cannot read {}: {e}", key.display()),
+                    );
+                    return None;
+                }
+            }
+        }
+        _ => {
+            p.push(
+                "cluster.client_cert",
+                "client_cert and client_key go together",
+            );
+            return None;
+        }
+    };
+    Some(RedisTls { ca_pem, client })
+}
+
+/// Reads a PEM file of CA certificates, checking that each one is usable as
+/// a trust anchor; returns the file's bytes.
+fn read_ca(path: &Path) -> Result<Vec<u8>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::tls::read_cert_chain(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+    }
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// Validates `[cluster]`, pushing every problem into `p`.
@@ -177,6 +289,10 @@ pub fn validate(raw: &RawCluster, p: &mut Problems) -> Option<ClusterConfig> {
     };
     let degraded_ttl = duration("degraded_ttl", &raw.degraded_ttl, Duration::from_secs(10));
     let timeout = duration("timeout", &raw.timeout, Duration::from_millis(250));
+    let tls_url = redis
+        .as_ref()
+        .map(|u| u.expose_str().is_some_and(|t| t.starts_with("rediss://")));
+    let tls = validate_tls(raw, tls_url, p);
     Some(ClusterConfig {
         redis: redis?,
         name: name?,
@@ -184,6 +300,7 @@ pub fn validate(raw: &RawCluster, p: &mut Problems) -> Option<ClusterConfig> {
         instance: instance?,
         degraded_ttl,
         timeout,
+        tls,
     })
 }
 
@@ -227,6 +344,82 @@ instance = "gw-1""#),
         );
         assert!(p.0.is_empty(), "{p}");
         assert!(c.is_some());
+    }
+
+    const BASE: &str = r#"name = "prod"
+secret = "0123456789abcdef0123456789abcdef"
+instance = "gw-1"
+"#;
+
+    fn check(lines: &str) -> (Option<ClusterConfig>, String) {
+        let mut p = Problems::default();
+        let c = validate(&raw(&format!("{BASE}{lines}")), &mut p);
+        (c, p.to_string())
+    }
+
+    #[test]
+    fn a_private_ca_and_client_certificate_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::devcerts::DevCa::new("test CA").unwrap();
+        let client = ca.issue_client("gw").unwrap();
+        let other = ca.issue_client("other").unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let ca_path = write("ca.pem", &ca.ca.cert_pem);
+        let cert = write("client.pem", &client.cert_pem);
+        let key = write("client.key", &client.key_pem);
+        let wrong_key = write("other.key", &other.key_pem);
+        let not_pem = write("junk.pem", "not a certificate");
+        let tls = "redis = \"rediss://redis.internal:6380/0\"\n";
+
+        let (c, text) = check(&format!(
+            "{tls}ca = \"{ca_path}\"\nclient_cert = \"{cert}\"\nclient_key = \"{key}\""
+        ));
+        assert!(text.is_empty(), "{text}");
+        let t = c.unwrap().tls.unwrap();
+        assert_eq!(t.ca_pem.as_deref(), Some(ca.ca.cert_pem.as_bytes()));
+        assert!(t.client.is_some());
+        assert!(!format!("{t:?}").contains("PRIVATE"));
+
+        for (lines, key_name, needle) in [
+            (
+                format!("ca = \"{not_pem}\""),
+                "cluster.ca",
+                "no CERTIFICATE found",
+            ),
+            (
+                "ca = \"/nonexistent/ca.pem\"".to_owned(),
+                "cluster.ca",
+                "cannot read /nonexistent/ca.pem",
+            ),
+            (
+                format!("client_cert = \"{cert}\""),
+                "cluster.client_cert",
+                "go together",
+            ),
+            (
+                format!("client_cert = \"{cert}\"\nclient_key = \"{wrong_key}\""),
+                "cluster.client_cert",
+                "does not match",
+            ),
+        ] {
+            let (c, text) = check(&format!("{tls}{lines}"));
+            assert!(c.is_none() || !text.is_empty(), "{lines}");
+            assert!(text.contains(key_name), "{lines}: {text}");
+            assert!(text.contains(needle), "{lines}: {text}");
+            assert!(!text.contains("PRIVATE KEY-----"), "{text}");
+        }
+
+        let (_, text) = check(&format!(
+            "redis = \"redis://127.0.0.1:6379/0\"\nca = \"{ca_path}\""
+        ));
+        assert!(
+            text.contains("cluster.ca") && text.contains("rediss://"),
+            "{text}"
+        );
     }
 
     #[test]

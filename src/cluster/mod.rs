@@ -4,6 +4,8 @@
 //! - [`seal`]: keyed token hashes and sealed values (what Redis holds).
 //! - [`shared`]: sessions in Redis: lookup behind the local cache,
 //!   cluster-wide single flight, revocation.
+//! - [`jobs`]: remote operations' shared state (job records, output,
+//!   cancel requests, locks, run slots, schedule claims).
 //! - [`limits`]: rate limits for the whole cluster (GCRA in one Lua call)
 //!   and the count of live instances.
 //! - this module: the Redis connection, its supervisor (health checks,
@@ -20,6 +22,7 @@
 //! - Every key and channel is under `portcullis:<name>:`.
 
 pub mod config;
+pub mod jobs;
 pub mod limits;
 pub mod seal;
 pub mod shared;
@@ -173,6 +176,47 @@ fn hex_decode32(s: &str) -> Option<TokenHash> {
     Some(out)
 }
 
+/// The Redis client for `cfg.redis`, with the private CA and client
+/// certificate of `cluster.ca` / `cluster.client_cert` when configured.
+/// Errors name the setting, never the URL (it may hold a password).
+fn redis_client(cfg: &ClusterConfig) -> Result<redis::Client, String> {
+    let url = cfg.redis.expose_str().unwrap_or("");
+    let unusable =
+        |e: redis::RedisError| format!("cluster.redis: not a usable Redis URL: {}", e.category());
+    match &cfg.tls {
+        None => redis::Client::open(url).map_err(unusable),
+        Some(tls) => {
+            let certs = redis::TlsCertificates {
+                client_tls: tls
+                    .client
+                    .as_ref()
+                    .map(|(cert, key)| redis::ClientTlsConfig {
+                        client_cert: cert.clone(),
+                        client_key: key.expose().to_vec(),
+                    }),
+                root_cert: tls.ca_pem.clone(),
+            };
+            redis::Client::build_with_tls(url, certs).map_err(|e| {
+                format!(
+                    "cluster.ca / cluster.client_cert: unusable for a TLS Redis connection: {}",
+                    e.category()
+                )
+            })
+        }
+    }
+}
+
+/// What went wrong with a Redis call, for the log: the I/O or TLS reason
+/// (e.g. "invalid peer certificate: UnknownIssuer"), else the error's
+/// category. Never the URL (it may hold a password).
+fn describe(e: &redis::RedisError) -> String {
+    if e.is_io_error() {
+        e.to_string()
+    } else {
+        e.category().to_owned()
+    }
+}
+
 impl Cluster {
     /// A cluster member; nothing connects until [`Cluster::start`].
     /// `validation_deadline` bounds one validation call (the single-flight
@@ -182,9 +226,7 @@ impl Cluster {
         validation_deadline: Duration,
         metrics: ClusterMetrics,
     ) -> Result<Cluster, String> {
-        let url = cfg.redis.expose_str().unwrap_or("");
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("cluster.redis: not a usable Redis URL: {}", e.category()))?;
+        let client = redis_client(&cfg)?;
         let prefix = format!("portcullis:{}:", cfg.name);
         Ok(Cluster {
             keys: Keys::new(&cfg.secret),
@@ -352,6 +394,13 @@ impl Cluster {
 
     async fn connect(&self) -> Result<redis::aio::PubSubStream, String> {
         if self.conn.get().is_none() {
+            // One plain attempt first: the connection manager retries on
+            // its own, so a refused TLS handshake (wrong `cluster.ca`, no
+            // client certificate) would otherwise only show as a timeout.
+            self.client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| format!("connecting: {}", describe(&e)))?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(self.cfg.timeout.max(Duration::from_millis(500)))
                 .set_response_timeout(self.cfg.timeout)

@@ -7,6 +7,7 @@
 //! read top to bottom in the order every request is checked; each handler is
 //! short.
 
+use super::clustered::Lookup;
 use super::{lock, Core, Ctx, Job, Refusal, METADATA_ONLY_OUTPUT};
 use crate::body::Body;
 use crate::envelope;
@@ -28,9 +29,9 @@ const MAX_BODY: usize = 64 * 1024;
 /// How long reading the request body may take.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest chunk sent per stream frame or SSE event.
-const CHUNK: usize = 16 * 1024;
+pub(super) const CHUNK: usize = 16 * 1024;
 /// SSE comment sent when a running job is quiet for this long.
-const KEEPALIVE: Duration = Duration::from_secs(15);
+pub(super) const KEEPALIVE: Duration = Duration::from_secs(15);
 
 pub(super) fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     // Serializing a `Value` cannot fail.
@@ -288,36 +289,66 @@ async fn list(core: &Core, op: &super::Op) -> Response<Body> {
     )
 }
 
-/// Finds a job this operator may see: live first, then the store.
-async fn find_job(
-    core: &Arc<Core>,
-    op: &super::Op,
-    id: &str,
-) -> Result<(Option<Arc<Job>>, super::store::JobRecord), ()> {
+/// A job found: running here, or its record (from this instance's store, or
+/// in cluster mode from Redis: then `shared` is true).
+struct Found {
+    live: Option<Arc<Job>>,
+    rec: super::store::JobRecord,
+    shared: bool,
+}
+
+/// Finds a job this operator may see: live first, then the store, then (in
+/// cluster mode) Redis.
+async fn find_job(core: &Arc<Core>, op: &super::Op, id: &str) -> Result<Found, Lookup> {
     if !valid_job_id(id) {
-        return Err(());
+        return Err(Lookup::Missing);
     }
-    let (live, rec) = match core.live(id) {
+    let found = match core.live(id) {
         Some(job) => {
             let rec = job.record();
-            (Some(job), rec)
+            Found {
+                live: Some(job),
+                rec,
+                shared: false,
+            }
         }
         None => {
-            let id = id.to_owned();
-            match super::store::blocking(&core.store, move |s| s.get(&id)).await {
-                Ok(Some(rec)) => (None, rec),
-                Ok(None) => return Err(()),
+            let key = id.to_owned();
+            let local = match super::store::blocking(&core.store, move |s| s.get(&key)).await {
+                Ok(found) => found,
                 Err(err) => {
                     tracing::error!(error = %err, "job store read failed");
-                    return Err(());
+                    None
                 }
+            };
+            match (local, core.cluster()) {
+                (Some(rec), _) => Found {
+                    live: None,
+                    rec,
+                    shared: false,
+                },
+                // Another instance's job.
+                (None, Some(cl)) => Found {
+                    live: None,
+                    rec: core.shared_record(cl, id).await?,
+                    shared: true,
+                },
+                (None, None) => return Err(Lookup::Missing),
             }
         }
     };
-    if !core.may_see(op, &rec.command) {
-        return Err(());
+    if !core.may_see(op, &found.rec.command) {
+        return Err(Lookup::Missing);
     }
-    Ok((live, rec))
+    Ok(found)
+}
+
+/// The answer when a job cannot be shown.
+fn not_found(core: &Core, why: &Lookup, request_id: &str) -> Response<Body> {
+    match why {
+        Lookup::Missing => error(core, StatusCode::NOT_FOUND, "No such job", request_id),
+        Lookup::Unavailable => refusal_response(core, &super::clustered::unavailable(), request_id),
+    }
 }
 
 async fn job_status(
@@ -327,8 +358,8 @@ async fn job_status(
     request_id: &str,
 ) -> Response<Body> {
     match find_job(core, op, id).await {
-        Ok((_, rec)) => json_response(StatusCode::OK, &json!(rec)),
-        Err(()) => error(core, StatusCode::NOT_FOUND, "No such job", request_id),
+        Ok(found) => json_response(StatusCode::OK, &json!(found.rec)),
+        Err(why) => not_found(core, &why, request_id),
     }
 }
 
@@ -524,18 +555,21 @@ async fn cancel(
     id: &str,
     request_id: &str,
 ) -> Response<Body> {
-    let (live, rec) = match find_job(core, op, id).await {
+    let Found { live, rec, shared } = match find_job(core, op, id).await {
         Ok(found) => found,
-        Err(()) => return error(core, StatusCode::NOT_FOUND, "No such job", request_id),
+        Err(why) => return not_found(core, &why, request_id),
     };
-    let Some(job) = live.filter(|j| !j.is_final()) else {
+    let job = live.filter(|j| !j.is_final());
+    // Running on another instance: its owner picks the request up.
+    let elsewhere = shared && !rec.status.is_final();
+    if job.is_none() && !elsewhere {
         return error(
             core,
             StatusCode::CONFLICT,
             &format!("job already ended ({})", rec.status.as_str()),
             request_id,
         );
-    };
+    }
     let mut e = crate::audit::Entry::new(
         crate::audit::Event::CancelRequested,
         request_id,
@@ -555,6 +589,19 @@ async fn cancel(
         );
     }
     let who = format!("cancelled by {}", op.name);
+    let Some(job) = job else {
+        let asked = match core.cluster() {
+            Some(cl) => core.cluster_cancel(cl, &rec.id, &who).await,
+            None => Err(()),
+        };
+        return match asked {
+            Ok(()) => json_response(
+                StatusCode::ACCEPTED,
+                &json!({"id": rec.id, "status": "cancelling"}),
+            ),
+            Err(()) => refusal_response(core, &super::clustered::unavailable(), request_id),
+        };
+    };
     job.cancel.send_if_modified(|r| {
         if r.is_none() {
             *r = Some(who);
@@ -590,7 +637,7 @@ impl http_body::Body for ChannelBody {
 
 /// Where a chunk of output may end so it does not split a UTF-8 character
 /// (only matters for SSE, which is text).
-fn utf8_end(bytes: &[u8]) -> usize {
+pub(super) fn utf8_end(bytes: &[u8]) -> usize {
     match std::str::from_utf8(bytes) {
         Ok(_) => bytes.len(),
         Err(e) if e.error_len().is_none() => e.valid_up_to(),
@@ -599,7 +646,7 @@ fn utf8_end(bytes: &[u8]) -> usize {
 }
 
 /// One SSE event carrying `bytes`, with `id` = the byte offset after them.
-fn sse_event(id: u64, bytes: &[u8]) -> Bytes {
+pub(super) fn sse_event(id: u64, bytes: &[u8]) -> Bytes {
     let text = String::from_utf8_lossy(bytes)
         .replace("\r\n", "\n")
         .replace('\r', "\n");
@@ -613,7 +660,7 @@ fn sse_event(id: u64, bytes: &[u8]) -> Bytes {
     Bytes::from(ev)
 }
 
-fn sse_end(rec: &super::store::JobRecord) -> Bytes {
+pub(super) fn sse_end(rec: &super::store::JobRecord) -> Bytes {
     let data = json!({"status": rec.status, "exit_code": rec.exit_code, "reason": rec.reason});
     Bytes::from(format!("event: end\ndata: {data}\n\n"))
 }
@@ -640,11 +687,23 @@ async fn job_output(
     from: u64,
     request_id: &str,
 ) -> Response<Body> {
-    let (live, rec) = match find_job(core, op, id).await {
+    let Found { live, rec, shared } = match find_job(core, op, id).await {
         Ok(found) => found,
-        Err(()) => return error(core, StatusCode::NOT_FOUND, "No such job", request_id),
+        Err(why) => return not_found(core, &why, request_id),
     };
     let (tx, rx) = mpsc::channel::<Bytes>(8);
+    if let (true, Some(cl)) = (shared, core.cluster()) {
+        tokio::spawn(super::clustered::follow(
+            Arc::clone(core),
+            Arc::clone(cl),
+            rec.id.clone(),
+            tx,
+            sse,
+            from,
+            rec.metadata_only,
+        ));
+        return stream_response(rx, sse);
+    }
     if rec.metadata_only {
         let msg = format!("{METADATA_ONLY_OUTPUT}\n");
         let live_job = live.clone();

@@ -56,6 +56,9 @@ pub(super) struct Core {
     pub(super) shutdown_tx: watch::Sender<bool>,
     /// With `execute = "runners"`: the runners and the jobs they hold.
     pub(super) remote: Option<Arc<remote::Registry>>,
+    /// Cluster mode: jobs, locks, run slots and schedules shared through
+    /// Redis (see `clustered`).
+    pub(super) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The environment of every process: `commands.env` taken from the
@@ -75,6 +78,9 @@ pub(super) async fn prune_loop(core: Arc<Core>) {
             .unwrap_or_default();
         let cutoff = now.saturating_sub(core.cfg().job_retention).as_millis() as u64;
         let floor = store::id_floor(cutoff);
+        if let Some(cl) = core.cluster() {
+            cl.job_prune(&floor).await;
+        }
         match store::blocking(&core.store, move |s| s.prune(&floor)).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(jobs = n, "pruned ended jobs past commands.job_retention"),
@@ -466,6 +472,17 @@ impl Core {
         if let Some(r) = refused {
             return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
         }
+        // Cluster mode: the lock and a place are taken for the whole cluster.
+        let mut shared_slot = None;
+        if let Some(cl) = self.cluster() {
+            match self.cluster_admit(cl, &id, lock_name.as_deref()).await {
+                Ok(slot) => shared_slot = Some(slot),
+                Err(r) => {
+                    self.release(&id, lock_name.as_deref());
+                    return Err(self.reject(ctx, Some(command), Some(redacted), r).await);
+                }
+            }
+        }
 
         let operator = ctx.operator.clone().unwrap_or_default();
         let mut e = audit::Entry::new(Event::Accepted, &ctx.request_id, "accepted");
@@ -474,7 +491,10 @@ impl Core {
         e.command = Some(command.to_owned());
         e.args = Some(redacted.clone());
         e.job_id = Some(id.clone());
-        let permit = Arc::clone(&self.slots).try_acquire_owned().ok();
+        let permit = match shared_slot {
+            Some(false) => None,
+            _ => Arc::clone(&self.slots).try_acquire_owned().ok(),
+        };
         let rec = JobRecord {
             id: id.clone(),
             command: command.to_owned(),
@@ -497,14 +517,21 @@ impl Core {
             output_sha256: None,
             metadata_only,
             runner: None,
+            instance: self.cluster().map(|c| c.instance().to_owned()),
         };
         // The accepted line and the job record go to disk concurrently; the
         // process starts only once both are durable.
         let put = rec.clone();
-        let (audited, stored) = tokio::join!(
+        let (audited, stored, shared) = tokio::join!(
             self.audit.append_async(e),
             store::blocking(&self.store, move |s| s.put(&put, None)),
+            self.cluster_accept(&rec),
         );
+        if audited.is_err() || stored.is_err() || shared.is_err() {
+            // Not run: the record in Redis (if written) ends as rejected.
+            self.cluster_abandon(&rec, shared.is_ok(), lock_name.as_deref())
+                .await;
+        }
         if let Err(err) = audited {
             tracing::error!(error = %err, "audit log write failed; refusing to run");
             if stored.is_ok() {
@@ -533,9 +560,29 @@ impl Core {
                 "Job store unavailable: nothing was run",
             ));
         }
+        if shared.is_err() {
+            tracing::error!(
+                "cluster: the job record could not be stored in Redis; refusing to run"
+            );
+            let mut r = rec.clone();
+            r.status = Status::Rejected;
+            r.reason = Some("cluster state (Redis) unavailable; not run".into());
+            r.finished_at = Some(now_rfc3339());
+            let mut e = audit::Entry::new(Event::Finished, &ctx.request_id, r.status.as_str());
+            e.operator = ctx.operator.clone();
+            e.client = ctx.client.clone();
+            e.command = Some(command.to_owned());
+            e.job_id = Some(id.clone());
+            e.reason = r.reason.clone();
+            let _ = self.audit.append_async(e).await;
+            let _ = store::blocking(&self.store, move |s| s.put(&r, None)).await;
+            self.release(&id, lock_name.as_deref());
+            return Err(super::clustered::unavailable());
+        }
 
         let job = Job::new(rec, metadata_only, max_output);
         lock(&self.state).live.insert(id, Arc::clone(&job));
+        self.cluster_mirror(&job, lock_name.clone());
         let core = Arc::clone(self);
         let run_job = Arc::clone(&job);
         let client = ctx.client.clone();
@@ -571,7 +618,7 @@ impl Core {
             None => {
                 let mut cancel = job.cancel.subscribe();
                 let acquired = tokio::select! {
-                    p = Arc::clone(&self.slots).acquire_owned() => p.ok(),
+                    p = self.slot_for(&job.id) => p,
                     _ = cancel.wait_for(Option::is_some) => None,
                 };
                 let Some(p) = acquired else {
@@ -597,6 +644,7 @@ impl Core {
                     r.clone()
                 };
                 job.bump();
+                self.cluster_update(&job).await;
                 if let Err(err) = store::blocking(&self.store, move |s| s.put(&rec, None)).await {
                     tracing::error!(error = %err, job = %job.id, "job store write failed");
                 }
@@ -622,7 +670,8 @@ impl Core {
     }
 
     /// Records how a run ended: audit line first, then the job store, then
-    /// waiters are told; the lock and slot are released last.
+    /// (cluster mode) its output, lock, record and slot in Redis, then
+    /// waiters are told; the local lock and slot are released last.
     pub(super) async fn finish(
         &self,
         job: &Arc<Job>,
@@ -700,6 +749,7 @@ impl Core {
         if let Err(err) = stored {
             tracing::error!(error = %err, job = %job.id, "job store write failed");
         }
+        self.cluster_finish(job, &rec, lock_name.as_deref()).await;
         *lock(&job.record) = rec;
         job.bump();
         tracing::info!(job = %job.id, command = %job.command, status = status.as_str(), "command finished");
@@ -710,6 +760,7 @@ impl Core {
     /// ("gateway restarted"), killing what is left of their process groups.
     pub(super) async fn recover(self: &Arc<Self>) -> Result<(), String> {
         let active = store::blocking(&self.store, |s| s.active()).await?;
+        let mut ended = Vec::new();
         for mut rec in active {
             // A job running on a runner goes on there: the runner reconnects
             // and reports the rest (lost after the lease if it does not).
@@ -749,8 +800,18 @@ impl Core {
             let put = rec.clone();
             store::blocking(&self.store, move |s| s.put(&put, None)).await?;
             tracing::warn!(job = %rec.id, command = %rec.command, "job interrupted by a gateway restart marked failed");
+            ended.push(rec);
         }
+        self.cluster_republish(ended);
         Ok(())
+    }
+
+    /// A local run slot, after a cluster-wide one in cluster mode.
+    async fn slot_for(&self, id: &str) -> Option<OwnedSemaphorePermit> {
+        if let Some(cl) = self.cluster() {
+            self.cluster_slot(cl, id).await;
+        }
+        Arc::clone(&self.slots).acquire_owned().await.ok()
     }
 
     pub(super) fn live(&self, id: &str) -> Option<Arc<Job>> {

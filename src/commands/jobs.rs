@@ -79,6 +79,17 @@ pub(super) struct Job {
     pub(super) audit_failed: AtomicBool,
     /// Process group of the running process (0 before start and after exit).
     pub(super) pgid: std::sync::atomic::AtomicU32,
+    /// Cluster mode: what Redis has of this job (held while writing there).
+    pub(super) shared: tokio::sync::Mutex<Mirrored>,
+}
+
+/// Cluster mode: what Redis has of a job run here.
+#[derive(Default)]
+pub(super) struct Mirrored {
+    /// Bytes of output already in Redis.
+    pub(super) sent: u64,
+    /// Its end is being (or was) recorded: no more renewals.
+    pub(super) ended: bool,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,6 +129,7 @@ impl Job {
             cancel,
             audit_failed: AtomicBool::new(false),
             pgid: std::sync::atomic::AtomicU32::new(0),
+            shared: tokio::sync::Mutex::new(Mirrored::default()),
         })
     }
 

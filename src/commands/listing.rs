@@ -139,6 +139,19 @@ pub(super) async fn jobs(
             }
         }
     }
+    if let Some(cl) = core.cluster() {
+        // Cluster mode: every instance's jobs, from Redis.
+        let keep = |rec: &JobRecord| filter.keeps(rec) && core.may_see(op, &rec.command);
+        return match core.shared_list(cl, before, limit, SCAN, keep).await {
+            Ok((records, next)) => page(core, records, next),
+            Err(()) => unavailable(
+                core,
+                "Cluster state (Redis)",
+                &"Redis failed or was late",
+                request_id,
+            ),
+        };
+    }
     let see = Arc::clone(core);
     let seer = op.clone();
     let listed = store::blocking(&core.store, move |s| {
@@ -148,19 +161,22 @@ pub(super) async fn jobs(
     })
     .await;
     match listed {
-        Ok((records, next)) => {
-            // A job running here has fresher figures than its stored record.
-            let jobs: Vec<Value> = records
-                .into_iter()
-                .map(|rec| match core.live(&rec.id) {
-                    Some(job) => json!(job.record()),
-                    None => json!(rec),
-                })
-                .collect();
-            super::api::json_response(StatusCode::OK, &json!({"jobs": jobs, "next": next}))
-        }
+        Ok((records, next)) => page(core, records, next),
         Err(err) => unavailable(core, "Job store", &err, request_id),
     }
+}
+
+/// One page of `GET /__manage__/jobs`.
+fn page(core: &Core, records: Vec<JobRecord>, next: Option<String>) -> Response<Body> {
+    // A job running here has fresher figures than its stored record.
+    let jobs: Vec<Value> = records
+        .into_iter()
+        .map(|rec| match core.live(&rec.id) {
+            Some(job) => json!(job.record()),
+            None => json!(rec),
+        })
+        .collect();
+    super::api::json_response(StatusCode::OK, &json!({"jobs": jobs, "next": next}))
 }
 
 /// `GET /__manage__/audit?before=&limit=`: `{"lines": [...], "next": seq |

@@ -14,7 +14,9 @@
 //!   listings; `console`: the operator console's embedded page;
 //! - [`remote`]: runners (`execute = "runners"`): registry, `/__runner__` protocol;
 //! - `remote_jobs`: the engine's runner side (fan-out, jobs taken back after a restart);
-//! - `scheduler`: cron schedules, run as operator `scheduler`.
+//! - `scheduler`: cron schedules, run as operator `scheduler`;
+//! - `clustered`: cluster mode: jobs, output, cancels, locks, run slots and
+//!   schedule ticks shared through Redis (`crate::cluster::jobs`).
 //!
 //! `config` and `args` import each other on purpose: a schedule's `data` is
 //! checked at load with the same [`args::build`] that builds argv at run
@@ -39,6 +41,7 @@
 
 mod api;
 pub mod args;
+mod clustered;
 pub mod config;
 mod console;
 mod describe;
@@ -91,18 +94,24 @@ impl std::fmt::Debug for Commands {
 impl Commands {
     /// Opens the audit log and job store, marks jobs left running by a
     /// previous process as failed ("gateway restarted", killing what is left
-    /// of their process groups), and starts the scheduler.
+    /// of their process groups), and starts the scheduler. With `cluster`,
+    /// jobs, locks, run slots and schedules are shared with the other
+    /// instances and every audit line names this instance.
     pub async fn start(
         cfg: &CommandsConfig,
         operators: &[crate::config::Operator],
         runners: &[remote::RunnerDef],
         error_type: &str,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> Result<Arc<Commands>, String> {
         let audit_path = cfg.audit_log.clone();
-        let audit = tokio::task::spawn_blocking(move || AuditLog::open(&audit_path))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("audit log {}: {e}", cfg.audit_log.display()))?;
+        let instance = cluster.as_ref().map(|c| c.instance().to_owned());
+        let audit = tokio::task::spawn_blocking(move || {
+            AuditLog::open(&audit_path).map(|a| a.with_instance(instance))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("audit log {}: {e}", cfg.audit_log.display()))?;
         let state_dir = cfg.state_dir.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&state_dir))
             .await
@@ -127,6 +136,7 @@ impl Commands {
             shutdown_tx,
             remote: (cfg.execute == config::Execute::Runners)
                 .then(|| remote::Registry::start(runners, cfg.lease)),
+            cluster,
         });
         core.recover().await?;
         core.introspect();

@@ -2,8 +2,11 @@
 //! operator `scheduler`, audited like any other run. A schedule never
 //! overlaps itself: when its previous run is still going at the next tick,
 //! that tick is skipped and audited as `rejected`. Expressions are evaluated
-//! in UTC; 6 fields means the first is seconds.
+//! in UTC; 6 fields means the first is seconds. In cluster mode every
+//! instance wakes at each tick and exactly one claims it in Redis; the
+//! previous run is looked up cluster-wide.
 
+use super::clustered::Claim;
 use super::config::Schedule;
 use super::{Core, Ctx, Refusal, SCHEDULER};
 use std::sync::Arc;
@@ -51,10 +54,30 @@ async fn run_schedule(core: Arc<Core>, index: usize, schedule: Schedule) {
             request_id: format!("scheduler-{index}-{tick}"),
             client: None,
         };
-        if let Some(prev) = last.as_ref().filter(|j| !j.is_final()) {
+        // Cluster mode: one instance takes the tick, and the previous run
+        // may be anywhere in the cluster.
+        let mut running = last
+            .as_ref()
+            .filter(|j| !j.is_final())
+            .map(|j| j.id.clone());
+        if let Some(cl) = core.cluster() {
+            let at = next.and_utc().timestamp_millis();
+            match core.claim_tick(cl, index, &schedule.command, at).await {
+                Claim::Mine => {}
+                Claim::Taken => continue,
+                Claim::Unavailable => {
+                    tracing::warn!(command = %schedule.command, "schedule tick skipped: cluster state (Redis) unavailable");
+                    continue;
+                }
+            }
+            if running.is_none() {
+                running = core.schedule_running(cl, index, &schedule.command).await;
+            }
+        }
+        if let Some(prev) = running {
             let r = Refusal::new(
                 http::StatusCode::CONFLICT,
-                format!("previous scheduled run {} is still running", prev.id),
+                format!("previous scheduled run {prev} is still running"),
             );
             core.reject(&ctx, Some(&schedule.command), None, r).await;
             continue;
@@ -62,6 +85,10 @@ async fn run_schedule(core: Arc<Core>, index: usize, schedule: Schedule) {
         match core.submit(&ctx, &schedule.command, &schedule.data).await {
             Ok(job) => {
                 tracing::info!(command = %schedule.command, job = %job.id, "scheduled run started");
+                if let Some(cl) = core.cluster() {
+                    core.schedule_started(cl, index, &schedule.command, &job.id)
+                        .await;
+                }
                 last = Some(job);
             }
             Err(r) => {

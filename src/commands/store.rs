@@ -108,6 +108,9 @@ pub struct JobRecord {
     /// Output is never captured for this command.
     #[serde(default)]
     pub metadata_only: bool,
+    /// The cluster instance that runs it (`cluster.instance`; cluster mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// Errors from the store, described without secrets.
@@ -297,6 +300,7 @@ mod tests {
             output_truncated: false,
             output_sha256: None,
             metadata_only: false,
+            instance: None,
             runner: None,
         }
     }

@@ -305,6 +305,7 @@ impl State {
             &self.config.operators,
             &self.config.runners,
             &self.error_type,
+            self.sessions.cluster().cloned(),
         )
         .await?;
         let _ = self.commands.set(commands);

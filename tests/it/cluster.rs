@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const EMAIL: &str = "ana.cluster@example.com";
+pub(crate) const EMAIL: &str = "ana.cluster@example.com";
 const FULL_NAME: &str = "Ana Clusterova";
 
 /// The backend's live sessions: a token in the set validates (200 with an
@@ -21,10 +21,10 @@ const FULL_NAME: &str = "Ana Clusterova";
 /// on validation, 401 on `/profile`). `/logout` ends the caller's session,
 /// `/login` opens `login_token`.
 #[derive(Clone, Default)]
-struct Accounts(Arc<Mutex<HashSet<String>>>);
+pub(crate) struct Accounts(Arc<Mutex<HashSet<String>>>);
 
 impl Accounts {
-    fn open(&self, token: &str) {
+    pub(crate) fn open(&self, token: &str) {
         self.0.lock().unwrap().insert(token.to_owned());
     }
 
@@ -38,7 +38,7 @@ impl Accounts {
     }
 
     /// Scripts `backend` (validation answers wait `validation_delay`).
-    fn serve(&self, backend: &Backend, login_token: &str, validation_delay: Duration) {
+    pub(crate) fn serve(&self, backend: &Backend, login_token: &str, validation_delay: Duration) {
         let me = self.clone();
         backend.on_fn("/renew_session", move |r| {
             let reply = if me.alive(r) {
@@ -87,7 +87,7 @@ impl Accounts {
 }
 
 /// Validation calls the backend received for `token`.
-fn validations(backend: &Backend, token: &str) -> usize {
+pub(crate) fn validations(backend: &Backend, token: &str) -> usize {
     backend
         .requests_to("/renew_session")
         .iter()
@@ -146,7 +146,7 @@ impl Cluster {
     }
 }
 
-async fn login(node: &Node) -> String {
+pub(crate) async fn login(node: &Node) -> String {
     let r = node
         .req("POST", "/login")
         .json(json!({"email": EMAIL, "password": "s3cret"}))
@@ -158,8 +158,19 @@ async fn login(node: &Node) -> String {
 
 /// Waits (at most `bound`) until `node` refuses `token` with 403 on
 /// `/api/profile`; returns how long that took.
-async fn refused_within(node: &Node, token: &str, bound: Duration) -> Duration {
+pub(crate) async fn refused_within(node: &Node, token: &str, bound: Duration) -> Duration {
     refused_on_within(node, "/api/profile", token, bound).await
+}
+
+/// Waits until each of `nodes` has received one revocation from another
+/// instance. Probing earlier races the message: a node that still holds the
+/// session forwards the call, gets the backend's own 401 and validates the
+/// token again, which is right but not what these tests count.
+async fn revocation_arrived(nodes: &[&Node]) {
+    for node in nodes {
+        node.wait_metric("portcullis_cluster_revocation_lag_seconds_count", 1.0)
+            .await;
+    }
 }
 
 /// [`refused_within`] on a private route of `path`.
@@ -233,6 +244,7 @@ async fn login_on_one_serves_on_all_and_logout_refuses_on_all() {
     let r = a.req("POST", "/logout").token(token).send().await;
     assert_eq!(r.status, 204, "{}", r.text());
     let logged_out = Instant::now();
+    revocation_arrived(&[&b, &c]).await;
     let on_b = refused_within(&b, token, Duration::from_secs(2)).await;
     let on_c = refused_within(&c, token, Duration::from_secs(2)).await;
     eprintln!(
@@ -324,6 +336,7 @@ async fn a_backend_401_on_one_instance_evicts_on_all() {
     accounts.close(token);
     let r = a.get("/api/profile", token).send().await;
     assert_eq!(r.status, 401, "{}", r.text());
+    revocation_arrived(&[&b, &c]).await;
     let on_b = refused_within(&b, token, Duration::from_secs(2)).await;
     let on_c = refused_within(&c, token, Duration::from_secs(2)).await;
     eprintln!("refused after the backend's 401: B {on_b:?}, C {on_c:?}");
@@ -439,32 +452,6 @@ async fn a_frozen_redis_neither_stalls_nor_refuses_and_sharing_resumes() {
         1,
         "t3 validated once for the cluster"
     );
-}
-
-#[test]
-fn check_refuses_remote_operations_in_a_cluster() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        "{}\n[cluster]\nredis = \"redis://127.0.0.1:6379/0\"\nname = \"prod\"\nsecret = \"{CLUSTER_SECRET}\"\ninstance = \"gw-1\"\n",
-        crate::support::commands::config_text(dir.path(), "")
-    );
-    let path = dir.path().join("portcullis.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "check accepted [commands] with [cluster]"
-    );
-    assert!(
-        stderr.contains("[commands] cannot be combined with [cluster] yet"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains(CLUSTER_SECRET), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Whether the browser test can run here; in CI it must.
-fn browser_available() -> bool {
+pub(crate) fn browser_available() -> bool {
     let python_ok = |module: &str| {
         Command::new("python3")
             .args(["-c", &format!("import {module}")])
@@ -70,14 +70,26 @@ async fn start_console_binary(dir: &Path) -> (ChildGuard, std::net::SocketAddr) 
 
 /// Runs the Playwright script against `base`; its observations.
 async fn drive(base: &str, needle: &str, audit: &Path) -> Value {
+    run_driver(
+        base,
+        &[
+            ("CONSOLE_NEEDLE", needle.as_ref()),
+            ("CONSOLE_AUDIT", audit.as_os_str()),
+        ],
+    )
+    .await
+}
+
+/// Runs the Playwright script against `base`, signing in as alice, with
+/// `envs` (its scenario and what that needs); its observations.
+pub(crate) async fn run_driver(base: &str, envs: &[(&str, &std::ffi::OsStr)]) -> Value {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/console/drive_console.py");
     let mut cmd = tokio::process::Command::new("python3");
     cmd.arg(script)
         .env("CONSOLE_BASE", base)
         .env("CONSOLE_TOKEN", ALICE)
-        .env("CONSOLE_NEEDLE", needle)
-        .env("CONSOLE_AUDIT", audit)
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -107,7 +119,7 @@ async fn alice_get(addr: std::net::SocketAddr, path: &str) -> Value {
         .json()
 }
 
-fn text(v: &Value) -> &str {
+pub(crate) fn text(v: &Value) -> &str {
     v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
 }
 

@@ -8,6 +8,7 @@ use super::process::{
 };
 use super::{Req, TIMEOUT};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -19,6 +20,20 @@ pub struct RedisServer {
     pub port: u16,
     guard: ChildGuard,
     dir: tempfile::TempDir,
+    tls: Option<RedisTls>,
+}
+
+/// The certificates of a TLS-only [`RedisServer`] (PEM files in its
+/// directory): the CA that issued its certificate, and a client certificate
+/// from that CA for when it demands one.
+#[derive(Clone)]
+pub struct RedisTls {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    auth_clients: bool,
 }
 
 impl RedisServer {
@@ -26,18 +41,73 @@ impl RedisServer {
     pub async fn start() -> RedisServer {
         let dir = tempfile::tempdir().expect("redis dir");
         let port = free_port();
-        let guard = Self::spawn(port, dir.path()).await;
-        RedisServer { port, guard, dir }
+        let guard = Self::spawn(port, dir.path(), None).await;
+        RedisServer {
+            port,
+            guard,
+            dir,
+            tls: None,
+        }
     }
 
-    async fn spawn(port: u16, dir: &std::path::Path) -> ChildGuard {
+    /// Starts one that speaks only TLS (`--port 0 --tls-port <port>`), with
+    /// a certificate for 127.0.0.1 issued by a CA made for it. With
+    /// `auth_clients`, it refuses clients without a certificate from that CA.
+    pub async fn start_tls(auth_clients: bool) -> RedisServer {
+        let dir = tempfile::tempdir().expect("redis dir");
+        let ca = portcullis::devcerts::DevCa::new("redis test CA").expect("CA");
+        let server = ca.issue_server(&["127.0.0.1"]).expect("server cert");
+        let client = ca.issue_client("gateway").expect("client cert");
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write a certificate");
+            p
+        };
+        let tls = RedisTls {
+            ca: write("ca.pem", &ca.ca.cert_pem),
+            server_cert: write("redis.pem", &server.cert_pem),
+            server_key: write("redis.key", &server.key_pem),
+            client_cert: write("client.pem", &client.cert_pem),
+            client_key: write("client.key", &client.key_pem),
+            auth_clients,
+        };
+        let port = free_port();
+        let guard = Self::spawn(port, dir.path(), Some(&tls)).await;
+        RedisServer {
+            port,
+            guard,
+            dir,
+            tls: Some(tls),
+        }
+    }
+
+    /// The certificates of a server started with [`RedisServer::start_tls`].
+    pub fn tls(&self) -> &RedisTls {
+        self.tls.as_ref().expect("a TLS redis")
+    }
+
+    async fn spawn(port: u16, dir: &Path, tls: Option<&RedisTls>) -> ChildGuard {
         assert!(
             which("redis-server"),
             "redis-server is required by the cluster tests: run them with scripts/test, which installs it (apt-get install redis-server)"
         );
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1"])
+        match tls {
+            None => cmd.args(["--port", &port.to_string()]),
+            Some(t) => cmd
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&t.server_cert)
+                .arg("--tls-key-file")
+                .arg(&t.server_key)
+                .arg("--tls-ca-cert-file")
+                .arg(&t.ca)
+                .args([
+                    "--tls-auth-clients",
+                    if t.auth_clients { "yes" } else { "no" },
+                ]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(dir)
@@ -48,9 +118,14 @@ impl RedisServer {
         spawn_listening(cmd, addr).await
     }
 
-    /// `redis://127.0.0.1:<port>/0`.
+    /// `redis://127.0.0.1:<port>/0` (`rediss://` when it speaks TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
@@ -63,18 +138,40 @@ impl RedisServer {
         send_signal(&self.guard, "-CONT");
     }
 
-    /// Kills the server and starts an empty one on the same port.
-    pub async fn restart(&mut self) {
+    /// Kills the server (connections are refused until [`RedisServer::restart`]).
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.guard.0.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        self.guard = Self::spawn(self.port, self.dir.path()).await;
     }
 
-    /// A connection for the test itself.
+    /// Kills the server (if running) and starts an empty one on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.guard = Self::spawn(self.port, self.dir.path(), self.tls.as_ref()).await;
+    }
+
+    /// A connection for the test itself (trusting the server's CA and
+    /// presenting the client certificate when it speaks TLS).
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
+        let client = match &self.tls {
+            None => redis::Client::open(self.url()),
+            Some(t) => {
+                let read = |p: &PathBuf| std::fs::read(p).expect("read a certificate");
+                redis::Client::build_with_tls(
+                    self.url(),
+                    redis::TlsCertificates {
+                        client_tls: Some(redis::ClientTlsConfig {
+                            client_cert: read(&t.client_cert),
+                            client_key: read(&t.client_key),
+                        }),
+                        root_cert: Some(read(&t.ca)),
+                    },
+                )
+            }
+        };
+        client
             .expect("redis url")
             .get_multiplexed_async_connection()
             .await
@@ -139,7 +236,7 @@ pub struct Node {
     /// The admin listener (`/metrics`, `/readyz`).
     pub admin: SocketAddr,
     pub instance: String,
-    _guard: ChildGuard,
+    guard: ChildGuard,
     dir: tempfile::TempDir,
 }
 
@@ -165,7 +262,38 @@ impl Node {
         instance: &str,
         cluster_lines: &[&str],
     ) -> Node {
+        let node = Node::spawn_url(cfg, redis_url, name, instance, cluster_lines).await;
+        node.wait_metric("portcullis_cluster_up", 1.0).await;
+        node
+    }
+
+    /// [`Node::start_url`] without waiting for Redis: returns once the
+    /// gateway's listeners accept connections.
+    pub async fn spawn_url(
+        cfg: &GatewayConfig,
+        redis_url: &str,
+        name: &str,
+        instance: &str,
+        cluster_lines: &[&str],
+    ) -> Node {
+        Node::spawn_with(cfg, redis_url, name, instance, cluster_lines, |_| {
+            String::new()
+        })
+        .await
+    }
+
+    /// [`Node::spawn_url`] with `local(dir)` appended to the configuration,
+    /// `dir` being this node's own directory (for its audit log and state).
+    pub async fn spawn_with(
+        cfg: &GatewayConfig,
+        redis_url: &str,
+        name: &str,
+        instance: &str,
+        cluster_lines: &[&str],
+        local: impl Fn(&std::path::Path) -> String,
+    ) -> Node {
         let dir = tempfile::tempdir().expect("node dir");
+        let cfg = cfg.clone().extra(&local(dir.path()));
         let addr = free_addr();
         let admin = free_addr();
         let mut table = format!(
@@ -179,23 +307,72 @@ impl Node {
             .clone()
             .server(&format!("admin_listen = \"{admin}\""))
             .extra(&table);
-        let path = dir.path().join("portcullis.toml");
-        std::fs::write(&path, cfg.toml(addr)).expect("write config");
-        let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
-        let mut cmd = binary(&path);
+        std::fs::write(dir.path().join("portcullis.toml"), cfg.toml(addr)).expect("write config");
+        let guard = Node::spawn(dir.path(), addr, admin).await;
+        Node {
+            addr,
+            admin,
+            instance: instance.to_owned(),
+            guard,
+            dir,
+        }
+    }
+
+    /// Starts the process on `dir/portcullis.toml` (logging to
+    /// `dir/stderr.log`, appended) and waits for both listeners.
+    async fn spawn(dir: &std::path::Path, addr: SocketAddr, admin: SocketAddr) -> ChildGuard {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("stderr.log"))
+            .expect("log file");
+        let mut cmd = binary(&dir.join("portcullis.toml"));
         cmd.env("PORTCULLIS_LOG", "info").stderr(log);
         let mut guard = spawn_listening(cmd, addr).await;
         // The admin listener is bound just after the main one.
         wait_listening(admin, &mut guard).await;
-        let node = Node {
-            addr,
-            admin,
-            instance: instance.to_owned(),
-            _guard: guard,
-            dir,
+        guard
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.guard.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again (after [`Node::kill`]) with the same
+    /// configuration and directory, and waits until Redis is up. It listens
+    /// on new ports: the old ones may have been taken by other sockets since.
+    pub async fn restart(&mut self) {
+        use futures_util::FutureExt;
+        self.kill();
+        let path = self.dir.path().join("portcullis.toml");
+        let (addr, admin) = (free_addr(), free_addr());
+        let text = std::fs::read_to_string(&path)
+            .expect("read config")
+            .replace(&self.addr.to_string(), &addr.to_string())
+            .replace(&self.admin.to_string(), &admin.to_string());
+        std::fs::write(&path, text).expect("write config");
+        (self.addr, self.admin) = (addr, admin);
+        let spawned =
+            std::panic::AssertUnwindSafe(Node::spawn(self.dir.path(), self.addr, self.admin))
+                .catch_unwind()
+                .await;
+        self.guard = match spawned {
+            Ok(guard) => guard,
+            Err(panic) => {
+                eprintln!("{} did not start again:\n{}", self.instance, self.log());
+                std::panic::resume_unwind(panic)
+            }
         };
-        node.wait_metric("portcullis_cluster_up", 1.0).await;
-        node
+        self.wait_metric("portcullis_cluster_up", 1.0).await;
+    }
+
+    /// This node's own directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Everything the process logged so far.
