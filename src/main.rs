@@ -9,30 +9,29 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// mimalloc, not the system allocator: an idle connection's few
-/// long-lived allocations share pages with others of their size, so the
-/// pages a burst of requests used and freed (hyper's buffers, request
-/// futures) go back to the system ([`release_freed_pages_at_once`]). glibc's
-/// malloc kept most of them: about 8 KiB per idle connection after a burst
-/// (`bench/memory.sh`, docs/benchmarks.md).
+/// jemalloc, not the system allocator: an idle connection's few long-lived
+/// allocations share pages with others of their size, so the pages a burst
+/// of requests used and freed (hyper's buffers, request futures) empty out
+/// and go back to the system ([`JEMALLOC_CONF`]). glibc's malloc kept most
+/// of them: about 8 KiB per idle connection after a burst (`bench/memory.sh`,
+/// docs/benchmarks.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// `mi_option_purge_delay` in the `mimalloc.h` of the version Cargo.toml pins.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// A C string's address, as jemalloc reads its options.
+#[repr(transparent)]
+pub struct ConfString(*const std::ffi::c_char);
 
-/// Free pages go back to the system when freed, not after mimalloc's delay
-/// (1 s): a delayed purge only runs on a later allocation, which an idle
-/// gateway does not make, so what a burst left would stay resident. No cost
-/// seen per request (`bench/run.sh`). `MIMALLOC_PURGE_DELAY` in the
-/// environment still decides when set.
-fn release_freed_pages_at_once() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets one of mimalloc's options, a plain integer it reads
-        // atomically; any value is valid.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-    }
-}
+// SAFETY: the address of a constant string, never written.
+unsafe impl Sync for ConfString {}
+
+/// jemalloc's options, read when it starts (`_RJEM_MALLOC_CONF` in the
+/// environment adds to them): a background thread gives pages freed for a
+/// second back to the system, so what a burst left does not stay resident
+/// while the gateway idles, and requests never pay for it.
+#[export_name = "_rjem_malloc_conf"]
+pub static JEMALLOC_CONF: ConfString =
+    ConfString(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
 /// Exit status for an invalid configuration or usage (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -110,7 +109,6 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
-    release_freed_pages_at_once();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&cli.config),
