@@ -270,30 +270,30 @@ impl ConnContext {
                 // (248 bytes) though moved out.
                 {
                     let ran = Box::pin(async {
-                    let mut conn = builder.serve_connection(TokioIo::new(io), service);
-                    let mut closing = false;
-                    let ended = loop {
-                        tokio::select! {
-                            biased;
-                            result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
-                                break Ended::Closed(result);
-                            }
-                            () = drained(&mut drain), if !closing => {
-                                closing = true;
-                                Pin::new(&mut conn).graceful_shutdown();
-                            }
-                            () = std::future::poll_fn(|_| {
-                                // Raised by the IO's timer, which wakes this task.
-                                if quiet.ready_to_park() { Poll::Ready(()) } else { Poll::Pending }
-                            }), if !closing => {
-                                // An idle hyper connection ends at once (without
-                                // closing the socket); a busy one finishes its
-                                // exchange and is closed.
-                                Pin::new(&mut conn).graceful_shutdown();
-                                let polled = std::future::poll_fn(|cx| {
-                                    Poll::Ready(conn.poll_without_shutdown(cx))
-                                })
-                                .await;
+                        let mut conn = builder.serve_connection(TokioIo::new(io), service);
+                        let mut closing = false;
+                        let ended = loop {
+                            tokio::select! {
+                                biased;
+                                result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                                    break Ended::Closed(result);
+                                }
+                                () = drained(&mut drain), if !closing => {
+                                    closing = true;
+                                    Pin::new(&mut conn).graceful_shutdown();
+                                }
+                                () = std::future::poll_fn(|_| {
+                                    // Raised by the IO's timer, which wakes this task.
+                                    if quiet.ready_to_park() { Poll::Ready(()) } else { Poll::Pending }
+                                }), if !closing => {
+                                    // An idle hyper connection ends at once (without
+                                    // closing the socket); a busy one finishes its
+                                    // exchange and is closed.
+                                    Pin::new(&mut conn).graceful_shutdown();
+                                    let polled = std::future::poll_fn(|cx| {
+                                        Poll::Ready(conn.poll_without_shutdown(cx))
+                                    })
+                                    .await;
                                 match polled {
                                     Poll::Ready(Ok(())) => break Ended::Parked,
                                     Poll::Ready(Err(e)) => break Ended::Closed(Err(e)),
