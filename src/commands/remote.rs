@@ -478,9 +478,10 @@ impl Registry {
                 .filter(|s| Self::in_group(s, group) && pin.map_or(true, |p| s.def.name == p))
             {
                 let st = lock(&s.st);
-                if self.connected(&st) && best.as_ref().map_or(true, |(n, _)| st.running.len() < *n)
-                {
-                    best = Some((st.running.len(), Arc::clone(s)));
+                // In cluster mode it may run jobs of other instances too.
+                let load = st.running.len().max(st.shared_jobs.len());
+                if self.connected(&st) && best.as_ref().map_or(true, |(n, _)| load < *n) {
+                    best = Some((load, Arc::clone(s)));
                 }
             }
             match best {

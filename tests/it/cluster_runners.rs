@@ -18,10 +18,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A Redis, a backend and two nodes of cluster `name` with
-/// `execute = "runners"` (lease 2 s), `commands` in their `[commands]` and
+/// `execute = "runners"` (`lease`), `commands` in their `[commands]` and
 /// `runners` (name, token, group) as their `[[runners]]`.
 async fn two(
     name: &str,
+    lease: &str,
     commands: &str,
     runners: &[(&str, &str, &str)],
 ) -> (RedisServer, Backend, [Node; 2]) {
@@ -36,7 +37,7 @@ async fn two(
             sha256_hex(token.as_bytes())
         ));
     }
-    let extra = format!("execute = \"runners\"\nlease = \"2s\"\n{commands}\n");
+    let extra = format!("execute = \"runners\"\nlease = \"{lease}\"\n{commands}\n");
     let local = |dir: &Path| commands_toml(dir, &extra) + &table;
     let url = redis.url();
     let (a, b) = tokio::join!(
@@ -153,7 +154,7 @@ async fn follow_until(
 async fn a_runner_polling_one_instance_runs_jobs_accepted_on_the_other() {
     let gateway = "allow = [\"hello\", \"slow\"]\n[commands.rules.hello]\ngroup = \"web\"\n[commands.rules.slow]\ngroup = \"web\"\nlock = \"deploy\"";
     let web = ("web-1", "tok-web-1", "web");
-    let (_redis, _backend, [a, b]) = two("run1", gateway, &[web]).await;
+    let (_redis, _backend, [a, b]) = two("run1", "2s", gateway, &[web]).await;
     let files = tempfile::tempdir().unwrap();
     let (pidfile, childfile) = (files.path().join("pid"), files.path().join("child"));
     let slow = format!(
@@ -277,7 +278,7 @@ async fn poll_work(node: &Node, token: &str, described: &str) -> Value {
 async fn runner_requests_may_land_on_either_instance() {
     let gateway = "allow = [\"hello\"]\n[commands.rules.hello]\ngroup = \"web\"";
     let (mut redis, _backend, [a, b]) =
-        two("raw1", gateway, &[("raw-1", "tok-raw-1", "web")]).await;
+        two("raw1", "2s", gateway, &[("raw-1", "tok-raw-1", "web")]).await;
     let tok = "tok-raw-1";
     // Described on A, polled on B: connected for the cluster.
     let description = r#"{"commands": {"hello": {"kind": "custom"}}}"#;
@@ -408,7 +409,7 @@ async fn runner_requests_may_land_on_either_instance() {
 async fn runners_on_both_instances_share_the_work() {
     let gateway = "allow = [\"stamp\", \"hello\"]\n[commands.rules.stamp]\ntarget = \"all\"\ngroup = \"web\"\n[commands.rules.hello]\ngroup = \"web\"";
     let (w1, w2) = (("web-1", "tok-web-1", "web"), ("web-2", "tok-web-2", "web"));
-    let (_redis, _backend, [a, b]) = two("share1", gateway, &[w1, w2]).await;
+    let (_redis, _backend, [a, b]) = two("share1", "2s", gateway, &[w1, w2]).await;
     let files = tempfile::tempdir().unwrap();
     let stamps = files.path().join("stamps");
     let cmds = |name: &str| {
@@ -458,7 +459,7 @@ async fn runners_on_both_instances_share_the_work() {
 async fn a_killed_runner_s_job_is_lost_once_for_the_cluster() {
     let gateway = "allow = [\"sleepy\"]\n[commands.rules.sleepy]\ngroup = \"web\"";
     let web = ("web-1", "tok-web-1", "web");
-    let (_redis, _backend, [a, b]) = two("lost1", gateway, &[web]).await;
+    let (_redis, _backend, [a, b]) = two("lost1", "2s", gateway, &[web]).await;
     let files = tempfile::tempdir().unwrap();
     let (pidfile, runs) = (files.path().join("pid"), files.path().join("runs"));
     let runner = start_runner(
@@ -508,7 +509,7 @@ async fn options_a_runner_described_are_checked_on_every_instance() {
         return;
     }
     let app = ("app-1", "tok-app-1", "app");
-    let (_redis, _backend, [a, b]) = two("opts1", "allow = [\"ops_report\"]", &[app]).await;
+    let (_redis, _backend, [a, b]) = two("opts1", "2s", "allow = [\"ops_report\"]", &[app]).await;
     let files = tempfile::tempdir().unwrap();
     let root: PathBuf = fixture();
     let _runner = start_runner(
@@ -540,4 +541,61 @@ async fn options_a_runner_described_are_checked_on_every_instance() {
     let rec = ended(&a, &id, 30).await;
     assert_eq!(rec["status"], "succeeded", "{rec}");
     assert_eq!(rec["runner"], "app-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_token_and_sighup_refuse_a_held_poll_on_that_instance() {
+    let gateway = "allow = [\"hello\"]\n[commands.rules.hello]\ngroup = \"web\"";
+    // Lease 10 s: a poll is held up to 5 s.
+    let (_redis, _backend, [a, b]) =
+        two("hup1", "10s", gateway, &[("raw-1", "tok-raw-1", "web")]).await;
+    let description = r#"{"commands": {"hello": {"kind": "custom"}}}"#;
+    let digest = sha256_hex(description.as_bytes());
+    let d = raw(&a, "tok-raw-1", "/__runner__/describe", description)
+        .send()
+        .await;
+    assert_eq!(d.status, 200, "{}", d.text());
+    let held = {
+        let a_addr = a.addr;
+        tokio::spawn(async move {
+            let body = json!({"version": "raw", "described": digest}).to_string();
+            let started = tokio::time::Instant::now();
+            let r = Req::new(a_addr, "POST", "/__runner__/poll")
+                .header("authorization", "Bearer tok-raw-1")
+                .body(body)
+                .send()
+                .await;
+            (r, started.elapsed())
+        })
+    };
+    // The poll is held on A (counted), then the runner's token changes in
+    // A's configuration and A reloads.
+    a.wait_metric("portcullis_runner_polls_total", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let path = a.dir().join("portcullis.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(&sha256_hex(b"tok-raw-1"), &sha256_hex(b"tok-raw-2"));
+    std::fs::write(&path, text).unwrap();
+    signal(a.pid(), libc::SIGHUP);
+    let (r, took) = held.await.unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    // Refused at once, not when its hold (5 s) ended.
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(4500),
+        "held for {took:?}"
+    );
+    let old = raw(&a, "tok-raw-1", "/__runner__/describe", description)
+        .send()
+        .await;
+    assert_eq!(old.status, 401, "{}", old.text());
+    let new = raw(&a, "tok-raw-2", "/__runner__/describe", description)
+        .send()
+        .await;
+    assert_eq!(new.status, 200, "{}", new.text());
+    // B has not reloaded yet: it still knows the old token.
+    let on_b = raw(&b, "tok-raw-1", "/__runner__/describe", description)
+        .send()
+        .await;
+    assert_eq!(on_b.status, 200, "{}", on_b.text());
 }

@@ -398,10 +398,10 @@ pub(super) async fn describe(
     Ok(reply(StatusCode::OK, &json!({"ok": true})))
 }
 
-fn landed(l: Landed, ok: Value) -> Result<Response<Body>, Refused> {
+/// The answer to a runner's output or report: `ok(length)` when stored.
+fn answer(l: Landed, ok: impl FnOnce(u64) -> Value) -> Result<Response<Body>, Refused> {
     match l {
-        Landed::Stored(n) if ok.is_null() => Ok(reply(StatusCode::OK, &json!({ "length": n }))),
-        Landed::Stored(_) => Ok(reply(StatusCode::OK, &ok)),
+        Landed::Stored(n) => Ok(reply(StatusCode::OK, &ok(n))),
         Landed::Length(n) => Ok(reply(
             StatusCode::RANGE_NOT_SATISFIABLE,
             &json!({ "length": n }),
@@ -422,7 +422,7 @@ pub(super) async fn output(
         .runner_output(id, &slot.def.name, offset, bytes, KEEP)
         .await
         .map_err(|()| UNAVAILABLE)?;
-    landed(l, Value::Null)
+    answer(l, |n| json!({ "length": n }))
 }
 
 /// `POST /__runner__/jobs/<id>/finish` in cluster mode.
@@ -437,5 +437,5 @@ pub(super) async fn finish(
         .runner_finish(id, &slot.def.name, rep.sent, &plain, KEEP)
         .await
         .map_err(|()| UNAVAILABLE)?;
-    landed(l, json!({"ok": true}))
+    answer(l, |_| json!({"ok": true}))
 }
