@@ -39,6 +39,12 @@ const SYNC_EVERY: Duration = Duration::from_millis(500);
 const CHECK_EVERY: Duration = Duration::from_millis(200);
 /// How long job bindings, reported output and descriptions are kept at most.
 const KEEP: Duration = Duration::from_secs(24 * 3600);
+/// How often the owner stores a job's binding to its runner again (after a
+/// Redis that restarted empty).
+const REBIND_EVERY: Duration = Duration::from_secs(5);
+/// How long after a cancel was queued the runner may take to report the
+/// job's end (beyond one lease) before the job is declared lost.
+const CANCEL_CONFIRM: Duration = Duration::from_secs(30);
 /// Output chunks read per check.
 const READ_BATCH: usize = 64;
 
@@ -201,29 +207,45 @@ pub(super) async fn wait(
 ) -> End {
     let mut cancel = job.cancel.subscribe();
     let mut cancel_due = false;
-    let mut cancel_sent = false;
+    let mut cancel_sent: Option<Instant> = None;
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut bound_at, mut was_up) = (Instant::now(), true);
     let end = loop {
         tokio::select! {
             end = &mut rx => break end.unwrap_or_else(|_| End::Lost("runner gone".into())),
-            changed = cancel.changed(), if !cancel_due && !cancel_sent => {
+            changed = cancel.changed(), if !cancel_due && cancel_sent.is_none() => {
                 if changed.is_err() || cancel.borrow().is_some() {
                     cancel_due = true;
                 }
             }
             _ = tick.tick() => {
+                let up = cl.is_up();
+                if up && (!was_up || bound_at.elapsed() >= REBIND_EVERY)
+                    && cl.runner_bind(&job.id, name, KEEP).await.is_ok()
+                {
+                    bound_at = Instant::now();
+                }
+                was_up = up;
                 if cancel_due {
                     let item = serde_json::to_vec(&Item::Cancel(job.id.clone())).unwrap_or_default();
                     if cl.runner_push(name, &item, reg.lease).await.is_ok() {
                         cancel_due = false;
-                        cancel_sent = true;
+                        cancel_sent = Some(Instant::now());
                         if let Some(s) = current(reg, name) {
                             s.wake.notify_waiters();
                         }
                     }
                 }
-                if let Some(end) = pull(cl, job, name).await {
+                let mut end = pull(cl, job, name).await;
+                // A runner that never confirms a cancel (it lost the job
+                // while Redis restarted empty): the outcome is unknown.
+                if end.is_none()
+                    && cancel_sent.is_some_and(|t| t.elapsed() > reg.lease + CANCEL_CONFIRM)
+                {
+                    end = Some(End::Lost(format!("runner {name} did not confirm the cancel")));
+                }
+                if let Some(end) = end {
                     // The lease watcher may have ended it meanwhile: then
                     // its verdict stands.
                     let mine = current(reg, name)
