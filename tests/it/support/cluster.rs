@@ -370,6 +370,11 @@ impl Node {
         self.wait_metric("portcullis_cluster_up", 1.0).await;
     }
 
+    /// The gateway process's id.
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
     /// This node's own directory.
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
