@@ -45,7 +45,7 @@ async fn three(name: &str, extra: &str) -> (RedisServer, Backend, [Node; 3]) {
     let cfg = GatewayConfig::new(backend.url());
     let lines = ["timeout = \"300ms\""];
     let local = |dir: &Path| commands_toml(dir, extra);
-    let url = redis.url();
+    let url = redis.acl_url(name).await;
     let (a, b, c) = tokio::join!(
         Node::spawn_with(&cfg, &url, name, "gw-a", &lines, local),
         Node::spawn_with(&cfg, &url, name, "gw-b", &lines, local),

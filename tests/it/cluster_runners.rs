@@ -39,7 +39,7 @@ async fn two(
     }
     let extra = format!("execute = \"runners\"\nlease = \"{lease}\"\n{commands}\n");
     let local = |dir: &Path| commands_toml(dir, &extra) + &table;
-    let url = redis.url();
+    let url = redis.acl_url(name).await;
     let (a, b) = tokio::join!(
         Node::spawn_with(&cfg, &url, name, "gw-a", &lines, local),
         Node::spawn_with(&cfg, &url, name, "gw-b", &lines, local),
