@@ -445,7 +445,9 @@
     streams.add(ctrl);
     try {
       let { json: rec } = await api("GET", "/jobs/" + encodeURIComponent(id));
-      panel.setRecord(rec);
+      // A job that ended already shows its final status only once its output
+      // is on screen (below), never "succeeded" above an empty output.
+      panel.setRecord(STATUSES_FINAL.includes(rec.status) ? { ...rec, status: "running", exit_code: null, duration_ms: null } : rec);
       const resp = await fetch(BASE + "/jobs/" + encodeURIComponent(id) + "/output", {
         headers: headers({ Accept: "text/event-stream" }),
         cache: "no-store",

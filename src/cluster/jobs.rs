@@ -118,7 +118,7 @@ pub enum Admission {
     Running,
 }
 
-fn millis(d: Duration) -> u64 {
+pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
@@ -131,13 +131,13 @@ impl Cluster {
         &self.cfg.instance
     }
 
-    fn key(&self, suffix: &str) -> String {
+    pub(super) fn key(&self, suffix: &str) -> String {
         format!("{}{suffix}", self.prefix)
     }
 
     /// The key of something named in the configuration (a lock, a
     /// schedule): `<kind>:<keyed hash of the name>`.
-    fn named(&self, kind: &str, name: &str) -> String {
+    pub(super) fn named(&self, kind: &str, name: &str) -> String {
         let hash = self
             .keys
             .limit_hash(&format!("ops {kind}"), name.as_bytes());
@@ -254,9 +254,19 @@ impl Cluster {
         after: u64,
         count: usize,
     ) -> Shared<Vec<(u64, Vec<u8>)>> {
-        let key = self.key(&format!("out:{id}"));
+        self.read_stream(&self.key(&format!("out:{id}")), after, count)
+            .await
+    }
+
+    /// [`Cluster::out_read`] for the stream at `key` (full key).
+    pub(super) async fn read_stream(
+        &self,
+        key: &str,
+        after: u64,
+        count: usize,
+    ) -> Shared<Vec<(u64, Vec<u8>)>> {
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(&key)
+        cmd.arg(key)
             .arg(format!("({after}-0"))
             .arg("+")
             .arg("COUNT")
@@ -444,7 +454,10 @@ impl Cluster {
     }
 
     /// Runs a pipeline under the deadline (see [`Cluster::call`]).
-    async fn pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Shared<T> {
+    pub(super) async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Shared<T> {
         let mut conn = self.conn.get().ok_or(())?.clone();
         match tokio::time::timeout(self.cfg.timeout, pipe.query_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),

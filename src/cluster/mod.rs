@@ -24,6 +24,7 @@
 pub mod config;
 pub mod jobs;
 pub mod limits;
+pub mod runners;
 pub mod seal;
 pub mod shared;
 

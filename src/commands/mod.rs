@@ -135,7 +135,7 @@ impl Commands {
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
             remote: (cfg.execute == config::Execute::Runners)
-                .then(|| remote::Registry::start(runners, cfg.lease)),
+                .then(|| remote::Registry::start(runners, cfg.lease, cluster.clone())),
             cluster,
         });
         core.recover().await?;

@@ -24,6 +24,9 @@
 //! A runner that has not polled for `commands.lease` is lost: its jobs end
 //! `lost` and are never re-run.
 //!
+//! In cluster mode (`[cluster]`) a runner's requests may land on any
+//! instance: see [`shared`] for what goes through Redis.
+//!
 //! Longer than the crate's 600-line guide on purpose: the runner registry and
 //! the `/__runner__/` endpoints share each runner's state (lease, queue,
 //! cancels, description) under one lock; split, that state would be open to a
@@ -46,6 +49,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, Notify};
+
+mod shared;
 
 /// Header carrying the byte offset of an output chunk.
 pub const OFFSET_HEADER: &str = "x-portcullis-offset";
@@ -204,10 +209,30 @@ struct SlotState {
     queue: VecDeque<Dispatch>,
     cancels: Vec<String>,
     running: HashMap<String, Running>,
+    /// Cluster mode: the jobs it runs for any instance, as last read from
+    /// Redis.
+    shared_jobs: Vec<String>,
+    /// Cluster mode: its jobs are not declared lost before this (one lease
+    /// after this instance could read Redis again).
+    spared_until: Option<Instant>,
     /// Number of the latest poll. A runner holds one poll at a time, so an
     /// older poll still held is a dead process's (or a stale connection's):
     /// it is answered empty at once and work goes to the newest only.
     poll_seq: u64,
+}
+
+impl SlotState {
+    /// Notes a poll (the runner is seen now, with `version` when given);
+    /// the poll's number.
+    fn polled(&mut self, version: Option<String>) -> u64 {
+        self.last_seen = Some(Instant::now());
+        self.last_seen_wall = Some(SystemTime::now());
+        if version.is_some() {
+            self.version = version;
+        }
+        self.poll_seq += 1;
+        self.poll_seq
+    }
 }
 
 struct Slot {
@@ -227,11 +252,20 @@ pub(super) struct Registry {
     /// The gateway is shutting down: jobs on runners are left to the next
     /// gateway process, never declared lost by this one.
     stopping: std::sync::atomic::AtomicBool,
+    /// Cluster mode: runners' presence, descriptions, queues and reports
+    /// are shared through Redis.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// When the runners' state was last read from Redis.
+    synced: Mutex<Option<Instant>>,
 }
 
 impl Registry {
     /// A registry for `defs`, with its lease watcher running.
-    pub(super) fn start(defs: &[RunnerDef], lease: Duration) -> Arc<Registry> {
+    pub(super) fn start(
+        defs: &[RunnerDef],
+        lease: Duration,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+    ) -> Arc<Registry> {
         let reg = Arc::new(Registry {
             lease,
             slots: Mutex::new(Vec::new()),
@@ -240,8 +274,11 @@ impl Registry {
             lost: AtomicU64::new(0),
             dispatched: AtomicU64::new(0),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            cluster,
+            synced: Mutex::new(None),
         });
         reg.update(defs);
+        shared::spawn_sync(&reg);
         let weak = Arc::downgrade(&reg);
         tokio::spawn(async move {
             let tick = (lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
@@ -390,14 +427,17 @@ impl Registry {
 
     /// Ends the jobs of runners silent past the lease as `lost`.
     fn expire(&self) {
-        if self.stopping.load(Ordering::SeqCst) {
+        if self.stopping.load(Ordering::SeqCst) || !shared::fresh(self) {
             return;
         }
         let slots: Vec<Arc<Slot>> = lock(&self.slots).clone();
         for slot in slots {
             let lost: Vec<Running> = {
                 let mut st = lock(&slot.st);
-                if self.connected(&st) || st.running.is_empty() {
+                if self.connected(&st)
+                    || st.running.is_empty()
+                    || st.spared_until.is_some_and(|t| t > Instant::now())
+                {
                     continue;
                 }
                 st.queue.clear();
@@ -438,9 +478,10 @@ impl Registry {
                 .filter(|s| Self::in_group(s, group) && pin.map_or(true, |p| s.def.name == p))
             {
                 let st = lock(&s.st);
-                if self.connected(&st) && best.as_ref().map_or(true, |(n, _)| st.running.len() < *n)
-                {
-                    best = Some((st.running.len(), Arc::clone(s)));
+                // In cluster mode it may run jobs of other instances too.
+                let load = st.running.len().max(st.shared_jobs.len());
+                if self.connected(&st) && best.as_ref().map_or(true, |(n, _)| load < *n) {
+                    best = Some((load, Arc::clone(s)));
                 }
             }
             match best {
@@ -457,6 +498,9 @@ impl Registry {
         if let Err(err) = super::store::blocking(store, move |s| s.put(&rec, None)).await {
             tracing::error!(error = %err, job = %job.id, "job store write failed; not dispatched");
             return End::SpawnFailed("job store unavailable; not run".into());
+        }
+        if let Some(cl) = &self.cluster {
+            return shared::hand(self, cl, &slot, job, d, tx, rx).await;
         }
         {
             let mut st = lock(&slot.st);
@@ -501,6 +545,9 @@ impl Registry {
                 },
             );
         }
+        if let Some(cl) = &self.cluster {
+            return shared::wait(self, cl, job, &slot.def.name, rx).await;
+        }
         Self::wait(job, &slot, rx).await
     }
 
@@ -530,8 +577,10 @@ impl Registry {
             .iter()
             .map(|s| {
                 let st = lock(&s.st);
-                let mut running: Vec<&String> = st.running.keys().collect();
+                let mut running: Vec<&String> =
+                    st.running.keys().chain(&st.shared_jobs).collect();
                 running.sort();
+                running.dedup();
                 json!({
                     "name": s.def.name,
                     "groups": s.def.groups,
@@ -680,6 +729,11 @@ async fn route(
         reg.refused.fetch_add(1, Ordering::Relaxed);
         return Err(BAD_TOKEN);
     }
+    if let Some(cl) = &reg.cluster {
+        if !cl.is_up() {
+            return Err(shared::UNAVAILABLE);
+        }
+    }
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path
         .trim_start_matches("/__runner__")
@@ -690,11 +744,17 @@ async fn route(
     match (segments.as_slice(), &method) {
         (["poll"], &Method::POST) => {
             let body = read_body(req).await?;
-            poll(reg, &slot, &body).await
+            match &reg.cluster {
+                Some(cl) => shared::poll(reg, cl, &slot, &body).await,
+                None => poll(reg, &slot, &body).await,
+            }
         }
         (["describe"], &Method::POST) => {
             let body = read_body(req).await?;
-            describe(&slot, &body)
+            match &reg.cluster {
+                Some(cl) => shared::describe(reg, cl, &slot, &body).await,
+                None => describe(&slot, &body),
+            }
         }
         (["jobs", id, "output"], &Method::POST) => {
             let offset = req
@@ -707,13 +767,19 @@ async fn route(
             let Some(offset) = offset else {
                 return Err((StatusCode::BAD_REQUEST, "missing x-portcullis-offset"));
             };
-            output(&slot, &id, offset, &body)
+            match &reg.cluster {
+                Some(cl) => shared::output(cl, &slot, &id, offset, &body).await,
+                None => output(&slot, &id, offset, &body),
+            }
         }
         (["jobs", id, "finish"], &Method::POST) => {
             let id = id.to_string();
             let body = read_body(req).await?;
             match serde_json::from_slice::<Report>(&body) {
-                Ok(rep) => finish(&slot, &id, rep),
+                Ok(rep) => match &reg.cluster {
+                    Some(cl) => shared::finish(cl, &slot, &id, &rep).await,
+                    None => finish(&slot, &id, rep),
+                },
                 Err(_) => Err((StatusCode::BAD_REQUEST, "invalid report")),
             }
         }
@@ -723,6 +789,16 @@ async fn route(
 
 /// Stores a runner's description; it counts as a renewal of its lease.
 fn describe(slot: &Slot, body: &[u8]) -> Result<Response<Body>, Refused> {
+    let (digest, d) = parse_description(slot, body)?;
+    let mut st = lock(&slot.st);
+    st.described = Some((digest, Arc::new(d)));
+    st.last_seen = Some(Instant::now());
+    st.last_seen_wall = Some(SystemTime::now());
+    Ok(reply(StatusCode::OK, &json!({"ok": true})))
+}
+
+/// A description's digest (of the body as sent) and its sanitized content.
+fn parse_description(slot: &Slot, body: &[u8]) -> Result<(String, Description), Refused> {
     let Ok(d) = serde_json::from_slice::<Description>(body) else {
         return Err((StatusCode::BAD_REQUEST, "invalid description"));
     };
@@ -732,22 +808,23 @@ fn describe(slot: &Slot, body: &[u8]) -> Result<Response<Body>, Refused> {
     let digest = crate::secret::hex(&crate::secret::sha256(body));
     let d = d.sanitized();
     tracing::info!(runner = %slot.def.name, commands = d.commands.len(), "runner described its commands");
-    let mut st = lock(&slot.st);
-    st.described = Some((digest, Arc::new(d)));
-    st.last_seen = Some(Instant::now());
-    st.last_seen_wall = Some(SystemTime::now());
-    Ok(reply(StatusCode::OK, &json!({"ok": true})))
+    Ok((digest, d))
 }
 
-async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Result<Response<Body>, Refused> {
-    reg.polls.fetch_add(1, Ordering::Relaxed);
+/// The `version` and `described` fields of a poll's body.
+fn poll_fields(body: &[u8]) -> (Option<String>, Option<String>) {
     let body = serde_json::from_slice::<Value>(body).unwrap_or(Value::Null);
     let field = |name: &str| {
         body.get(name)
             .and_then(Value::as_str)
             .map(|v| v.chars().take(64).collect::<String>())
     };
-    let (version, described) = (field("version"), field("described"));
+    (field("version"), field("described"))
+}
+
+async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Result<Response<Body>, Refused> {
+    reg.polls.fetch_add(1, Ordering::Relaxed);
+    let (version, described) = poll_fields(body);
     let me = {
         let mut st = lock(&slot.st);
         if st.described.as_ref().map(|(d, _)| d) != described.as_ref() {
@@ -757,13 +834,7 @@ async fn poll(reg: &Registry, slot: &Slot, body: &[u8]) -> Result<Response<Body>
                 &json!({"jobs": [], "cancel": [], "describe": true}),
             ));
         }
-        st.last_seen = Some(Instant::now());
-        st.last_seen_wall = Some(SystemTime::now());
-        if version.is_some() {
-            st.version = version;
-        }
-        st.poll_seq += 1;
-        st.poll_seq
+        st.polled(version)
     };
     // Older polls of this runner give way to this one.
     slot.wake.notify_waiters();
@@ -838,7 +909,15 @@ fn finish(slot: &Slot, id: &str, rep: Report) -> Result<Response<Body>, Refused>
         let mut out = lock(&r.job.out);
         out.total = out.total.max(rep.output_bytes);
     }
-    let end = match rep.end.as_str() {
+    if let Some(tx) = r.end.take() {
+        let _ = tx.send(end_of(rep, &slot.def.name));
+    }
+    Ok(reply(StatusCode::OK, &json!({"ok": true})))
+}
+
+/// How a job ended, as runner `runner` reported it.
+fn end_of(rep: Report, runner: &str) -> End {
+    match rep.end.as_str() {
         "exited" => {
             use std::os::unix::process::ExitStatusExt;
             End::Exited(std::process::ExitStatus::from_raw(rep.raw.unwrap_or(0)))
@@ -846,14 +925,9 @@ fn finish(slot: &Slot, id: &str, rep: Report) -> Result<Response<Body>, Refused>
         "timed_out" => End::TimedOut,
         "cancelled" => End::Cancelled(rep.reason.unwrap_or_else(|| "cancelled".into())),
         "rejected" => End::Rejected(format!(
-            "runner {}: {}",
-            slot.def.name,
+            "runner {runner}: {}",
             rep.reason.unwrap_or_default()
         )),
         _ => End::SpawnFailed(rep.reason.unwrap_or_else(|| "could not start".into())),
-    };
-    if let Some(tx) = r.end.take() {
-        let _ = tx.send(end);
     }
-    Ok(reply(StatusCode::OK, &json!({"ok": true})))
 }

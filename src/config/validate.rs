@@ -196,16 +196,6 @@ pub(super) fn validate(
         .cluster
         .as_ref()
         .and_then(|c| crate::cluster::config::validate(c, p));
-    if raw.cluster.is_some()
-        && commands
-            .as_ref()
-            .is_some_and(|c| c.execute == crate::commands::config::Execute::Runners)
-    {
-        p.push(
-            "commands.execute",
-            "\"runners\" cannot be combined with [cluster] yet: run commands on the gateway hosts (execute = \"local\") in a cluster",
-        );
-    }
 
     Some(Config {
         server: server?,

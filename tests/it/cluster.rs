@@ -589,36 +589,10 @@ async fn a_rate_limit_holds_for_the_cluster_and_splits_without_redis() {
     redis.resume();
 }
 
-/// The `ACL SETUSER` command docs/cluster.md recommends, for the cluster
-/// `name` and `password`, as arguments after `ACL`.
-fn documented_acl(name: &str, password: &str) -> Vec<String> {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cluster.md"))
-        .expect("docs/cluster.md");
-    let line = doc
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("ACL SETUSER portcullis "))
-        .expect("an ACL SETUSER line in docs/cluster.md");
-    line.replace("portcullis:prod:", &format!("portcullis:{name}:"))
-        .replace(">CHANGE-ME", &format!(">{password}"))
-        .split_whitespace()
-        .skip(1)
-        .map(str::to_owned)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_redis_acl_is_all_the_gateways_need() {
     let redis = RedisServer::start().await;
     let mut admin = redis.connection().await;
-    let mut acl = redis::cmd("ACL");
-    for arg in documented_acl("acl", "acl-password-5e1f") {
-        acl.arg(arg);
-    }
-    let () = acl
-        .query_async(&mut admin)
-        .await
-        .expect("the documented ACL");
     let backend = Backend::start().await;
     let accounts = Accounts::default();
     let token = "tok-acl-login-77ee";
@@ -626,10 +600,7 @@ async fn the_documented_redis_acl_is_all_the_gateways_need() {
     let cfg = GatewayConfig::new(backend.url())
         .sessions("logout_path = \"/logout\"")
         .extra("[rate_limits]\nper_api_key = \"1000/s\"");
-    let url = format!(
-        "redis://portcullis:acl-password-5e1f@127.0.0.1:{}/0",
-        redis.port
-    );
+    let url = redis.acl_url("acl").await;
     let (a, b) = tokio::join!(
         Node::start_url(&cfg, &url, "acl", "gw-a", &[]),
         Node::start_url(&cfg, &url, "acl", "gw-b", &[]),

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// The `[commands]` of every node: `dir` is the node's own directory.
-fn commands_toml(dir: &Path, extra: &str) -> String {
+pub(crate) fn commands_toml(dir: &Path, extra: &str) -> String {
     format!(
         r#"
 [[operators]]
@@ -45,7 +45,7 @@ async fn three(name: &str, extra: &str) -> (RedisServer, Backend, [Node; 3]) {
     let cfg = GatewayConfig::new(backend.url());
     let lines = ["timeout = \"300ms\""];
     let local = |dir: &Path| commands_toml(dir, extra);
-    let url = redis.url();
+    let url = redis.acl_url(name).await;
     let (a, b, c) = tokio::join!(
         Node::spawn_with(&cfg, &url, name, "gw-a", &lines, local),
         Node::spawn_with(&cfg, &url, name, "gw-b", &lines, local),
@@ -58,12 +58,12 @@ async fn three(name: &str, extra: &str) -> (RedisServer, Backend, [Node; 3]) {
 }
 
 /// A request to `/__manage__…` on `node` as alice.
-fn op(node: &Node, method: &str, path: &str) -> Req {
+pub(crate) fn op(node: &Node, method: &str, path: &str) -> Req {
     Req::new(node.addr, method, path).header("authorization", &format!("Bearer {ALICE}"))
 }
 
 /// `POST /__manage__/<cmd>` with `body` on `node`.
-async fn run(node: &Node, cmd: &str, body: &str) -> Resp {
+pub(crate) async fn run(node: &Node, cmd: &str, body: &str) -> Resp {
     op(node, "POST", &format!("/__manage__/{cmd}"))
         .body(body.to_owned())
         .send()
@@ -71,7 +71,7 @@ async fn run(node: &Node, cmd: &str, body: &str) -> Resp {
 }
 
 /// The status record of job `id` as `node` shows it.
-async fn status(node: &Node, id: &str) -> Value {
+pub(crate) async fn status(node: &Node, id: &str) -> Value {
     let r = op(node, "GET", &format!("/__manage__/jobs/{id}"))
         .send()
         .await;
@@ -80,7 +80,7 @@ async fn status(node: &Node, id: &str) -> Value {
 }
 
 /// Waits (at most `secs`) until `node` shows job `id` as ended.
-async fn ended(node: &Node, id: &str, secs: u64) -> Value {
+pub(crate) async fn ended(node: &Node, id: &str, secs: u64) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let rec = status(node, id).await;
@@ -98,13 +98,13 @@ async fn ended(node: &Node, id: &str, secs: u64) -> Value {
 }
 
 /// The id of a 202 answer.
-fn accepted(r: &Resp) -> String {
+pub(crate) fn accepted(r: &Resp) -> String {
     assert_eq!(r.status, 202, "{}", r.text());
     r.json()["id"].as_str().expect("job id").to_owned()
 }
 
 /// The `(id, data)` events of an SSE text, and whether it ended.
-fn events(text: &str) -> (Vec<(u64, String)>, bool) {
+pub(crate) fn events(text: &str) -> (Vec<(u64, String)>, bool) {
     let mut out = Vec::new();
     for block in text.split("\n\n") {
         let mut id = None;
@@ -313,9 +313,10 @@ argv = ["sh", "-c", "sleep 0.5; echo REPORT-MARK"]
         !dump.iter().any(|(k, _)| k.contains(&format!("out:{m}"))),
         "output of a metadata-only run reached Redis"
     );
-    for (key, value) in &dump {
-        assert!(key.starts_with("portcullis:ops:"), "{key}");
-        for secret in [
+    assert_sealed_and_expiring(
+        &redis,
+        "portcullis:ops:",
+        &[
             "OUTPUT-MARK",
             "ARG-SECRET-77",
             ALICE,
@@ -323,7 +324,22 @@ argv = ["sh", "-c", "sleep 0.5; echo REPORT-MARK"]
             "count",
             "hang",
             "REPORT-MARK",
-        ] {
+        ],
+    )
+    .await;
+}
+
+/// Every key in `redis` is under `prefix`, holds none of `secrets` in its
+/// name or readable in its value, and expires.
+pub(crate) async fn assert_sealed_and_expiring(
+    redis: &RedisServer,
+    prefix: &str,
+    secrets: &[&str],
+) {
+    let dump = redis.dump().await;
+    for (key, value) in &dump {
+        assert!(key.starts_with(prefix), "{key}");
+        for secret in secrets {
             assert!(!key.contains(secret), "{key}");
             assert!(
                 !value.windows(secret.len()).any(|w| w == secret.as_bytes()),
@@ -577,14 +593,14 @@ argv = ["echo", "hello"]
 }
 
 #[test]
-fn check_accepts_local_commands_and_refuses_runners_in_a_cluster() {
+fn check_accepts_local_commands_and_runners_in_a_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = format!(
         "\n[cluster]\nredis = \"redis://127.0.0.1:6379/0\"\nname = \"prod\"\nsecret = \"{CLUSTER_SECRET}\"\ninstance = \"gw-1\"\n"
     );
-    let write = |commands: &str| {
+    let write = |commands: &str, tail: &str| {
         let text = format!(
-            "{}{cluster}",
+            "{}{tail}{cluster}",
             crate::support::commands::config_text(dir.path(), commands)
         );
         let path = dir.path().join("portcullis.toml");
@@ -595,22 +611,19 @@ fn check_accepts_local_commands_and_refuses_runners_in_a_cluster() {
             .output()
             .unwrap()
     };
-    let local = write("[[commands.custom]]\nname = \"echo\"\nargv = [\"echo\"]\n");
+    let local = write(
+        "[[commands.custom]]\nname = \"echo\"\nargv = [\"echo\"]\n",
+        "",
+    );
     assert!(
         local.status.success(),
         "{}",
         String::from_utf8_lossy(&local.stderr)
     );
-    let runners = write("execute = \"runners\"\n");
+    let runner = "\n[[runners]]\nname = \"web-1\"\ntoken = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\ngroups = [\"web\"]\n";
+    let runners = write("execute = \"runners\"\nallow = [\"echo\"]\n", runner);
     let stderr = String::from_utf8_lossy(&runners.stderr);
-    assert!(
-        !runners.status.success(),
-        "check accepted runners with [cluster]"
-    );
-    assert!(
-        stderr.contains("\"runners\" cannot be combined with [cluster]"),
-        "{stderr}"
-    );
+    assert!(runners.status.success(), "{stderr}");
     assert!(!stderr.contains(CLUSTER_SECRET), "{stderr}");
 }
 

@@ -13,6 +13,7 @@ mod binary;
 mod bodies;
 mod cluster;
 mod cluster_ops;
+mod cluster_runners;
 mod cluster_tls;
 mod commands_binary;
 mod commands_custom;

@@ -2,8 +2,8 @@
 //! `execute = "runners"`, and `portcullis runner` processes on loopback that
 //! dial in, running custom argv commands and the Django fixture project.
 
-use crate::support::commands::{django_available, fixture, ALICE};
-use crate::support::runners::{listening_sockets, pid_alive, signal, wait_pid, Net};
+use crate::support::commands::{django_available, fixture, listed_command, ALICE};
+use crate::support::runners::{listening_sockets, pid_alive, signal, sorted_lines, wait_pid, Net};
 use crate::support::Resp;
 use http::Method;
 use std::time::Duration;
@@ -235,15 +235,7 @@ async fn django_commands_run_on_the_runner_host_with_the_options_its_django_repo
 
     // GET /__manage__/ lists the options the runner host's Django reported.
     let listing = n.send(Method::GET, "/__manage__/", "").await.json();
-    let entry = |name: &str| {
-        listing["commands"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("{name} not listed: {listing}"))
-    };
+    let entry = |name: &str| listed_command(&listing, name);
     let report = entry("ops_report");
     assert_eq!(report["available"], true, "{report}");
     assert_eq!(report["runners"], serde_json::json!(["app-1"]));
@@ -413,13 +405,7 @@ async fn target_all_runs_once_per_connected_runner() {
     }
     names.sort();
     assert_eq!(names, ["web-1", "web-2", "web-3"]);
-    let mut lines: Vec<String> = std::fs::read_to_string(&stamps)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    lines.sort();
-    assert_eq!(lines, ["web-1", "web-2", "web-3"]);
+    assert_eq!(sorted_lines(&stamps), ["web-1", "web-2", "web-3"]);
     // The job listing filters by the runner a job ran on.
     let r = n
         .send(Method::GET, "/__manage__/jobs?runner=web-2", "")

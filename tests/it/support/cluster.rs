@@ -15,12 +15,36 @@ use std::time::Duration;
 /// The shared secret every test node uses (40 bytes).
 pub const CLUSTER_SECRET: &str = "cluster-secret-0123456789-0123456789-abc";
 
+/// The password of the user [`RedisServer::acl_url`] makes.
+const ACL_PASSWORD: &str = "acl-password-5e1f";
+
+/// The `ACL SETUSER` command docs/cluster.md recommends, for the cluster
+/// `name` and `password`, as arguments after `ACL`.
+pub fn documented_acl(name: &str, password: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cluster.md"))
+        .expect("docs/cluster.md");
+    let line = doc
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("ACL SETUSER portcullis "))
+        .expect("an ACL SETUSER line in docs/cluster.md");
+    line.replace("portcullis:prod:", &format!("portcullis:{name}:"))
+        .replace(">CHANGE-ME", &format!(">{password}"))
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A `redis-server` on an ephemeral loopback port, without persistence.
 pub struct RedisServer {
     pub port: u16,
     guard: ChildGuard,
     dir: tempfile::TempDir,
     tls: Option<RedisTls>,
+    /// The documented ACL user, once [`RedisServer::acl_url`] made it
+    /// (made again by [`RedisServer::restart`]).
+    acl: std::sync::Mutex<Option<Vec<String>>>,
 }
 
 /// The certificates of a TLS-only [`RedisServer`] (PEM files in its
@@ -47,6 +71,7 @@ impl RedisServer {
             guard,
             dir,
             tls: None,
+            acl: std::sync::Mutex::default(),
         }
     }
 
@@ -78,6 +103,7 @@ impl RedisServer {
             guard,
             dir,
             tls: Some(tls),
+            acl: std::sync::Mutex::default(),
         }
     }
 
@@ -150,6 +176,36 @@ impl RedisServer {
     pub async fn restart(&mut self) {
         self.stop();
         self.guard = Self::spawn(self.port, self.dir.path(), self.tls.as_ref()).await;
+        let acl = self.acl.lock().expect("acl").clone();
+        if let Some(acl) = acl {
+            self.set_acl(&acl).await;
+        }
+    }
+
+    /// Makes the user docs/cluster.md recommends for cluster `name` (only
+    /// its own keys and channel, only the commands listed there) and returns
+    /// a URL that connects as that user: gateways on it fail wherever the
+    /// documented ACL misses a command they use.
+    pub async fn acl_url(&self, name: &str) -> String {
+        let acl = documented_acl(name, ACL_PASSWORD);
+        self.set_acl(&acl).await;
+        *self.acl.lock().expect("acl") = Some(acl);
+        format!(
+            "redis://portcullis:{ACL_PASSWORD}@127.0.0.1:{}/0",
+            self.port
+        )
+    }
+
+    async fn set_acl(&self, acl: &[String]) {
+        let mut admin = self.connection().await;
+        let mut cmd = redis::cmd("ACL");
+        for arg in acl {
+            cmd.arg(arg);
+        }
+        let () = cmd
+            .query_async(&mut admin)
+            .await
+            .expect("the documented ACL");
     }
 
     /// A connection for the test itself (trusting the server's CA and
@@ -368,6 +424,11 @@ impl Node {
             }
         };
         self.wait_metric("portcullis_cluster_up", 1.0).await;
+    }
+
+    /// The gateway process's id.
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
     }
 
     /// This node's own directory.

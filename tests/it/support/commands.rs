@@ -325,3 +325,14 @@ argv = ["echo", "hi"]
         root = root.display(),
     )
 }
+
+/// The entry of command `name` in a `GET /__manage__/` answer.
+pub fn listed_command(listing: &Value, name: &str) -> Value {
+    listing["commands"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} not listed: {listing}"))
+}

@@ -32,8 +32,19 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a child process to bind.
+///
+/// Taken below Linux's ephemeral range (32768–60999 by default): a port the
+/// kernel handed out for `bind(…:0)` or as the local end of an outgoing
+/// connection could be taken again by a concurrent test before the child
+/// binds it; a port outside that range is only ever taken on purpose.
 pub fn free_port() -> u16 {
+    for _ in 0..1_000 {
+        let port = fastrand::u16(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }

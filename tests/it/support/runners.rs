@@ -138,36 +138,17 @@ audit_log = "{audit}"
     /// Starts `portcullis runner` named `name` with `commands` as the body of
     /// its own `[commands]` (after `kill_grace = "1s"`).
     pub fn start_runner(&self, name: &str, token: &str, group: &str, commands: &str) -> ChildGuard {
-        let path = self.path(&format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                r#"
-gateway = "https://127.0.0.1:{port}"
-ca = {ca:?}
-name = "{name}"
-token = "{token}"
-groups = ["{group}"]
-
-[commands]
-kill_grace = "1s"
-{commands}
-"#,
-                port = self.addr.port(),
-                ca = self.ca,
-            ),
+        let head = format!(
+            "gateway = \"https://127.0.0.1:{}\"\nca = {:?}",
+            self.addr.port(),
+            self.ca
+        );
+        spawn_runner(
+            &self.path(&format!("{name}.toml")),
+            &head,
+            (name, token, group),
+            commands,
         )
-        .unwrap();
-        let child = Command::new(BIN)
-            .args(["runner", "--config"])
-            .arg(&path)
-            .env("PORTCULLIS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        ChildGuard(Some(child))
     }
 
     /// Sends one request over TLS with `authorization` (or none) and returns
@@ -368,6 +349,34 @@ kill_grace = "1s"
     }
 }
 
+/// Writes a runner's config at `path` (`head`: its `gateway` and `ca`
+/// lines; `commands`: the body of its `[commands]`, after
+/// `kill_grace = "1s"`) and starts `portcullis runner` on it.
+pub fn spawn_runner(
+    path: &Path,
+    head: &str,
+    (name, token, group): (&str, &str, &str),
+    commands: &str,
+) -> ChildGuard {
+    std::fs::write(
+        path,
+        format!(
+            "{head}\nname = \"{name}\"\ntoken = \"{token}\"\ngroups = [\"{group}\"]\n\n[commands]\nkill_grace = \"1s\"\n{commands}\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["runner", "--config"])
+        .arg(path)
+        .env("PORTCULLIS_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    ChildGuard(Some(child))
+}
+
 /// Socket inodes of `pid` that are listening TCP sockets.
 pub fn listening_sockets(pid: u32) -> Vec<String> {
     let mut inodes = Vec::new();
@@ -425,4 +434,15 @@ pub fn signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) with a pid this test started.
     let rc = unsafe { libc::kill(pid as i32, signal) };
     assert_eq!(rc, 0, "kill({pid}, {signal})");
+}
+
+/// The lines of the file at `path`, sorted.
+pub fn sorted_lines(path: &Path) -> Vec<String> {
+    let mut lines: Vec<String> = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines
 }
