@@ -7,6 +7,10 @@
 #           -e PORTCULLIS_BACKEND_KEY=… -e PORTCULLIS_WEB_KEY=… -e PORTCULLIS_PARAM_KEY=… \
 #           localhost/portcullis
 FROM docker.io/library/rust:1.95-slim-bookworm AS build
+# make: jemalloc, the binary's allocator, is built from source.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -9,6 +9,30 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// jemalloc, not the system allocator: an idle connection's few long-lived
+/// allocations share pages with others of their size, so the pages a burst
+/// of requests used and freed (hyper's buffers, request futures) empty out
+/// and go back to the system ([`JEMALLOC_CONF`]). glibc's malloc kept most
+/// of them: about 8 KiB per idle connection after a burst (`bench/memory.sh`,
+/// docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// A C string's address, as jemalloc reads its options.
+#[repr(transparent)]
+pub struct ConfString(*const std::ffi::c_char);
+
+// SAFETY: the address of a constant string, never written.
+unsafe impl Sync for ConfString {}
+
+/// jemalloc's options, read when it starts (`_RJEM_MALLOC_CONF` in the
+/// environment adds to them): a background thread gives pages freed for a
+/// second back to the system, so what a burst left does not stay resident
+/// while the gateway idles, and requests never pay for it.
+#[export_name = "_rjem_malloc_conf"]
+pub static JEMALLOC_CONF: ConfString =
+    ConfString(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
 /// Exit status for an invalid configuration or usage (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 

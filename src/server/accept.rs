@@ -129,8 +129,11 @@ pub async fn serve_live(
             None => {
                 let quiet = Arc::new(Quiet::default());
                 let io = ConnIo::parkable(stream, settings, Arc::clone(&quiet));
-                let task = conn.serve_parkable(builders, h2c, io, quiet);
-                tokio::spawn(task);
+                if h2c {
+                    tokio::spawn(conn.serve_h2c(builders, io, quiet));
+                } else {
+                    tokio::spawn(conn.serve_parkable(builders, io, quiet));
+                }
             }
             // TLS: what ALPN chose.
             Some(tls) => {
@@ -145,7 +148,7 @@ pub async fn serve_live(
                             } else {
                                 let quiet = Arc::new(Quiet::default());
                                 let io = ConnIo::parkable(stream, settings, Arc::clone(&quiet));
-                                conn.serve_parkable(builders, false, io, quiet).await;
+                                conn.serve_parkable(builders, io, quiet).await;
                             }
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),

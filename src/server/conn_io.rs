@@ -160,8 +160,9 @@ pub struct ConnIo<T: DeviceIo> {
     inner: T,
     /// Shared by every connection (one pointer each, not a copy).
     settings: Arc<ConnSettings>,
-    /// One of hyper's answers being replaced by [`super::parse_errors`].
-    pending: Option<Replacement>,
+    /// One of hyper's answers being replaced by [`super::parse_errors`]
+    /// (rare: boxed, so that every connection does not carry its room).
+    pending: Option<Box<Replacement>>,
     head: Head,
     /// The send deadline (from the first write that waits since the last
     /// progress).
@@ -209,9 +210,13 @@ impl<T: DeviceIo> ConnIo<T> {
     /// Hands `bytes` (read ahead by the hyper connection just ended) to the
     /// next reads, before anything from the socket; they were seen when first
     /// read, so the head state does not change. Returns whether they hold a
-    /// whole head, to be served at once; otherwise (part of a pipelined head)
-    /// they are kept in a buffer of their own while parked.
+    /// whole head, to be served at once; otherwise (none, or part of a
+    /// pipelined head) they are kept in a buffer of their own while parked.
     pub fn replay(&mut self, bytes: Bytes) -> bool {
+        if bytes.is_empty() {
+            // Dropped here: an empty `Bytes` from hyper still holds its buffer.
+            return false;
+        }
         let whole = Head::Awaiting.after(&bytes) == Head::Complete;
         self.replay = if whole {
             self.unpark();
@@ -544,11 +549,11 @@ impl<T: AsyncWrite + DeviceIo + Unpin> AsyncWrite for ConnIo<T> {
         if this.pending.is_none() {
             match replacement(buf, &this.settings.errors) {
                 Some(bytes) => {
-                    this.pending = Some(Replacement {
+                    this.pending = Some(Box::new(Replacement {
                         bytes,
                         written: 0,
                         claimed: buf.len(),
-                    })
+                    }))
                 }
                 None => {
                     return match Pin::new(&mut this.inner).poll_write(cx, buf) {

@@ -185,47 +185,63 @@ impl<F: Future<Output = Response<Body>>> Future for InfallibleFuture<F> {
 }
 
 impl ConnContext {
-    /// Serves HTTP/1.1 on `io` (made with [`ConnIo::parkable`] and `quiet`)
-    /// until the peer leaves, the connection stays idle past
-    /// `limits.idle_timeout`, or the server drains (then in-flight requests
-    /// finish first); parked while idle (see the module documentation).
-    /// With `h2c`, HTTP/2 with prior knowledge when the device starts with
-    /// its preface. This future is a plain connection's whole task: what it
-    /// keeps across a park is what an idle connection costs.
-    pub(super) async fn serve_parkable<T>(
+    /// With `server.h2c`: reads the first bytes to choose, then serves
+    /// HTTP/2 with prior knowledge or [`Self::serve_parkable`].
+    pub(super) async fn serve_h2c<T>(
         self,
         builders: Arc<Builders>,
-        h2c: bool,
         mut io: ConnIo<T>,
         quiet: Arc<Quiet>,
     ) where
         T: AsyncRead + AsyncWrite + DeviceIo + Unpin + Send + 'static,
     {
-        if h2c {
-            // Counted open while the protocol is not known yet.
-            let metrics = Arc::clone(self.live.state().metrics());
-            metrics.open_connections.inc();
-            let sniffed = io.sniff_http2().await;
-            metrics.open_connections.dec();
-            match sniffed {
-                // Boxed: HTTP/2's connection future is large, and inline it
-                // would size every HTTP/1.1 connection's task (parked ones too).
-                Ok(Some(true)) => {
-                    let io = TokioIo::new(io);
-                    return Box::pin(self.serve(&builders.http2, true, io)).await;
-                }
-                Ok(Some(false)) => {}
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
-                    return;
-                }
+        // Counted open while the protocol is not known yet.
+        let metrics = Arc::clone(self.live.state().metrics());
+        metrics.open_connections.inc();
+        let sniffed = io.sniff_http2().await;
+        metrics.open_connections.dec();
+        match sniffed {
+            // Boxed: HTTP/2's connection future is large.
+            Ok(Some(true)) => {
+                let io = TokioIo::new(io);
+                Box::pin(self.serve(&builders.http2, true, io)).await;
+            }
+            Ok(Some(false)) => self.serve_parkable(builders, io, quiet).await,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
             }
         }
-        let builder = &builders.http1;
-        let tls = self.tls;
-        let (live, peer, mut drain, done, permit) =
-            (self.live, self.peer, self.drain, self.done, self.permit);
+    }
+
+    /// Serves HTTP/1.1 on `io` (made with [`ConnIo::parkable`] and `quiet`)
+    /// until the peer leaves, the connection stays idle past
+    /// `limits.idle_timeout`, or the server drains (then in-flight requests
+    /// finish first); parked while idle (see the module documentation).
+    ///
+    /// The future returned is a plain connection's whole task, and what it
+    /// keeps across a park is what an idle connection costs: it is built
+    /// here, outside it, and holds only what the connection needs (an `async
+    /// fn` would keep its arguments twice), and every part of it that is not
+    /// kept while parked (hyper's connection, a shutdown) is boxed.
+    pub(super) fn serve_parkable<T>(
+        self,
+        builders: Arc<Builders>,
+        mut io: ConnIo<T>,
+        quiet: Arc<Quiet>,
+    ) -> impl Future<Output = ()> + Send
+    where
+        T: AsyncRead + AsyncWrite + DeviceIo + Unpin + Send + 'static,
+    {
+        let ConnContext {
+            live,
+            peer,
+            tls,
+            idle_timeout: _,
+            mut drain,
+            done,
+            permit,
+        } = self;
         let metrics = Arc::clone(live.state().metrics());
         metrics.open_connections.inc();
         let device = Arc::new(gateway::Peer::new(peer, tls));
@@ -241,85 +257,105 @@ impl ConnContext {
                 })
             })
         };
-        let mut closing = false;
-        loop {
-            // Boxed: while parked, hyper's connection (its buffers, its
-            // state) is dropped whole and the task keeps only the IO.
-            let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service));
-            let ended = loop {
-                tokio::select! {
-                    biased;
-                    result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
-                        break Ended::Closed(result);
-                    }
-                    () = drained(&mut drain), if !closing => {
-                        closing = true;
-                        Pin::new(&mut *conn).graceful_shutdown();
-                    }
-                    () = std::future::poll_fn(|_| {
-                        // Raised by the IO's timer, which wakes this task.
-                        if quiet.ready_to_park() { Poll::Ready(()) } else { Poll::Pending }
-                    }), if !closing => {
-                        // An idle hyper connection ends at once (without
-                        // closing the socket); a busy one finishes its
-                        // exchange and is closed.
-                        Pin::new(&mut *conn).graceful_shutdown();
-                        let polled = std::future::poll_fn(|cx| {
-                            Poll::Ready(conn.poll_without_shutdown(cx))
-                        })
-                        .await;
-                        match polled {
-                            Poll::Ready(Ok(())) => break Ended::Parked,
-                            Poll::Ready(Err(e)) => break Ended::Closed(Err(e)),
-                            Poll::Pending => closing = true,
+        async move {
+            let builder = &builders.http1;
+            loop {
+                // One hyper connection, in a box of its own that is freed
+                // before the task parks: hyper's buffers and state (and the
+                // box) are gone while parked, and its run adds nothing to the
+                // size of this task. `None`: the connection was closed.
+                //
+                // In a block of its own: a binding of what the run hands back
+                // still in scope across the park would be kept in the task
+                // (248 bytes) though moved out.
+                {
+                    let ran = Box::pin(async {
+                        let mut conn = builder.serve_connection(TokioIo::new(io), service);
+                        let mut closing = false;
+                        let ended = loop {
+                            tokio::select! {
+                                biased;
+                                result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                                    break Ended::Closed(result);
+                                }
+                                () = drained(&mut drain), if !closing => {
+                                    closing = true;
+                                    Pin::new(&mut conn).graceful_shutdown();
+                                }
+                                () = std::future::poll_fn(|_| {
+                                    // Raised by the IO's timer, which wakes this task.
+                                    if quiet.ready_to_park() { Poll::Ready(()) } else { Poll::Pending }
+                                }), if !closing => {
+                                    // An idle hyper connection ends at once (without
+                                    // closing the socket); a busy one finishes its
+                                    // exchange and is closed.
+                                    Pin::new(&mut conn).graceful_shutdown();
+                                    let polled = std::future::poll_fn(|cx| {
+                                        Poll::Ready(conn.poll_without_shutdown(cx))
+                                    })
+                                    .await;
+                                match polled {
+                                    Poll::Ready(Ok(())) => break Ended::Parked,
+                                    Poll::Ready(Err(e)) => break Ended::Closed(Err(e)),
+                                    Poll::Pending => closing = true,
+                                }
+                            }
+                        }
+                    };
+                    match ended {
+                        Ended::Closed(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                            None
+                        }
+                        Ended::Closed(Ok(())) => {
+                            // What hyper's own future does at its end.
+                            let mut io = conn.into_parts().io.into_inner();
+                            let _ = io.shutdown().await;
+                            None
+                        }
+                        Ended::Parked => {
+                            let parts = conn.into_parts();
+                            Some((parts.io.into_inner(), parts.service, parts.read_buf))
                         }
                     }
+                })
+                .await;
+                    match ran {
+                        Some((back, kept, read_ahead)) => {
+                            (io, service) = (back, kept);
+                            // Bytes read ahead (pipelined) are never lost: a whole
+                            // head is served at once by a fresh hyper connection,
+                            // part of one waits parked for the rest (copied out of
+                            // hyper's buffer).
+                            if io.replay(read_ahead) {
+                                continue;
+                            }
+                        }
+                        None => break,
+                    }
                 }
-            };
-            match ended {
-                Ended::Closed(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    break;
-                }
-                Ended::Closed(Ok(())) => {
-                    // What hyper's own future does at its end.
-                    io = conn.into_parts().io.into_inner();
-                    let _ = io.shutdown().await;
-                    break;
-                }
-                Ended::Parked => {
-                    let parts = conn.into_parts();
-                    io = parts.io.into_inner();
-                    service = parts.service;
-                    // Bytes read ahead (pipelined) are never lost: a whole
-                    // head is served at once by a fresh hyper connection,
-                    // part of one waits parked for the rest.
-                    if !parts.read_buf.is_empty() && io.replay(parts.read_buf) {
-                        continue;
+                metrics.parked_connections.inc();
+                let woken = tokio::select! {
+                    biased;
+                    result = io.parked() => Some(result.is_ok()),
+                    () = drained(&mut drain) => None,
+                };
+                metrics.parked_connections.dec();
+                match woken {
+                    Some(true) => {}
+                    // The idle deadline (closed without a word, as unparked).
+                    Some(false) => break,
+                    // Draining: closed as hyper closes an idle connection.
+                    None => {
+                        let _ = Box::pin(io.shutdown()).await;
+                        break;
                     }
                 }
             }
-            metrics.parked_connections.inc();
-            let woken = tokio::select! {
-                biased;
-                result = io.parked() => Some(result.is_ok()),
-                () = drained(&mut drain) => None,
-            };
-            metrics.parked_connections.dec();
-            match woken {
-                Some(true) => {}
-                // The idle deadline (closed without a word, as unparked).
-                Some(false) => break,
-                // Draining: closed as hyper closes an idle connection.
-                None => {
-                    let _ = io.shutdown().await;
-                    break;
-                }
-            }
+            metrics.open_connections.dec();
+            drop(done);
+            drop(permit);
         }
-        metrics.open_connections.dec();
-        drop(done);
-        drop(permit);
     }
 
     /// Serves HTTP/2, or HTTP/1.1 and HTTP/2 (`server.h2c`), on `io` until
