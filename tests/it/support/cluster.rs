@@ -166,10 +166,7 @@ impl RedisServer {
 
     /// Kills the server (connections are refused until [`RedisServer::restart`]).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.guard.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.guard.kill_now();
     }
 
     /// Kills the server (if running) and starts an empty one on the same port.
@@ -392,10 +389,7 @@ impl Node {
 
     /// Kills the process at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.guard.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.guard.kill_now();
     }
 
     /// Starts the process again (after [`Node::kill`]) with the same

@@ -23,12 +23,20 @@ impl ChildGuard {
     }
 }
 
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
+impl ChildGuard {
+    /// Kills the process at once (SIGKILL) and reaps it; nothing when it was
+    /// already stopped.
+    pub fn kill_now(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill_now();
     }
 }
 
