@@ -25,7 +25,7 @@
 # Environment (all optional):
 #   BENCH_PARTS="cpu miss revocation"   which parts to run
 #   BENCH_MISS_CONNECTIONS=8  BENCH_MISS_DURATION=3s   the L1-miss part's wrk runs
-#   BENCH_MISS_TOKENS=400000       distinct tokens gw-a validates first (the part stops
+#   BENCH_MISS_TOKENS=1500000      distinct tokens gw-a validates first (the part stops
 #                                  with a hint when gw-b's runs need more)
 #   BENCH_ROUNDS=3                 alternating rounds per pair (the median ratio is reported)
 #   BENCH_CONNECTIONS=32  BENCH_WARMUP=2s  BENCH_DURATION=5s
@@ -39,7 +39,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PARTS="${BENCH_PARTS:-cpu miss revocation}"
 MISS_CONNECTIONS="${BENCH_MISS_CONNECTIONS:-8}"
 MISS_DURATION="${BENCH_MISS_DURATION:-3s}"
-MISS_TOKENS="${BENCH_MISS_TOKENS:-400000}"
+MISS_TOKENS="${BENCH_MISS_TOKENS:-1500000}"
 ROUNDS="${BENCH_ROUNDS:-3}"
 CONNECTIONS="${BENCH_CONNECTIONS:-32}"
 WARMUP="${BENCH_WARMUP:-2s}"
