@@ -5,7 +5,8 @@
 //! What an operator sees: a job accepted on one instance runs on a runner
 //! polling the other, is followed and cancelled from either; runners are
 //! listed on both; a killed runner's job is `lost` once for the cluster; a
-//! lock holds across instances; without Redis runner requests answer 503.
+//! lock holds across instances; without Redis runner requests answer 503;
+//! a restarted owner and a Redis restarted empty do not lose a running job.
 
 use crate::cluster_ops::{accepted, commands_toml, ended, events, op, run, status};
 use crate::support::cluster::*;
@@ -621,7 +622,7 @@ async fn a_restarted_owner_takes_back_its_runner_job() {
     let files = tempfile::tempdir().unwrap();
     let runs = files.path().join("runs");
     let script = format!(
-        "echo run >> {}; echo first-mark; sleep 3; echo second-mark",
+        "echo run >> {}; echo first-mark; sleep 4; echo second-mark",
         runs.display()
     );
     let _runner = start_runner(files.path(), &a, web, &scripts(&[("marked", &script)]));
@@ -632,6 +633,7 @@ async fn a_restarted_owner_takes_back_its_runner_job() {
     // The owner crashes and starts again while the job runs.
     b.kill();
     b.restart().await;
+    assert_eq!(status(&b, &id).await["status"], "running");
     succeeded_everywhere(&[&a, &b], &id, 20, "first-mark\nsecond-mark\n").await;
     // Audited finished once, in the owner's log; never re-run.
     assert_eq!(audited(&b, &id, "finished", "succeeded"), 1);
