@@ -5,7 +5,8 @@
 //! What an operator sees: a job accepted on one instance runs on a runner
 //! polling the other, is followed and cancelled from either; runners are
 //! listed on both; a killed runner's job is `lost` once for the cluster; a
-//! lock holds across instances; without Redis runner requests answer 503.
+//! lock holds across instances; without Redis runner requests answer 503;
+//! a restarted owner and a Redis restarted empty do not lose a running job.
 
 use crate::cluster_ops::{accepted, commands_toml, ended, events, op, run, status};
 use crate::support::cluster::*;
@@ -598,4 +599,91 @@ async fn a_new_token_and_sighup_refuse_a_held_poll_on_that_instance() {
         .send()
         .await;
     assert_eq!(on_b.status, 200, "{}", on_b.text());
+}
+
+/// Output of job `id` on every node of `nodes`, each ending `succeeded`
+/// with `text` as its whole output (at most `secs` s to end).
+async fn succeeded_everywhere(nodes: &[&Node], id: &str, secs: u64, text: &str) {
+    for node in nodes {
+        let rec = ended(node, id, secs).await;
+        assert_eq!(rec["status"], "succeeded", "{}: {rec}", node.instance);
+        let out = op(node, "GET", &format!("/__manage__/jobs/{id}/output"))
+            .send()
+            .await;
+        assert_eq!(out.text(), text, "{}", node.instance);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_owner_takes_back_its_runner_job() {
+    let gateway = "allow = [\"marked\"]\n[commands.rules.marked]\ngroup = \"web\"";
+    let web = ("web-1", "tok-web-1", "web");
+    let (_redis, _backend, [a, mut b]) = two("own1", "2s", gateway, &[web]).await;
+    let files = tempfile::tempdir().unwrap();
+    let runs = files.path().join("runs");
+    let script = format!(
+        "echo run >> {}; echo first-mark; sleep 4; echo second-mark",
+        runs.display()
+    );
+    let _runner = start_runner(files.path(), &a, web, &scripts(&[("marked", &script)]));
+    wait_connected(&[&a, &b], &["web-1"]).await;
+    // Accepted on B (its owner), run by the runner polling A.
+    let id = accepted(&run(&b, "marked", "{}").await);
+    follow_until(&a, &id, None, "first-mark").await;
+    // The owner crashes and starts again while the job runs.
+    b.kill();
+    b.restart().await;
+    assert_eq!(status(&b, &id).await["status"], "running");
+    succeeded_everywhere(&[&a, &b], &id, 20, "first-mark\nsecond-mark\n").await;
+    // Audited finished once, in the owner's log; never re-run.
+    assert_eq!(audited(&b, &id, "finished", "succeeded"), 1);
+    assert_eq!(audited(&a, &id, "finished", "succeeded"), 0);
+    let lines = std::fs::read_to_string(&runs).unwrap_or_default();
+    assert_eq!(lines.lines().count(), 1, "{lines}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_job_survives_redis_restarted_empty() {
+    let gateway = "allow = [\"marked\"]\n[commands.rules.marked]\ngroup = \"web\"";
+    let web = ("web-1", "tok-web-1", "web");
+    let (mut redis, _backend, [a, b]) = two("empty1", "2s", gateway, &[web]).await;
+    let files = tempfile::tempdir().unwrap();
+    let runs = files.path().join("runs");
+    // Silent for 8 s after its first line: longer than the rebind (5 s), so
+    // by the docs nothing it sends is refused.
+    let script = format!(
+        "echo run >> {}; echo first-mark; sleep 8; echo second-mark",
+        runs.display()
+    );
+    let _runner = start_runner(files.path(), &a, web, &scripts(&[("marked", &script)]));
+    wait_connected(&[&a, &b], &["web-1"]).await;
+    let id = accepted(&run(&b, "marked", "{}").await);
+    follow_until(&a, &id, None, "first-mark").await;
+    redis.restart().await;
+    // Reads answer 503 until an instance reads Redis again, and 404 on the
+    // other until the owner stores the running job's record again (its
+    // renewal, within 5 s).
+    for node in [&a, &b] {
+        let mut back = false;
+        for _ in 0..200 {
+            let r = op(node, "GET", &format!("/__manage__/jobs/{id}"))
+                .send()
+                .await;
+            if r.status == 200 {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(back, "{}: job not back within 10 s", node.instance);
+    }
+    // docs/cluster.md: the job is bound to its runner again within 5 s and
+    // its record stored again; it ends `succeeded` on both instances. The
+    // owner shows its whole output; the other instance only what the job
+    // wrote after Redis came back (the shared copy went with Redis).
+    succeeded_everywhere(&[&b], &id, 25, "first-mark\nsecond-mark\n").await;
+    succeeded_everywhere(&[&a], &id, 25, "second-mark\n").await;
+    assert_eq!(audited(&b, &id, "finished", "succeeded"), 1);
+    let lines = std::fs::read_to_string(&runs).unwrap_or_default();
+    assert_eq!(lines.lines().count(), 1, "{lines}");
 }
